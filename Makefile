@@ -1,0 +1,31 @@
+# The two commands of the README. Each creates/refreshes .venv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch; on a GPU box set TORCH_SPEC=torch (CUDA wheels) before `make`.
+TORCH_SPEC ?= torch==2.13.0
+PIP = $(VENV)/bin/pip -q --disable-pip-version-check
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -e ".[test]"
+	touch $@
+
+.PHONY: demo test test-gpu cluster-up cluster-down clean
+demo: $(VENV)/.installed  ## the quickstart on the embedded default: local Ray, local disk, bundled data, CPU
+	$(VENV)/bin/memory3 quickstart out=runs/quickstart
+
+test: $(VENV)/.installed-test  ## the CPU test suite
+	$(VENV)/bin/python -m pytest -m "not gpu" -q $(PYTEST_ARGS)
+
+test-gpu: $(VENV)/.installed-test  ## the GPU tests (on a CUDA machine)
+	$(VENV)/bin/python -m pytest -m gpu -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,254 @@
+"""Llama-style decoder whose first layers read explicit memory (paper §3.1-3.2, eq. 4).
+
+Notable:
+- Memory layers (the first `n_mem_layer` blocks) attend, in a single softmax, to the causal context and to the
+  sparse key/values of the references retrieved for the query token's window. Other layers see context only.
+- One attention definition, two execution forms. Training/prefill: every window of a long sequence sees its own
+  memories through a boolean mask (FlexAttention on CUDA, masked SDPA elsewhere). Decoding: a static KV cache
+  (gpt-fast style, per-sequence `input_pos`) plus the current window's memories, swapped on re-retrieval.
+- Sequence layout: `[<s> <ref>] [memories] [<s> context...]`. The sink `<s> <ref>` stands for the paper's
+  "<s>Reference:" BOS. RoPE positions: sink at 0..sink_len-1, memories share the next reference_len positions
+  (parallel position encoding), context after them (`ModelConfig.rope_position`).
+- Weight names and rotary convention match Hugging Face Llama, so its checkpoints load by renaming only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.config import ModelConfig
+
+
+@dataclass
+class MemoryBatch:
+    """Sparse memories attended by one forward pass.
+
+    keys/values: (B, n_mem_layer, n_kv_head, S, head_dim), S = memory slots x kept tokens, already rotated.
+    mask: (B, T, S) bool, True where query token t may attend memory token s.
+    """
+
+    keys: Tensor
+    values: Tensor
+    mask: Tensor
+
+    @classmethod
+    def from_references(cls, memories: Tensor, n_valid: Tensor, visible: Tensor, input_pos: Tensor,
+                        cfg: ModelConfig) -> "MemoryBatch":
+        """Lay out per-reference memories for a batch.
+
+        memories: (B, M, n_mem_layer, 2, n_kv_head, k, head_dim), the encoder's output for M slots per sequence.
+        n_valid: (B, M) valid kept tokens per slot (0 for an empty slot).
+        visible: (B, W, M) bool, window w may read slot m.
+        input_pos: (B, T) context index of each query token.
+        """
+        B, M, L, _, H, k, D = memories.shape
+        kv = memories.permute(3, 0, 2, 4, 1, 5, 6).reshape(2, B, L, H, M * k, D)  # (2, B, L, H, M*k, D)
+        token_ok = torch.arange(k, device=n_valid.device) < n_valid[..., None]  # (B, M, k)
+        window = ((input_pos - cfg.sink_len).clamp(min=0) // cfg.window).clamp(max=visible.shape[1] - 1)
+        slot_ok = torch.gather(visible, 1, window[..., None].expand(-1, -1, M))  # (B, T, M)
+        slot_ok = slot_ok & (input_pos >= cfg.sink_len)[..., None]  # the sink precedes all memories
+        mask = (slot_ok[..., None] & token_ok[:, None]).reshape(B, input_pos.shape[1], M * k)
+        return cls(kv[0], kv[1], mask)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin for RoPE positions (B, T) -> (B, 1, T, head_dim), Hugging Face's half-split convention."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=positions.device).float() / cfg.head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Static per-layer context cache. Rows are sequences; each writes at its own positions."""
+
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(input_pos)
+        self.k[rows, :, input_pos] = k.transpose(1, 2)  # (B, T, H, D) into (B, H, max_len, D)
+        self.v[rows, :, input_pos] = v.transpose(1, 2)
+        return self.k, self.v
+
+
+def flex_block_mask(input_pos: Tensor, mem_mask: Tensor | None):
+    """The SDPA mask below as a FlexAttention block mask: memory tokens first, then causal context."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = input_pos.shape
+    S = 0 if mem_mask is None else mem_mask.shape[-1]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ctx = kv_idx - S
+        causal = (ctx >= 0) & (input_pos[b, ctx.clamp(min=0)] <= input_pos[b, q_idx])
+        if mem_mask is None:
+            return causal
+        return causal | ((kv_idx < S) & mem_mask[b, q_idx, kv_idx.clamp(max=S - 1)])
+
+    return create_block_mask(mask_mod, B, None, T, S + T, device=input_pos.device)
+
+
+_FLEX = None
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+
+        _FLEX = torch.compile(flex, dynamic=False)
+    return _FLEX(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        kv_dim = cfg.n_kv_head * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, kv_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, kv_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask, memory: tuple | None = None,
+                capture: list | None = None) -> Tensor:
+        """mask: bool (B, T, S + Tk) for SDPA, or a FlexAttention BlockMask; memory: (keys, values) or None."""
+        B, T, _ = x.shape
+        c = self.cfg
+        q = self.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        if capture is not None:  # the memory encoder scores un-rotated q/k (§3.3) and stores rotated k and v
+            capture.append((q, k, apply_rope(k, cos, sin), v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(input_pos, k, v)
+        if memory is not None:
+            k, v = torch.cat([memory[0], k], dim=2), torch.cat([memory[1], v], dim=2)
+        if isinstance(mask, Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+        else:
+            y = flex_attention(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, c.dim))
+
+
+class MLP(nn.Module):
+    """Gated two-layer network without bias (paper App. A), SiLU gate."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos, sin, input_pos, mask, memory=None, capture=None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, memory, capture)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate static KV caches for decoding; `clear_caches` returns to the training form."""
+        dtype = dtype or self.embed_tokens.weight.dtype
+        for layer in self.layers:
+            layer.self_attn.cache = KVCache(batch, self.cfg.n_kv_head, max_len, self.cfg.head_dim, dtype, self.device)
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.cache = None
+
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None, memory: MemoryBatch | None = None,
+                n_layers: int | None = None, capture: list | None = None, return_hidden: bool = False,
+                rope_pos: Tensor | None = None) -> Tensor:
+        """idx (B, T) token ids; input_pos (B, T) context index of each token (default 0..T-1); rope_pos
+        overrides the rotary positions (default: the context layout, `ModelConfig.rope_position`).
+
+        Returns logits (B, T, vocab). `n_layers` stops early (the memory encoder runs only the memory layers),
+        `capture` collects per-layer q/k/v for it.
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=idx.device).expand(B, T)
+        n_layers = n_layers or self.cfg.n_layer
+        x = self.embed_tokens(idx)
+        rope_pos = self.cfg.rope_position(input_pos) if rope_pos is None else rope_pos
+        cos, sin = rope_tables(self.cfg, rope_pos, x.dtype)
+        plain_mask, memory_mask = self.attention_masks(input_pos, memory)
+        for i, layer in enumerate(self.layers[:n_layers]):
+            reads_memory = memory is not None and i < self.cfg.n_mem_layer
+            layer_memory = (memory.keys[:, i].to(x.dtype), memory.values[:, i].to(x.dtype)) if reads_memory else None
+            x = layer(x, cos, sin, input_pos, memory_mask if reads_memory else plain_mask, layer_memory, capture)
+        if n_layers < self.cfg.n_layer or return_hidden:
+            return x
+        return self.lm_head(self.norm(x))
+
+    def attention_masks(self, input_pos: Tensor, memory: MemoryBatch | None):
+        """Masks for plain and memory layers: one definition, as SDPA bool masks or FlexAttention block masks."""
+        cache = self.layers[0].self_attn.cache
+        if input_pos.is_cuda and cache is None and input_pos.shape[1] > 1:
+            return flex_block_mask(input_pos, None), memory and flex_block_mask(input_pos, memory.mask)
+        key_pos = torch.arange(cache.k.shape[2], device=input_pos.device)[None, None] if cache else input_pos[:, None]
+        causal = key_pos <= input_pos[:, :, None]  # (B, T, Tk)
+        return causal, memory and torch.cat([memory.mask, causal], dim=-1)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)

