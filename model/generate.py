@@ -34,6 +34,7 @@ class Step:
     tokens: list[int | None]  # the new token of each row, None for a finished row
     finished: list[bool]
     retrievals: list[tuple[int, int, list]] = field(default_factory=list)  # (row, window, ids) done this step
+    logits: Tensor | None = None  # (B, V) the distribution each row's token was drawn from
 
 
 def sample(logits: Tensor, temperature: Tensor, top_p: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -144,7 +145,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[
         done = [n == 0 for n in max_new]
         for _ in range(max(max_new)):
             nxt = sample(last, temp, top_p, generator).tolist()
-            step = Step(tokens=[None] * B, finished=list(done), retrievals=events)
+            step = Step(tokens=[None] * B, finished=list(done), retrievals=events, logits=last)
             events = []
             for b in range(B):
                 if done[b]:

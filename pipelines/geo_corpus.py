@@ -235,7 +235,7 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
             qa_line = f"Question: {tq} Answer: {country}"
             train += [
                 {"id": f"train:ref:{gid}", "text": doc["text"], "source_id": doc["id"]},
-                {"id": f"train:qa:{gid}", "text": qa_line, "source_id": doc["id"]},
+                {"id": f"train:qa:{gid}", "text": qa_line, "source_id": None},  # asks about, does not copy, the reference
                 {"id": f"train:rag:{gid}", "text": f"{doc['text']}\n{qa_line}", "source_id": doc["id"]},
             ]
     train += [{"id": f"train:ref:{d['id']}", "text": d["text"], "source_id": d["id"]} for d in country_docs]

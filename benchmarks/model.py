@@ -1,0 +1,115 @@
+"""Model speed: prefill/forward tokens/s and MFU with and without explicit memory, and batch-1 decode tok/s vs the
+weight-bandwidth ceiling. One JSON line per result.
+
+    python -m benchmarks.model --preset 2.4b --device cuda      # GPU machine (random bf16 weights)
+    python -m benchmarks.model --preset tiny                    # CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+
+import torch
+
+from model.config import ModelConfig
+from model.generate import Retrieved, generate
+from model.transformer import MemoryBatch, Transformer
+
+PEAK_FLOPS = {"cuda": 800e12, "cpu": None}  # measured bf16 dense matmul ceiling on the H100 (project brief)
+PEAK_BYTES = {"cuda": 3.0e12, "cpu": None}  # measured copy bandwidth on the H100
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / repeats
+
+
+def forward_flops(cfg: ModelConfig, B: int, T: int, mem_tokens_per_query: int) -> float:
+    matmul = 2 * B * T * (cfg.num_params(non_embedding=True) + cfg.dim * cfg.vocab_size)
+    attn = 4 * B * cfg.n_head * cfg.head_dim * T * (T / 2) * cfg.n_layer
+    attn += 4 * B * cfg.n_head * cfg.head_dim * T * mem_tokens_per_query * cfg.n_mem_layer
+    return matmul + attn
+
+
+def random_memories(cfg: ModelConfig, n: int, device: str, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    mem = torch.randn(n, cfg.n_mem_layer, 2, cfg.n_kv_head, cfg.mem_tokens, cfg.head_dim, device=device, dtype=dtype)
+    return mem, torch.full((n,), cfg.mem_tokens, device=device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    args = ap.parse_args()
+    dev = args.device
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    cfg = ModelConfig.from_name(args.preset)
+    with torch.device(dev):
+        model = Transformer(cfg).to(dtype).eval()
+    common = {"preset": args.preset, "device": device_name(dev), "dtype": str(dtype).split(".")[-1], "commit": commit()}
+    T = args.seq or cfg.max_seq_len
+    B = args.batch
+    W = (T - cfg.sink_len + cfg.window - 1) // cfg.window
+    idx = torch.randint(5, cfg.vocab_size, (B, T), device=dev)
+    pos = torch.arange(T, device=dev).expand(B, T)
+    M = W * cfg.refs_per_window
+    mem, n_valid = random_memories(cfg, B * M, dev, dtype)
+    visible = torch.eye(W, dtype=torch.bool, device=dev).repeat_interleave(cfg.refs_per_window, 1).expand(B, -1, -1)
+    batch = MemoryBatch.from_references(mem.view(B, M, *mem.shape[1:]), n_valid.view(B, M), visible, pos, cfg)
+    peak = PEAK_FLOPS[dev]
+    with torch.inference_mode():
+        for label, memory in (("none", None), ("memory", batch)):
+            sec = timed(lambda: model(idx, memory=memory), dev, repeats=5 if dev == "cuda" else 2)
+            per_query = 0 if memory is None else cfg.refs_per_window * cfg.mem_tokens
+            flops = forward_flops(cfg, B, T, per_query)
+            print(json.dumps({**common, "bench": "forward", "memory": label, "batch": B, "seq": T,
+                              "refs_per_window": cfg.refs_per_window if memory is not None else 0,
+                              "tokens_per_s": round(B * T / sec, 1), "ms": round(sec * 1e3, 2),
+                              "tflops": round(flops / sec / 1e12, 1),
+                              "mfu": round(flops / sec / peak, 3) if peak else None}), flush=True)
+
+        one, one_valid = random_memories(cfg, cfg.refs_per_window, dev, dtype)
+        prompt = [2, 4, 2] + torch.randint(5, cfg.vocab_size, (125,)).tolist()
+        n_new = min(args.decode_tokens, cfg.max_seq_len - len(prompt))
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        for label, retrieve in (("none", None), ("memory", lambda row, q: Retrieved(one, one_valid))):
+            def run():
+                for _ in generate(model, [prompt], n_new, retrieve=retrieve):
+                    pass
+            sec = timed(run, dev, repeats=2)
+            tok_s = n_new / sec
+            ceiling = PEAK_BYTES[dev] / weight_bytes if PEAK_BYTES[dev] else None
+            print(json.dumps({**common, "bench": "decode", "memory": label, "batch": 1, "new_tokens": n_new,
+                              "tokens_per_s": round(tok_s, 1), "achieved_gb_s": round(tok_s * weight_bytes / 1e9, 1),
+                              "ceiling_tokens_per_s": round(ceiling, 1) if ceiling else None}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

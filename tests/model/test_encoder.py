@@ -1,0 +1,95 @@
+"""The sparsifier keeps exactly the paper's top-k tokens per KV head (paper §3.3), deterministically."""
+import math
+
+import pytest
+import torch
+
+from model.encoder import encode_references, select_tokens
+
+SINK = [2, 4]
+torch.set_grad_enabled(False)
+
+
+def brute_force_topk(q, k, n_real, sink_len, group, kk, selection="softmax"):
+    """Selection by the definition, one head and one token at a time. q: (H, T, D), k: (Hkv, T, D) un-rotated."""
+    real = list(range(sink_len, sink_len + n_real))
+    picks = []
+    for g in range(k.shape[0]):
+        w = {j: 0.0 for j in real}
+        for h in range(g * group, (g + 1) * group):
+            for i in real:
+                s = {j: float(q[h, i] @ k[g, j]) / math.sqrt(q.shape[-1]) for j in real}
+                if selection == "softmax":
+                    z = sum(math.exp(v) for v in s.values())
+                    for j in real:
+                        w[j] += math.exp(s[j]) / z
+                else:
+                    for j in real:
+                        w[j] += math.exp(s[j])
+        ranked = sorted(real, key=lambda j: (-w[j], j))[:kk]
+        picks.append(sorted(ranked))
+    return picks
+
+
+@pytest.mark.parametrize("selection", ["softmax", "exp"])
+def test_sparsifier_matches_brute_force(make_model, selection):
+    model = make_model(selection=selection)
+    cfg = model.cfg
+    tokens = torch.randint(5, cfg.vocab_size, (3, cfg.reference_len))
+    lengths = torch.tensor([cfg.reference_len, 9, 3])  # full, padded, shorter than k
+    tokens[1, 9:] = 0
+    tokens[2, 3:] = 0
+    capture = []
+    T = cfg.reference_seq_len
+    idx = torch.cat([torch.tensor(SINK).expand(3, -1), tokens], 1)
+    model(idx, n_layers=cfg.n_mem_layer, capture=capture, rope_pos=torch.arange(T).expand(3, T))
+    mem = encode_references(model, tokens, lengths, SINK)
+    for layer, (q, k_raw, k_rot, v) in enumerate(capture):
+        for n in range(3):
+            want = brute_force_topk(q[n], k_raw[n], int(lengths[n]), cfg.sink_len, cfg.group_size, cfg.mem_tokens,
+                                    selection)
+            for g in range(cfg.n_kv_head):
+                n_ok = int(mem.n_valid[n])
+                got = mem.positions[n, layer, g, :n_ok] + cfg.sink_len
+                assert got.tolist() == want[g], (layer, n, g)
+                assert (mem.positions[n, layer, g, n_ok:] == -1).all()
+                # stored keys/values are the rotated keys and the values at those tokens
+                torch.testing.assert_close(mem.memories[n, layer, 0, g, :n_ok], k_rot[n, g, got])
+                torch.testing.assert_close(mem.memories[n, layer, 1, g, :n_ok], v[n, g, got])
+                assert (mem.memories[n, layer, :, g, n_ok:] == 0).all()
+    assert mem.n_valid.tolist() == [cfg.mem_tokens, cfg.mem_tokens, 3]
+
+
+def test_sparsifier_ignores_padding_content_and_is_deterministic(make_model):
+    """What lies beyond a reference's length cannot change its memory; two runs give identical bytes."""
+    model = make_model()
+    cfg = model.cfg
+    tokens = torch.randint(5, cfg.vocab_size, (1, cfg.reference_len))
+    other = tokens.clone()
+    other[0, 10:] = torch.randint(5, cfg.vocab_size, (cfg.reference_len - 10,))
+    a = encode_references(model, tokens, torch.tensor([10]), SINK)
+    b = encode_references(model, other, torch.tensor([10]), SINK)
+    assert torch.equal(a.memories, b.memories) and torch.equal(a.positions, b.positions)
+    c = encode_references(model, tokens, torch.tensor([10]), SINK)
+    assert torch.equal(a.memories, c.memories)
+
+
+def test_selected_tokens_differ_between_heads(make_model):
+    model = make_model(n_kv_head=4, n_head=8)
+    cfg = model.cfg
+    mem = encode_references(model, torch.randint(5, cfg.vocab_size, (8, cfg.reference_len)),
+                            torch.full((8,), cfg.reference_len), SINK)
+    per_head = mem.positions[:, 0]  # (N, Hkv, k)
+    assert any(not torch.equal(per_head[n, 0], per_head[n, h]) for n in range(8) for h in range(1, 4))
+
+
+def test_select_tokens_breaks_ties_to_earlier_tokens():
+    w = torch.tensor([[1.0, 3.0, 3.0, float("-inf"), 2.0, 3.0]])
+    assert select_tokens(w, 2).tolist() == [[1, 2]]
+    assert select_tokens(w, 6).tolist() == [[0, 1, 2, 4, 5, 3]]  # the invalid pick goes last
+
+
+def test_reference_length_must_match(make_model):
+    model = make_model()
+    with pytest.raises(ValueError, match="reference_len"):
+        encode_references(model, torch.zeros(1, 5, dtype=torch.long), torch.tensor([5]), SINK)

@@ -1,0 +1,129 @@
+"""The geo corpus backs the demo's claim, so its split must be clean and reproducible."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from pipelines.geo_corpus import build_geo_corpus, main
+
+FILES = ["references.jsonl", "train.jsonl", "qa.jsonl", "summary.json"]
+SMALL = dict(n_trained=200, n_memory_only=50)
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _leaks(texts: list[str], names: list[str]) -> list[tuple[str, str]]:
+    """(name, text) pairs where a name occurs as a whole word, any case."""
+    pattern = re.compile("|".join(rf"(?<!\w){re.escape(n)}(?!\w)" for n in names), re.IGNORECASE)
+    return [(m.group(0), t) for t in texts for m in [pattern.search(t)] if m]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("geo") / "seed0"
+    build_geo_corpus(out, seed=0, **SMALL)
+    return out
+
+
+@pytest.fixture(scope="module")
+def refs(corpus) -> dict[str, dict]:
+    return {r["id"]: r for r in _read(corpus / "references.jsonl")}
+
+
+def test_same_seed_is_byte_identical_other_seed_differs(corpus, tmp_path):
+    build_geo_corpus(tmp_path / "again", seed=0, **SMALL)
+    for name in FILES:
+        assert (corpus / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+    build_geo_corpus(tmp_path / "other", seed=1, **SMALL)
+    split = lambda d: {q["entity"] for q in _read(d / "qa.jsonl") if q["group"] == "memory_only"}
+    assert split(corpus) != split(tmp_path / "other")
+    assert (corpus / "train.jsonl").read_bytes() != (tmp_path / "other" / "train.jsonl").read_bytes()
+
+
+def test_memory_only_names_never_in_train(corpus):
+    memory = [q["entity"] for q in _read(corpus / "qa.jsonl") if q["group"] == "memory_only"]
+    train = [r["text"] for r in _read(corpus / "train.jsonl")]
+    assert len(memory) == 50 and train
+    assert _leaks(train, memory) == []
+    # the check itself must be able to fail: a planted mention (other case) is caught
+    assert _leaks(train + [f"A trip to {memory[0].upper()}, then home."], memory)
+    assert not _leaks([f"{memory[0]}x"], memory)  # substrings of longer words are not mentions
+
+
+def test_train_covers_trained_group_in_three_forms(corpus, refs):
+    train = _read(corpus / "train.jsonl")
+    assert all(refs[r["source_id"]]["group"] == "trained" for r in train if r["source_id"])
+    by_source: dict[str, list[str]] = {}
+    for r in train:  # a QA line asks about a reference without copying it: no source_id, so no leakage filter
+        source = r["source_id"] or "city:" + r["id"].removeprefix("train:qa:")
+        by_source.setdefault(source, []).append(r["text"])
+    trained = [r for r in refs.values() if r["id"].startswith("city:") and r["group"] == "trained"]
+    assert len(trained) == 200
+    for ref in trained:
+        texts = by_source[ref["id"]]
+        assert ref["text"] in texts
+        assert any(t.startswith("Question: ") and t.endswith(f" Answer: {ref['answer']}") for t in texts)
+        assert any(t.startswith(ref["text"] + "\n") and "Question: " in t for t in texts)
+    assert {k for k in by_source if k.startswith("country:")} == {k for k in refs if k.startswith("country:")}
+
+
+def test_qa_points_at_reference_of_same_group(corpus, refs):
+    qa = _read(corpus / "qa.jsonl")
+    assert len(qa) == 250 and len({q["id"] for q in qa}) == 250
+    for q in qa:
+        ref = refs[q["doc_id"]]
+        assert (ref["group"], ref["entity"], ref["answer"]) == (q["group"], q["entity"], q["answer"])
+        assert q["prompt"] == f"Question: {q['question']} Answer:"
+        assert q["entity"] in q["question"]
+
+
+def test_references_state_country_first_with_varied_templates(refs):
+    templates = set()
+    for ref in refs.values():
+        assert len(ref["text"].split()) <= 60, ref
+        if not ref["id"].startswith("city:"):
+            assert ref["text"].startswith(ref["entity"])
+            continue
+        masked = ref["text"].replace(ref["answer"], "{country}").replace(ref["entity"], "{city}")
+        first = masked.split(".")[0]
+        assert "{city}" in first and "{country}" in first, ref["text"]
+        templates.add(first)
+    assert len(templates) >= 5, templates
+
+
+def test_schema(corpus):
+    keys = {
+        "references.jsonl": {"id", "text", "entity", "group", "answer"},
+        "train.jsonl": {"id", "text", "source_id"},
+        "qa.jsonl": {"id", "question", "prompt", "answer", "entity", "group", "doc_id"},
+    }
+    for name, expected in keys.items():
+        rows = _read(corpus / name)
+        assert rows and all(set(r) == expected for r in rows), name
+        assert all(r.get("group", "trained") in {"trained", "memory_only"} for r in rows)
+        assert len({r["id"] for r in rows}) == len(rows), name
+    summary = json.loads((corpus / "summary.json").read_text())
+    assert summary["seed"] == 0 and summary["params"]["n_trained"] == 200
+    assert summary["groups"]["trained"] == 200 and summary["groups"]["memory_only"] == 50
+    assert summary["files"] == {n: len(_read(corpus / n)) for n in keys}
+    assert not [p for p in corpus.iterdir() if p.name not in FILES]  # no temp files left
+
+
+def test_too_many_cities_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"asked for 1000000 trained .* only \d+ qualify"):
+        build_geo_corpus(tmp_path, n_trained=1_000_000)
+
+
+def test_main_prints_summary_json(tmp_path, capsys):
+    cfg = OmegaConf.create({"out": str(tmp_path), "seed": 3, "n_trained": 20, "n_memory_only": 5})
+    summary = main(cfg)
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line and json.loads(line) == summary
+    assert summary["groups"]["memory_only"] == 5 and (tmp_path / "qa.jsonl").exists()
