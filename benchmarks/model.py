@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import time
 
@@ -22,10 +23,12 @@ PEAK_BYTES = {"cuda": 3.0e12, "cpu": None}  # measured copy bandwidth on the H10
 
 
 def commit() -> str:
+    """The commit measured: git here, or MEMORY3_COMMIT where the tree travels without .git."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
-        return "unknown"
+        out = ""
+    return out or os.environ.get("MEMORY3_COMMIT", "unknown")
 
 
 def device_name(device: str) -> str:
@@ -66,7 +69,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile (CUDA graphs) decode step")
     args = ap.parse_args()
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -99,14 +102,17 @@ def main() -> None:
         prompt = [2, 4, 2] + torch.randint(5, cfg.vocab_size, (125,)).tolist()
         n_new = min(args.decode_tokens, cfg.max_seq_len - len(prompt))
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        for label, retrieve in (("none", None), ("memory", lambda row, q: Retrieved(one, one_valid))):
+        variants = [(label, retrieve, compiled) for compiled in ([False, True] if args.compile else [False])
+                    for label, retrieve in (("none", None), ("memory", lambda row, q: Retrieved(one, one_valid)))]
+        for label, retrieve, compiled in variants:
             def run():
-                for _ in generate(model, [prompt], n_new, retrieve=retrieve):
+                for _ in generate(model, [prompt], n_new, retrieve=retrieve, compile=compiled):
                     pass
             sec = timed(run, dev, repeats=2)
             tok_s = n_new / sec
             ceiling = PEAK_BYTES[dev] / weight_bytes if PEAK_BYTES[dev] else None
-            print(json.dumps({**common, "bench": "decode", "memory": label, "batch": 1, "new_tokens": n_new,
+            print(json.dumps({**common, "bench": "decode", "memory": label, "compiled": compiled, "batch": 1,
+                              "new_tokens": n_new,
                               "tokens_per_s": round(tok_s, 1), "achieved_gb_s": round(tok_s * weight_bytes / 1e9, 1),
                               "ceiling_tokens_per_s": round(ceiling, 1) if ceiling else None}), flush=True)
 

@@ -117,12 +117,23 @@ class MemoryWindows:
         return MemoryBatch.from_references(self.current, self.n_valid, visible, input_pos, self.cfg)
 
 
+def decode_step(model: Transformer, cache_len: int):
+    """The compiled single-token forward, kept per cache length (CUDA graphs need static shapes)."""
+    cache = model.__dict__.setdefault("_compiled_decode", {})
+    if cache_len not in cache:
+        cache[cache_len] = torch.compile(model, mode="reduce-overhead", dynamic=False)
+    return cache[cache_len]
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[int] | int,
              retrieve: Retriever | None = None, temperature: float | list[float] = 0.0,
              top_p: float | list[float] = 1.0, stop_ids: set[int] | None = None,
-             generator: torch.Generator | None = None) -> Iterator[Step]:
-    """Batched decoding; yields one Step per generated position. Prompts are full model sequences (sink first)."""
+             generator: torch.Generator | None = None, compile: bool = False) -> Iterator[Step]:
+    """Batched decoding; yields one Step per generated position. Prompts are full model sequences (sink first).
+
+    compile=True runs the one-token step through torch.compile with CUDA graphs (static cache and memory shapes
+    make that possible); the first call per batch size pays the compilation."""
     B, dev = len(prompts), model.device
     max_new = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
     lengths = [len(p) for p in prompts]
@@ -137,6 +148,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[
     P = max(lengths)
     idx = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=dev)
     model.setup_caches(B, total)
+    step_fn = decode_step(model, total) if compile else model
     try:
         memory, events = windows.prompt_memory(prompts, P)
         logits = model(idx, memory=memory)
@@ -165,6 +177,6 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[
                         events.append((b, windows.window_of(pos[b]), ids))
             input_pos = torch.tensor(pos, device=dev)[:, None]
             cur = torch.tensor([s[-1] for s in sequences], device=dev)[:, None]
-            last = model(cur, input_pos=input_pos, memory=windows.decode_memory(input_pos))[:, -1]
+            last = step_fn(cur, input_pos=input_pos, memory=windows.decode_memory(input_pos))[:, -1].clone()
     finally:
         model.clear_caches()

@@ -115,6 +115,7 @@ def flex_block_mask(input_pos: Tensor, mem_mask: Tensor | None):
 
 
 _FLEX = None
+CAUSAL = "causal"  # mask sentinel: positions are 0..T-1 in every row, no cache, no memory
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
@@ -139,7 +140,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask, memory: tuple | None = None,
                 capture: list | None = None) -> Tensor:
-        """mask: bool (B, T, S + Tk) for SDPA, or a FlexAttention BlockMask; memory: (keys, values) or None."""
+        """mask: bool (B, T, S + Tk) for SDPA, a FlexAttention BlockMask, or CAUSAL; memory: (keys, values)."""
         B, T, _ = x.shape
         c = self.cfg
         q = self.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -152,7 +153,9 @@ class Attention(nn.Module):
             k, v = self.cache.update(input_pos, k, v)
         if memory is not None:
             k, v = torch.cat([memory[0], k], dim=2), torch.cat([memory[1], v], dim=2)
-        if isinstance(mask, Tensor):
+        if mask is CAUSAL:  # plain layer over a whole sequence: the fused causal kernel (FlashAttention on CUDA)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif isinstance(mask, Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
         else:
             y = flex_attention(q, k, v, mask)
@@ -225,13 +228,14 @@ class Transformer(nn.Module):
         `capture` collects per-layer q/k/v for it.
         """
         B, T = idx.shape
+        plain_positions = input_pos is None
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device).expand(B, T)
         n_layers = n_layers or self.cfg.n_layer
         x = self.embed_tokens(idx)
         rope_pos = self.cfg.rope_position(input_pos) if rope_pos is None else rope_pos
         cos, sin = rope_tables(self.cfg, rope_pos, x.dtype)
-        plain_mask, memory_mask = self.attention_masks(input_pos, memory)
+        plain_mask, memory_mask = self.attention_masks(input_pos, memory, plain_positions)
         for i, layer in enumerate(self.layers[:n_layers]):
             reads_memory = memory is not None and i < self.cfg.n_mem_layer
             layer_memory = (memory.keys[:, i].to(x.dtype), memory.values[:, i].to(x.dtype)) if reads_memory else None
@@ -240,11 +244,12 @@ class Transformer(nn.Module):
             return x
         return self.lm_head(self.norm(x))
 
-    def attention_masks(self, input_pos: Tensor, memory: MemoryBatch | None):
+    def attention_masks(self, input_pos: Tensor, memory: MemoryBatch | None, plain_positions: bool = False):
         """Masks for plain and memory layers: one definition, as SDPA bool masks or FlexAttention block masks."""
         cache = self.layers[0].self_attn.cache
         if input_pos.is_cuda and cache is None and input_pos.shape[1] > 1:
-            return flex_block_mask(input_pos, None), memory and flex_block_mask(input_pos, memory.mask)
+            plain = CAUSAL if plain_positions else flex_block_mask(input_pos, None)
+            return plain, memory and flex_block_mask(input_pos, memory.mask)
         key_pos = torch.arange(cache.k.shape[2], device=input_pos.device)[None, None] if cache else input_pos[:, None]
         causal = key_pos <= input_pos[:, :, None]  # (B, T, Tk)
         return causal, memory and torch.cat([memory.mask, causal], dim=-1)

@@ -1,4 +1,6 @@
 """GPU forms of the model: FlexAttention training form and bf16 decoding agree with the CPU reference."""
+import copy
+
 import pytest
 import torch
 
@@ -33,21 +35,22 @@ def test_flex_training_form_matches_cpu_sdpa(make_model, dtype, tol):
     idx, mem, visible = _batch(model, W=5)
     pos = torch.arange(idx.shape[1])[None]
     cpu = model(idx, memory=MemoryBatch.from_references(mem.memories[None], mem.n_valid[None], visible, pos, model.cfg))
-    gpu_model = model.to("cuda", dtype)
+    plain_cpu = model(idx)
+    gpu_model = copy.deepcopy(model).to("cuda", dtype)
     mb = MemoryBatch.from_references(mem.memories[None].cuda(), mem.n_valid[None].cuda(), visible.cuda(), pos.cuda(),
                                      model.cfg)
     gpu = gpu_model(idx.cuda(), memory=mb)  # CUDA + no cache: FlexAttention block mask
     assert (gpu.float().cpu() - cpu).abs().max() < tol * cpu.abs().max()
-    plain_gpu = gpu_model(idx.cuda())
-    plain_cpu = model.float().cpu()(idx)
+    plain_gpu = gpu_model(idx.cuda())  # plain causal kernel
     assert (plain_gpu.float().cpu() - plain_cpu).abs().max() < tol * plain_cpu.abs().max()
 
 
-def test_bf16_decoding_with_memory_matches_full_forward(make_model):
-    model = make_model(window=64, reference_len=32, mem_tokens=8, max_seq_len=600).to("cuda", torch.bfloat16)
-    cfg = model.cfg
-    idx, mem, _ = _batch(model.float(), W=3)
-    model.to(torch.bfloat16)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bf16_decoding_with_memory_matches_full_forward(make_model, compiled):
+    cpu_model = make_model(window=64, reference_len=32, mem_tokens=8, max_seq_len=600)
+    cfg = cpu_model.cfg
+    idx, mem, _ = _batch(cpu_model, W=3)
+    model = copy.deepcopy(cpu_model).to("cuda", torch.bfloat16)
     sets = mem.memories.view(3, cfg.refs_per_window, *mem.memories.shape[1:]).cuda()
     valid = mem.n_valid.view(3, cfg.refs_per_window).cuda()
     used = []
@@ -57,6 +60,18 @@ def test_bf16_decoding_with_memory_matches_full_forward(make_model):
         return Retrieved(sets[used[-1]], valid[used[-1]], ids=[used[-1]])
 
     prompt = idx[0, :70].tolist()
-    steps = list(generate(model, [prompt], 100, retrieve=retrieve))
+    steps = list(generate(model, [prompt], 100, retrieve=retrieve, compile=compiled))
     assert len(steps) == 100 and len(used) == 3  # windows 0 and 1 of the prompt, then window 2 while decoding
-    assert all(torch.isfinite(s.logits).all() for s in steps)
+    seq = prompt + [s.tokens[0] for s in steps]
+    # replay in one bf16 forward with each window's memories (the flex training form)
+    T = len(seq)
+    W = (T - 1 - cfg.sink_len) // cfg.window + 1
+    window_sets = [0, 1, 2, 2][:W]
+    mems = torch.stack([sets[i] for i in window_sets]).flatten(0, 1)[None]
+    n_valid = torch.stack([valid[i] for i in window_sets]).flatten()[None]
+    visible = torch.eye(W, dtype=torch.bool, device="cuda").repeat_interleave(cfg.refs_per_window, 1)[None]
+    pos = torch.arange(T, device="cuda")[None]
+    full = model(torch.tensor([seq], device="cuda"), memory=MemoryBatch.from_references(mems, n_valid, visible, pos, cfg))
+    gen = torch.stack([s.logits[0] for s in steps]).float()
+    ref = full[0, len(prompt) - 1: len(prompt) - 1 + len(steps)].float()
+    assert (gen - ref).abs().max() < 0.05 * ref.abs().max()
