@@ -60,6 +60,7 @@ class MemoryWindows:
         self.current = torch.zeros(batch, self.slots, c.n_mem_layer, 2, c.n_kv_head, c.mem_tokens, c.head_dim,
                                    device=dev, dtype=dtype)
         self.n_valid = torch.zeros(batch, self.slots, dtype=torch.long, device=dev)
+        self._decode_batch: MemoryBatch | None = None  # rebuilt only when a row's memories change
 
     def window_of(self, index: int) -> int:
         return max(index - self.cfg.sink_len, 0) // self.cfg.window
@@ -93,6 +94,7 @@ class MemoryWindows:
                 mems[b, w], n_valid[b, w], ids = self.fetch(b, p[max(lo, self.cfg.sink_len):hi])
                 events.append((b, w, ids))
             self.current[b], self.n_valid[b] = mems[b, w], n_valid[b, w]
+        self._decode_batch = None
         visible = torch.eye(W, dtype=torch.bool, device=mems.device).repeat_interleave(self.slots, dim=1)
         pos = torch.arange(total_len, device=mems.device).expand(B, -1)
         batch = MemoryBatch.from_references(mems.flatten(1, 2), n_valid.flatten(1), visible.expand(B, -1, -1), pos,
@@ -107,14 +109,19 @@ class MemoryWindows:
         if hi <= prompt_len:  # the previous window was all prompt: its memories stay (paper §3.2)
             return None
         self.current[row], self.n_valid[row], ids = self.fetch(row, sequence[lo:hi])
+        self._decode_batch = None
         return ids
 
     def decode_memory(self, input_pos: Tensor) -> MemoryBatch | None:
+        """One token per row: every valid slot of the row's current memories is visible, whatever the position."""
         if self.retrieve is None:
             return None
-        B = input_pos.shape[0]
-        visible = torch.ones(B, 1, self.slots, dtype=torch.bool, device=input_pos.device)
-        return MemoryBatch.from_references(self.current, self.n_valid, visible, input_pos, self.cfg)
+        if self._decode_batch is None:
+            B = input_pos.shape[0]
+            visible = torch.ones(B, 1, self.slots, dtype=torch.bool, device=input_pos.device)
+            self._decode_batch = MemoryBatch.from_references(self.current, self.n_valid, visible,
+                                                             torch.full_like(input_pos, self.cfg.sink_len), self.cfg)
+        return self._decode_batch
 
 
 def decode_step(model: Transformer, cache_len: int):

@@ -247,7 +247,7 @@ class Transformer(nn.Module):
     def attention_masks(self, input_pos: Tensor, memory: MemoryBatch | None, plain_positions: bool = False):
         """Masks for plain and memory layers: one definition, as SDPA bool masks or FlexAttention block masks."""
         cache = self.layers[0].self_attn.cache
-        if input_pos.is_cuda and cache is None and input_pos.shape[1] > 1:
+        if input_pos.is_cuda and cache is None and input_pos.shape[1] > 1 and self.cfg.head_dim >= 16:
             plain = CAUSAL if plain_positions else flex_block_mask(input_pos, None)
             return plain, memory and flex_block_mask(input_pos, memory.mask)
         key_pos = torch.arange(cache.k.shape[2], device=input_pos.device)[None, None] if cache else input_pos[:, None]

@@ -31,7 +31,7 @@ def _batch(model, W, seed=0):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-4), (torch.bfloat16, 6e-2)])
 def test_flex_training_form_matches_cpu_sdpa(make_model, dtype, tol):
-    model = make_model(window=64, reference_len=32, mem_tokens=8, max_seq_len=600)
+    model = make_model(window=64, reference_len=32, mem_tokens=8, max_seq_len=600, head_dim=16)  # flex: d >= 16
     idx, mem, visible = _batch(model, W=5)
     pos = torch.arange(idx.shape[1])[None]
     cpu = model(idx, memory=MemoryBatch.from_references(mem.memories[None], mem.n_valid[None], visible, pos, model.cfg))
@@ -47,7 +47,7 @@ def test_flex_training_form_matches_cpu_sdpa(make_model, dtype, tol):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_bf16_decoding_with_memory_matches_full_forward(make_model, compiled):
-    cpu_model = make_model(window=64, reference_len=32, mem_tokens=8, max_seq_len=600)
+    cpu_model = make_model(window=64, reference_len=32, mem_tokens=8, max_seq_len=600, head_dim=16)
     cfg = cpu_model.cfg
     idx, mem, _ = _batch(cpu_model, W=3)
     model = copy.deepcopy(cpu_model).to("cuda", torch.bfloat16)
