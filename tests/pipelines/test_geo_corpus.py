@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from pipelines.geo_corpus import build_geo_corpus, main
 
-FILES = ["references.jsonl", "train.jsonl", "qa.jsonl", "summary.json"]
+FILES = ["references.jsonl", "train.jsonl", "qa.jsonl", "continual.jsonl", "summary.json"]
 SMALL = dict(n_trained=200, n_memory_only=50)
 
 
@@ -112,7 +112,7 @@ def test_schema(corpus):
     summary = json.loads((corpus / "summary.json").read_text())
     assert summary["seed"] == 0 and summary["params"]["n_trained"] == 200
     assert summary["groups"]["trained"] == 200 and summary["groups"]["memory_only"] == 50
-    assert summary["files"] == {n: len(_read(corpus / n)) for n in keys}
+    assert summary["files"] == {n: len(_read(corpus / n)) for n in [*keys, "continual.jsonl"]}
     assert not [p for p in corpus.iterdir() if p.name not in FILES]  # no temp files left
 
 
@@ -127,3 +127,21 @@ def test_main_prints_summary_json(tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and json.loads(line) == summary
     assert summary["groups"]["memory_only"] == 5 and (tmp_path / "qa.jsonl").exists()
+
+
+def test_continual_group_facts_only_in_bank(tmp_path):
+    """Stage-2 questions are about cities whose facts the warmup text never states (paper.md §10)."""
+    from pipelines.geo_corpus import build_geo_corpus
+
+    build_geo_corpus(tmp_path, n_trained=150, n_memory_only=30, n_continual=40)
+    refs = {r["id"]: r for r in _read(tmp_path / "references.jsonl")}
+    continual = [r for r in refs.values() if r["group"] == "continual"]
+    assert len(continual) == 40
+    train = [r["text"] for r in _read(tmp_path / "train.jsonl")]
+    assert _leaks(train, [r["entity"] for r in continual]) == []
+    stage2 = _read(tmp_path / "continual.jsonl")
+    asked = {r["id"].rsplit(":", 1)[1] for r in stage2 if r["id"].startswith("train:cqa:")}
+    assert asked == {r["id"].split(":", 1)[1] for r in continual}
+    assert all(r["source_id"] is None and r["text"].startswith("Question: ") for r in stage2)
+    mem_only = [r["entity"] for r in refs.values() if r["group"] == "memory_only"]
+    assert _leaks([r["text"] for r in stage2], mem_only) == []
