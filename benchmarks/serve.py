@@ -1,0 +1,274 @@
+"""Serving speed with explicit memory, without memory, and with RAG: time to first token, tokens/s per request,
+requests/s and total tokens/s. One JSON line per result.
+
+    python -m benchmarks.serve                               # CPU: the whole Ray Serve app over real HTTP (tiny)
+    python -m benchmarks.serve --checkpoint runs/quickstart/checkpoint --bank runs/quickstart/bank
+    python -m benchmarks.serve --preset 2.4b --device cuda   # GPU: the generator's engine directly, random weights
+
+The HTTP path measures what a client sees: ingress, retriever (embedder + FAISS), memory store and generator
+replicas on local Ray, streaming completions. Without --checkpoint it builds a random-weight tiny checkpoint and a
+bank of the bundled geonames references with `memory3 encode`'s own job. The direct path (`--direct`, default on
+CUDA) measures the continuous-batching engine alone, like the paper's Table 21 (batch 32, 128 in / 128 out):
+memories come from a pinned host pool and are copied to the device at every retrieval (a cold RAM cache), and
+`static` rows run model.generate (one fixed batch) for comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.model import commit, device_name
+from model.config import ModelConfig
+from model.generate import Retrieved, generate
+from model.transformer import Transformer
+from serve.engine import DecodeEngine, DecodeRequest
+
+MODES = ("memory", "none", "rag")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def summary(values: list[float], digits: int = 4) -> dict:
+    return {"p50": round(percentile(values, 0.5), digits), "p90": round(percentile(values, 0.9), digits)} \
+        if values else {"p50": None, "p90": None}
+
+
+# --- over HTTP -------------------------------------------------------------------------------------------------
+
+def build_fixture(work: Path, documents: int) -> tuple[str, str, list[str]]:
+    """A random-weight tiny checkpoint, a bank of geonames references encoded by `memory3 encode`, QA prompts."""
+    from memory3.config import load_config
+    from model.checkpoint import save_checkpoint
+    from model.tokenizer import Tokenizer
+    from pipelines.encode import encode_corpus
+    from pipelines.geo_corpus import build_geo_corpus
+
+    corpus = work / "corpus"
+    build_geo_corpus(corpus)
+    references = [json.loads(line) for line in (corpus / "references.jsonl").read_text().splitlines()][:documents]
+    (work / "references.jsonl").write_text("".join(json.dumps(r) + "\n" for r in references))
+    tokenizer = Tokenizer.train([r["text"] for r in references], vocab_size=2048)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny", vocab_size=tokenizer.vocab_size)).eval()
+    checkpoint = str(save_checkpoint(work / "checkpoint", model, tokenizer, meta={"stage": "random"}))
+    cfg = load_config("encode", [f"corpus={work / 'references.jsonl'}", f"bank={work / 'bank'}",
+                                 f"checkpoint={checkpoint}", "actors=1", "actor_num_cpus=0.5"])
+    encode_corpus(cfg)
+    qa = [json.loads(line) for line in (corpus / "qa.jsonl").read_text().splitlines()]
+    return checkpoint, str(work / "bank"), [q["prompt"] for q in qa[:200]]
+
+
+async def one_request(client, body: dict) -> dict:
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return {"error": r.status_code}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return {"error": chunk["error"]["code"]}
+            if chunk["choices"] and first is None:
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return {"ttft": (first or end) - t0, "latency": end - t0, "tokens": tokens,
+            "decode_tps": (tokens - 1) / (end - first) if first and tokens > 1 and end > first else None}
+
+
+async def load(url: str, prompts: list[str], mode: str, n: int, concurrency: int, max_tokens: int) -> dict:
+    import httpx
+
+    results: list[dict] = []
+    todo = list(range(n))
+
+    async def worker(client):
+        while todo:
+            i = todo.pop()
+            results.append(await one_request(client, {
+                "model": "memory3", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
+                "temperature": 0, "memory_mode": mode, "stream": True, "stream_options": {"include_usage": True}}))
+
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        await one_request(client, {"model": "memory3", "prompt": prompts[0], "max_tokens": 4, "memory_mode": mode,
+                                   "stream": True})  # warm-up
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    return {"requests": n, "errors": n - len(ok), "seconds": round(wall, 2),
+            "requests_per_s": round(len(ok) / wall, 2),
+            "tokens_per_s_total": round(sum(r["tokens"] for r in ok) / wall, 1),
+            "ttft_s": summary([r["ttft"] for r in ok]), "latency_s": summary([r["latency"] for r in ok], 3),
+            "decode_tokens_per_s_per_request": summary([r["decode_tps"] for r in ok if r["decode_tps"]], 1),
+            "completion_tokens_mean": round(statistics.mean(r["tokens"] for r in ok), 1) if ok else None}
+
+
+def run_http(args) -> None:
+    from ray import serve
+
+    from pipelines.ray_runtime import ensure_ray
+    from serve.app import build_app, wait_healthy
+
+    ensure_ray("local", num_cpus=2) if args.local_ray else ensure_ray()
+    work = Path(tempfile.mkdtemp(prefix="memory3-bench-serve-"))
+    if args.checkpoint:
+        checkpoint, bank = args.checkpoint, args.bank
+        qa = Path(args.prompts) if args.prompts else None
+        prompts = [json.loads(line)["prompt"] for line in qa.read_text().splitlines()] if qa else \
+            ["Which country is Lyon in?", "What is the population of Osaka?"]
+    else:
+        checkpoint, bank, prompts = build_fixture(work, args.documents)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    app = build_app({"checkpoint": checkpoint, "bank": bank, "decoding": {"max_batch_size": args.max_batch}})
+    serve.run(app, name="memory3-bench", route_prefix="/")
+    url = f"http://127.0.0.1:{args.port}"
+    wait_healthy(url, 600)
+    common = {"bench": "serve_http", "device": "cpu", "commit": commit(), "max_tokens": args.max_tokens,
+              "max_batch": args.max_batch, "checkpoint": "random-tiny" if not args.checkpoint else checkpoint}
+    try:
+        for concurrency in args.concurrency:
+            for mode in args.modes:
+                result = asyncio.run(load(url, prompts, mode, args.requests, concurrency, args.max_tokens))
+                print(json.dumps({**common, "mode": mode, "concurrency": concurrency, **result}), flush=True)
+        stats = serve.get_deployment_handle("MemoryStore", "memory3-bench").stats.remote().result()
+        print(json.dumps({**common, "bench": "serve_memory_store", "hit_rate": round(stats["hit_rate"], 3),
+                          "rows_requested": stats["rows_requested"], "misses": stats["misses"]}), flush=True)
+    finally:
+        serve.delete("memory3-bench")
+
+
+# --- the engine directly ---------------------------------------------------------------------------------------
+
+def run_direct(args) -> None:
+    dev = args.device
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    cfg = ModelConfig.from_name(args.preset)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Transformer(cfg).to(dtype).eval()
+    pool_size = 4 * cfg.refs_per_window * args.batch
+    pool = torch.randn(pool_size, *cfg.memory_shape, dtype=dtype)  # host RAM, like MemoryStore's cache
+    pool = pool.pin_memory() if dev == "cuda" else pool
+    n_valid = torch.full((cfg.refs_per_window,), cfg.mem_tokens)
+    g = torch.Generator().manual_seed(1)
+
+    def retrieve(query: list[int]) -> Retrieved:
+        rows = torch.randint(0, pool_size, (cfg.refs_per_window,), generator=g)
+        return Retrieved(pool[rows].to(dev, non_blocking=True), n_valid, ids=rows.tolist())
+
+    in_len, out_len = args.prompt_tokens, args.max_tokens
+    rag_len = in_len + cfg.refs_per_window * cfg.reference_len
+    common = {"bench": "serve_generator", "preset": args.preset, "device": device_name(dev),
+              "dtype": str(dtype).split(".")[-1], "commit": commit(), "batch": args.batch, "prompt_tokens": in_len,
+              "new_tokens": out_len}
+
+    def prompts(length: int) -> list[list[int]]:
+        return [[1, 4, 1] + torch.randint(5, cfg.vocab_size, (length - 3,), generator=g).tolist()
+                for _ in range(args.batch)]
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    variants = [("memory", in_len, retrieve), ("none", in_len, None)]
+    if rag_len + out_len <= cfg.max_seq_len:
+        variants.append(("rag", rag_len, None))
+    engine = DecodeEngine(model, max_batch=args.batch, seed=0)
+    try:
+        for mode, length, fn in variants:
+            for repeat in range(args.repeats + 1):  # the first round warms up
+                batch = prompts(length)
+                starts, firsts, ends = [0.0] * len(batch), [None] * len(batch), [0.0] * len(batch)
+                done = threading.Semaphore(0)
+
+                def emit_for(i):
+                    def emit(event):
+                        if event["type"] == "token" and firsts[i] is None:
+                            firsts[i] = time.perf_counter()
+                        elif event["type"] in ("finish", "error"):
+                            ends[i] = time.perf_counter()
+                            done.release()
+                    return emit
+
+                sync()
+                t0 = time.perf_counter()
+                for i, p in enumerate(batch):
+                    starts[i] = time.perf_counter()
+                    engine.submit(DecodeRequest(p, out_len, retrieve=fn, emit=emit_for(i)))
+                for _ in batch:
+                    done.acquire()
+                wall = time.perf_counter() - t0
+                if repeat == 0:
+                    continue
+                print(json.dumps({**common, "engine": "continuous", "mode": mode, "prompt_tokens": length,
+                                  "tokens_per_s": round(len(batch) * out_len / wall, 1), "seconds": round(wall, 3),
+                                  "ttft_s": summary([f - s for f, s in zip(firsts, starts)]),
+                                  "decode_tokens_per_s_per_request": summary(
+                                      [(out_len - 1) / (e - f) for f, e in zip(firsts, ends)], 1)}), flush=True)
+            for repeat in range(args.repeats + 1):  # model.generate: one static batch, same work
+                batch = prompts(length)
+                sync()
+                t0 = time.perf_counter()
+                for _ in generate(model, batch, out_len, retrieve=(lambda row, q: fn(q)) if fn else None):
+                    pass
+                sync()
+                wall = time.perf_counter() - t0
+                if repeat:
+                    print(json.dumps({**common, "engine": "static", "mode": mode, "prompt_tokens": length,
+                                      "tokens_per_s": round(len(batch) * out_len / wall, 1),
+                                      "seconds": round(wall, 3)}), flush=True)
+    finally:
+        engine.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", help="model preset of the direct path")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--direct", action="store_true", help="time the engine alone (default on CUDA)")
+    ap.add_argument("--batch", type=int, default=32, help="direct path: requests decoded together")
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="direct path: prompt length")
+    ap.add_argument("--repeats", type=int, default=2, help="direct path: timed rounds after a warm-up round")
+    ap.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (HTTP 64, direct 128)")
+    ap.add_argument("--checkpoint", help="HTTP path: serve this checkpoint (default: random tiny weights)")
+    ap.add_argument("--bank", help="HTTP path: its bank (required with --checkpoint)")
+    ap.add_argument("--prompts", help="HTTP path: a qa.jsonl whose 'prompt' fields are the requests")
+    ap.add_argument("--documents", type=int, default=1000, help="HTTP path: geonames references in the built bank")
+    ap.add_argument("--requests", type=int, default=48, help="HTTP path: requests per mode and concurrency")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--max-batch", type=int, default=8, help="HTTP path: generator decode slots")
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--local-ray", action="store_true", help="HTTP path: a fresh local Ray even if RAY_ADDRESS")
+    args = ap.parse_args()
+    if args.checkpoint and not args.bank:
+        ap.error("--checkpoint needs --bank")
+    if args.direct or args.device == "cuda":
+        args.max_tokens = args.max_tokens or 128
+        run_direct(args)
+    else:
+        args.max_tokens = args.max_tokens or 64
+        run_http(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Continuous batching for decoding with explicit memory.
+
+The paper's schedule (§3.1-3.2: prompt windows read their own memories, every 64 generated tokens re-retrieve with
+the previous window's text, the first decoded window inherits the last prompt window's memories) is model.generate's
+`MemoryWindows`; this module only changes *when* sequences join and leave the batch. Instead of running a fixed
+batch to completion (`model.generate.generate`), the engine keeps `max_batch` decode slots, each a row of one
+static KV cache. Waiting requests are prefilled together into free slots (their prompt windows each with their own
+memories, written straight into those cache rows); then every slot decodes in one shared batch step until it
+finishes, is cancelled or fails, and its slot is reused at once (Orca/vLLM-style iteration-level scheduling).
+A request whose prefill fails (e.g. its retrieval) is isolated by prefilling the others one by one.
+
+Pure PyTorch plus one thread: the Ray Serve replica (serve/generator.py) feeds it and reads its events.
+Events, delivered by `request.emit` from the engine thread:
+    {"type": "retrieval", "window": w, "ids": [...]}      memories read from window w on
+    {"type": "token", "token": id}
+    {"type": "finish", "reason": "stop" | "length"}
+    {"type": "error", "message": str}
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from model.generate import MemoryWindows, Retrieved, sample
+from model.transformer import KVCache, MemoryBatch, Transformer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeRequest:
+    prompt: list[int]  # a full model sequence: sink first (Tokenizer.context_ids)
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop_ids: frozenset[int] = frozenset()
+    retrieve: Callable[[list[int]], Retrieved | None] | None = None
+    """retrieve(query_token_ids) for this request's windows; None decodes without memory."""
+    emit: Callable[[dict], None] = lambda event: None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Thread-safe: the engine frees the request's slot before its next step."""
+        self.cancelled.set()
+
+
+@dataclass
+class _Slot:
+    request: DecodeRequest
+    sequence: list[int]
+    generated: int = 0
+
+
+def _install(model: Transformer, caches: list[KVCache]) -> None:
+    for layer, cache in zip(model.layers, caches):
+        layer.self_attn.cache = cache
+
+
+class DecodeEngine:
+    def __init__(self, model: Transformer, max_batch: int = 8, seed: int | None = None, idle_wait_s: float = 0.5):
+        cfg = model.cfg
+        self.model, self.cfg, self.max_batch, self.idle_wait_s = model, cfg, max_batch, idle_wait_s
+        self.device = model.device
+        model.setup_caches(max_batch, cfg.max_seq_len)
+        self.decode_caches = [layer.self_attn.cache for layer in model.layers]
+        model.clear_caches()
+        self._views: dict[tuple[int, int], list[KVCache]] = {}
+        self.windows = MemoryWindows(model, self._retrieve_for_slot, max_batch)
+        self.last_logits = torch.zeros(max_batch, cfg.vocab_size, device=self.device)
+        self.temperature = torch.zeros(max_batch, device=self.device)
+        self.top_p = torch.ones(max_batch, device=self.device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed if seed is not None else int(time.time_ns()) % 2**63)
+        self.slots: list[_Slot | None] = [None] * max_batch
+        self.waiting: deque[DecodeRequest] = deque()
+        self.wakeup = threading.Condition()
+        self.counts = {"submitted": 0, "completed": 0, "cancelled": 0, "failed": 0, "steps": 0, "tokens": 0}
+        self.running = True
+        self.thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
+        self.thread.start()
+
+    # --- API (any thread) ---
+    def submit(self, request: DecodeRequest) -> None:
+        total = len(request.prompt) + request.max_new_tokens
+        if not request.prompt or request.max_new_tokens < 1 or total > self.cfg.max_seq_len:
+            raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) "
+                             f"must be in 1..max_seq_len={self.cfg.max_seq_len}")
+        with self.wakeup:
+            self.waiting.append(request)
+            self.counts["submitted"] += 1
+            self.wakeup.notify()
+
+    def stats(self) -> dict:
+        return {**self.counts, "active": sum(s is not None for s in self.slots), "waiting": len(self.waiting),
+                "max_batch": self.max_batch, "alive": self.thread.is_alive()}
+
+    def stop(self) -> None:
+        self.running = False
+        with self.wakeup:
+            self.wakeup.notify()
+        self.thread.join(timeout=10)
+
+    # --- engine thread ---
+    @torch.inference_mode()
+    def _run(self) -> None:
+        while self.running:
+            try:
+                self._admit()
+                if not any(self.slots):
+                    with self.wakeup:
+                        if not self.waiting and self.running:
+                            self.wakeup.wait(self.idle_wait_s)
+                    continue
+                self._step()
+            except Exception as e:  # never let one bad step kill the replica: fail what was running, go on
+                log.exception("decode step failed")
+                for i, slot in enumerate(self.slots):
+                    if slot is not None:
+                        self._finish(i, error=f"decode failed: {e}")
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots: each contiguous run of free slots is prefilled in one forward."""
+        while None in self.slots:
+            start = self.slots.index(None)
+            stop = next((i for i in range(start, self.max_batch) if self.slots[i] is not None), self.max_batch)
+            with self.wakeup:
+                batch = [self.waiting.popleft() for _ in range(min(stop - start, len(self.waiting)))]
+            live = [r for r in batch if not r.cancelled.is_set()]
+            self.counts["cancelled"] += len(batch) - len(live)
+            if not batch:
+                return
+            if not live:
+                continue
+            try:
+                self._prefill(live, start)
+            except Exception as e:
+                if len(live) == 1:
+                    log.warning("prefill failed: %s", e)
+                    self.counts["failed"] += 1
+                    live[0].emit({"type": "error", "message": f"prefill failed: {e}"})
+                else:  # find the culprit: one by one, so only its request fails
+                    self._prefill_each(live, start)
+
+    def _prefill_each(self, requests: list[DecodeRequest], start: int) -> None:
+        for i, request in enumerate(requests):
+            try:
+                self._prefill([request], start + i)
+            except Exception as e:
+                log.warning("prefill failed: %s", e)
+                self.counts["failed"] += 1
+                request.emit({"type": "error", "message": f"prefill failed: {e}"})
+
+    def _prefill(self, requests: list[DecodeRequest], start: int) -> None:
+        """Prompts of `requests` into slots start.. in one batched forward, writing the KV cache rows in place;
+        each prompt window reads its own memories (paper §3.2), as in model.generate."""
+        n = len(requests)
+        prompts = [r.prompt for r in requests]
+        lengths = [len(p) for p in prompts]
+        P = max(lengths)
+        any_memory = any(r.retrieve for r in requests)
+        retrieve = (lambda row, query: requests[row].retrieve(query) if requests[row].retrieve else None) \
+            if any_memory else None
+        windows = MemoryWindows(self.model, retrieve, n)
+        memory, events = windows.prompt_memory(prompts, P)
+        idx = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=self.device)  # (n, P), right-padded
+        _install(self.model, self._cache_views(start, n))
+        logits = self.model(idx, memory=memory)  # (n, P, V)
+        rows = slice(start, start + n)
+        self.windows.current[rows] = windows.current
+        self.windows.n_valid[rows] = windows.n_valid
+        self.last_logits[rows] = logits[torch.arange(n, device=self.device),
+                                        torch.tensor(lengths, device=self.device) - 1].float()
+        for i, request in enumerate(requests):
+            self.temperature[start + i], self.top_p[start + i] = request.temperature, request.top_p
+            self.slots[start + i] = _Slot(request, list(request.prompt))
+        for row, window, ids in events:
+            if requests[row].retrieve:
+                requests[row].emit({"type": "retrieval", "window": window, "ids": list(ids)})
+
+    def _retrieve_for_slot(self, slot: int, query: list[int]) -> Retrieved | None:
+        return self.slots[slot].request.retrieve(query)
+
+    def _step(self) -> None:
+        """Sample one token for every slot, re-retrieve where a window starts, then one batched forward."""
+        n = self._rows()
+        tokens = sample(self.last_logits[:n], self.temperature[:n], self.top_p[:n], self.generator).tolist()
+        self.counts["steps"] += 1
+        for i in range(n):
+            slot = self.slots[i]
+            if slot is None:
+                continue
+            if slot.request.cancelled.is_set():
+                self._finish(i, cancelled=True)
+                continue
+            token = tokens[i]
+            slot.sequence.append(token)
+            slot.generated += 1
+            self.counts["tokens"] += 1
+            slot.request.emit({"type": "token", "token": token})
+            if token in slot.request.stop_ids:
+                self._finish(i, reason="stop")
+            elif slot.generated >= slot.request.max_new_tokens:
+                self._finish(i, reason="length")
+        for i, slot in enumerate(self.slots):  # paper §3.1: a new window retrieves with the previous one's text
+            if slot is None or slot.request.retrieve is None:
+                continue
+            index = len(slot.sequence) - 1  # the token fed next
+            try:
+                ids = self.windows.before_token(i, index, slot.sequence, len(slot.request.prompt))
+            except Exception as e:
+                self._finish(i, error=f"retrieval failed: {e}")
+                continue
+            if ids is not None:
+                slot.request.emit({"type": "retrieval", "window": self.windows.window_of(index), "ids": list(ids)})
+        if not any(self.slots):
+            return
+        n = self._rows()
+        cur = torch.tensor([[s.sequence[-1] if s else 0] for s in self.slots[:n]], device=self.device)  # (n, 1)
+        pos = torch.tensor([[len(s.sequence) - 1 if s else 0] for s in self.slots[:n]], device=self.device)
+        memory = None
+        if bool(self.windows.n_valid[:n].any()):
+            visible = torch.ones(n, 1, self.windows.slots, dtype=torch.bool, device=self.device)
+            memory = MemoryBatch.from_references(self.windows.current[:n], self.windows.n_valid[:n], visible, pos,
+                                                 self.cfg)
+        _install(self.model, self._cache_views(0, n))
+        self.last_logits[:n] = self.model(cur, input_pos=pos, memory=memory)[:, -1].float()  # (n, V); free rows unused
+
+    def _rows(self) -> int:
+        """Decode only up to the highest occupied slot (slots are filled lowest first)."""
+        return max(i for i, s in enumerate(self.slots) if s is not None) + 1
+
+    def _cache_views(self, start: int, n: int) -> list[KVCache]:
+        """Caches whose buffers are rows start..start+n of the decode caches (views: writes land in place), so a
+        forward runs over just those rows."""
+        if (start, n) not in self._views:
+            views = []
+            for cache in self.decode_caches:
+                _, heads, _, dim = cache.k.shape
+                view = KVCache(n, heads, 0, dim, cache.k.dtype, self.device)
+                view.k, view.v = cache.k[start:start + n], cache.v[start:start + n]
+                views.append(view)
+            self._views[(start, n)] = views
+        return self._views[(start, n)]
+
+    def _finish(self, i: int, reason: str | None = None, cancelled: bool = False, error: str | None = None) -> None:
+        request = self.slots[i].request
+        self.slots[i] = None
+        self.windows.n_valid[i] = 0
+        if cancelled:
+            self.counts["cancelled"] += 1
+        elif error is not None:
+            self.counts["failed"] += 1
+            request.emit({"type": "error", "message": error})
+        else:
+            self.counts["completed"] += 1
+            request.emit({"type": "finish", "reason": reason})

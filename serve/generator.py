@@ -1,0 +1,103 @@
+"""The generator deployment: the model, decoding many requests at once with explicit memory.
+
+Requests arrive as token ids (the ingress owns text) and leave as a stream of engine events. Continuous batching
+(serve/engine.py) shares the model between all concurrent requests. Memory is read as the paper decodes
+(§3.1-3.2): each 64-token window's decoded text is the retrieval query (retriever deployment: embedder + FAISS),
+the hits' sparse memories come from the memory-store deployment (MemoryStore and its RAM cache), and the memory
+layers attend to them. `bank_version` in a job makes both see any admin write that preceded the request.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import torch
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from model.generate import Retrieved
+from serve.engine import DecodeEngine, DecodeRequest
+from serve.loading import load_model
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    def __init__(self, checkpoint: str, decoding: dict, retriever: DeploymentHandle | None = None,
+                 memory_store: DeploymentHandle | None = None):
+        if decoding.get("torch_threads"):
+            torch.set_num_threads(int(decoding["torch_threads"]))
+        self.model, self.tokenizer = load_model(checkpoint, decoding["device"], decoding["dtype"])
+        self.engine = DecodeEngine(self.model, max_batch=int(decoding["max_batch_size"]), seed=decoding.get("seed"))
+        self.retriever, self.memory_store = retriever, memory_store
+        self.timeout_s = float(decoding["retrieval_timeout_s"])
+        self.top_k = self.model.cfg.refs_per_window
+
+    async def generate(self, job: dict) -> AsyncIterator[list[dict]]:
+        """job: prompt (token ids), max_tokens, temperature, top_p, memory (bool), bank_version (str | None).
+        Yields lists of engine events; retrieval events gain `memories` [{"id", "text"}]. Ends after the
+        request's finish or error event. Cancelling the stream (client gone, stop string) frees the slot."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        texts: dict[str, str] = {}
+        retrieve = None
+        if job.get("memory"):
+            if self.retriever is None or self.memory_store is None:
+                yield [{"type": "error", "status": 400, "message": "this deployment has no memory bank"}]
+                return
+            retrieve = self._retrieve_with(job.get("bank_version"), texts)
+        request = DecodeRequest(
+            prompt=list(job["prompt"]), max_new_tokens=int(job["max_tokens"]), temperature=float(job["temperature"]),
+            top_p=float(job["top_p"]), stop_ids=frozenset([self.tokenizer.eos_id]), retrieve=retrieve,
+            emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        try:
+            self.engine.submit(request)
+        except ValueError as e:
+            yield [{"type": "error", "status": 400, "message": str(e)}]
+            return
+        try:
+            while True:
+                events = [await queue.get()]
+                while not queue.empty():
+                    events.append(queue.get_nowait())
+                for event in events:
+                    if event["type"] == "retrieval":
+                        event["memories"] = [{"id": i, "text": texts.get(i, "")} for i in event["ids"]]
+                yield events
+                if any(e["type"] in ("finish", "error") for e in events):
+                    return
+        finally:
+            request.cancel()
+
+    def _retrieve_with(self, bank_version: str | None, texts: dict[str, str]):
+        """The engine's retrieve callback for one request (runs on the engine thread, so it may block)."""
+
+        def retrieve(query_ids: list[int]) -> Retrieved | None:
+            query = self.tokenizer.decode(query_ids)
+            if not query.strip():
+                return None
+            hits = self.retriever.search.remote(query, self.top_k, bank_version).result(timeout_s=self.timeout_s)
+            if not hits:
+                return None
+            memories, n_valid = self.memory_store.fetch.remote([h["row"] for h in hits], bank_version).result(
+                timeout_s=self.timeout_s)
+            for h in hits:
+                texts[h["id"]] = h["text"]
+            return Retrieved(memories, n_valid, ids=[h["id"] for h in hits])
+
+        return retrieve
+
+    def stats(self) -> dict:
+        return {**self.engine.stats(), "replica": serve.get_replica_context().replica_id.to_full_id_str()}
+
+    def ping(self) -> bool:
+        return True
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose engine thread has died."""
+        if not self.engine.thread.is_alive():
+            raise RuntimeError("decode engine thread is not running")
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()

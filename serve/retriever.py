@@ -1,0 +1,49 @@
+"""The retriever deployment: query text -> the bank's best references (paper §3.1: cosine similarity, FAISS).
+
+Concurrent queries (the windows of every request in flight) are embedded and searched together with
+`@serve.batch`. The replica reloads the bank and its index when a request carries a newer bank version, so a
+reference added through the admin API is retrievable by the next request and a deleted one never again.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from ray import serve
+
+from pipelines.bank import MemoryBank
+from pipelines.index import Embedder, Retriever
+from serve.bank_version import BankVersion
+
+
+@serve.deployment(name="Retriever")
+class RetrieverDeployment:
+    def __init__(self, bank: str, retrieval: dict):
+        self.uri = bank
+        self.embedder = Embedder(retrieval.get("embedder"), device=retrieval.get("device", "cpu"))
+        self._open()
+        self._search_batch.set_max_batch_size(int(retrieval["max_batch_size"]))
+        self._search_batch.set_batch_wait_timeout_s(float(retrieval["batch_wait_s"]))
+
+    def _open(self) -> None:
+        bank = MemoryBank.open(self.uri)
+        self.retriever = Retriever.open(self.uri, self.embedder, bank=bank)
+        self.version = BankVersion.of(bank.manifest)
+
+    async def search(self, query: str, k: int, bank_version: str | None = None) -> list[dict]:
+        """[{"row", "id", "text"}] best first, at most k."""
+        return await self._search_batch((query, int(k), BankVersion.parse(bank_version)))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _search_batch(self, items: list[tuple[str, int, BankVersion | None]]) -> list[list[dict]]:
+        if any(self.version.is_behind(wanted) for _, _, wanted in items):
+            await asyncio.to_thread(self._open)
+        queries = [q for q, _, _ in items]
+        rows = await asyncio.to_thread(self.retriever.search, queries, max(k for _, k, _ in items))
+        unique = sorted({r for hits in rows for r in hits})
+        records = dict(zip(unique, self.retriever.bank.records(unique))) if unique else {}
+        return [[{"row": r, "id": records[r]["id"], "text": records[r]["text"]} for r in hits[:k]]
+                for hits, (_, k, _) in zip(rows, items)]
+
+    def info(self) -> dict:
+        return {"bank_version": str(self.version), "references": len(self.retriever.bank),
+                "indexed": int(self.retriever.index.ntotal)}

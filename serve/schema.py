@@ -1,0 +1,181 @@
+"""HTTP request/response models: the OpenAI completions and chat API, plus memory3's documented extras.
+
+Requests are strict (`extra="forbid"`, no type coercion): a misspelt or unsupported OpenAI option is a 400 that
+names the field, never silently ignored. The only extra request field is `memory_mode`; the only extra response
+field is `memories` (the references the answer read). Limits that depend on the deployment (prompt length in
+tokens, the model's context) are checked by the ingress; the bounds here are absolute ceilings that also appear in
+the OpenAPI schema.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MemoryMode = Literal["memory", "none", "rag"]
+FinishReason = Literal["stop", "length"]
+
+MAX_PROMPT_CHARS = 200_000  # absolute ceiling; `limits.max_prompt_chars` in configs/serve.yaml is the real one
+MAX_TOKENS = 32_768
+MAX_STOP = 4
+MAX_STOP_CHARS = 64
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Loose(BaseModel):
+    """Responses: extra fields allowed, so OpenAI clients and our own tests parse them the same way."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
+_stop_field = Field(None, description=f"Up to {MAX_STOP} strings; the text ends before the first one found.")
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class SamplingFields(StrictModel):
+    """Options shared by both endpoints (OpenAI names and meanings)."""
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="Tokens to generate (default: config).")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 = greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    stop: Stop = _stop_field
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    user: str | None = Field(None, max_length=256)
+    memory_mode: MemoryMode | None = Field(
+        None, description="memory3 extra. 'memory' (default with a bank): explicit memory read in the memory "
+                          "layers; 'none': plain decoding; 'rag': the retrieved reference texts are prepended to "
+                          "the prompt.")
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+    name: str | None = Field(None, max_length=64)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="Alias of max_tokens.")
+
+
+class MemoryRef(Loose):
+    """One reference the answer read: its bank id, a text snippet and the 64-token windows that used it."""
+
+    id: str
+    text: str
+    windows: list[int] = Field(default_factory=list)
+
+
+class Usage(Loose):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(Loose):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class CompletionResponse(Loose):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    memories: list[MemoryRef] | None = None
+
+
+class AssistantMessage(Loose):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(Loose):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionResponse(Loose):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    memories: list[MemoryRef]
+
+
+class ModelCard(Loose):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "memory3"
+
+
+class ModelList(Loose):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Document(StrictModel):
+    id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$",
+                    description="Document id; its references get ids '<id>#<chunk>'.")
+    text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+
+
+class AddMemoriesRequest(StrictModel):
+    documents: list[Document] = Field(min_length=1, max_length=1024)
+
+
+class AddMemoriesResponse(Loose):
+    object: Literal["list"] = "list"
+    ids: list[str] = Field(description="New reference ids, in document order.")
+    bank_version: str
+
+
+class DeleteMemoryResponse(Loose):
+    id: str
+    object: Literal["memory"] = "memory"
+    deleted: bool
+    bank_version: str
+
+
+class ErrorDetail(Loose):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(Loose):
+    error: ErrorDetail
+
+
+class Health(Loose):
+    status: Literal["ok"]
+    model: str
+    memory: bool

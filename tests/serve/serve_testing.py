@@ -1,0 +1,43 @@
+"""Test data for the serve tests: city documents, a real bank built by the bank code, a free port."""
+from __future__ import annotations
+
+import socket
+
+
+CITIES = [("Lyon", "France", "Central European"), ("Osaka", "Japan", "Japan Standard"),
+          ("Recife", "Brazil", "Brasilia"), ("Perth", "Australia", "Australian Western"),
+          ("Tromso", "Norway", "Central European"), ("Cusco", "Peru", "Peru"), ("Mombasa", "Kenya", "East Africa"),
+          ("Quebec", "Canada", "Eastern"), ("Izmir", "Turkey", "Turkey"), ("Chiang Mai", "Thailand", "Indochina"),
+          ("Bergen", "Norway", "Central European"), ("Cordoba", "Argentina", "Argentina"),
+          ("Da Nang", "Vietnam", "Indochina"), ("Kraków", "Poland", "Central European"),
+          ("Seville", "Spain", "Central European"), ("Tabriz", "Iran", "Iran"), ("Cebu", "Philippines", "Philippine"),
+          ("Leeds", "United Kingdom", "Greenwich"), ("Porto", "Portugal", "Western European"),
+          ("Daejeon", "South Korea", "Korea")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def city_documents() -> list[dict]:
+    return [{"id": f"city-{i}", "text": f"{name} is a city in {country}. It has a population of about "
+                                        f"{(i + 3) * 137} thousand people. {name} lies in the {tz} time zone."}
+            for i, (name, country, tz) in enumerate(CITIES)]
+
+
+def build_bank(path: str, checkpoint: str, documents: list[dict]) -> str:
+    """A real bank written by the bank code: an empty bank, the documents encoded and appended, a Flat index."""
+    from model.checkpoint import load_checkpoint
+    from pipelines.bank import create_bank, weights_sha256
+    from pipelines.encode import append_documents
+    from pipelines.index import Embedder, update_index
+
+    model, tokenizer = load_checkpoint(checkpoint)
+    embedder = Embedder()
+    create_bank(path, config=model.cfg, model_sha256=weights_sha256(checkpoint), tokenizer_sha256=tokenizer.sha256,
+                quantizer=None, embedder=embedder.spec(), shard_documents=8)
+    append_documents(path, documents, model, tokenizer, embedder)
+    update_index(path, factory="Flat")
+    return path

@@ -1,0 +1,147 @@
+"""The continuous-batching engine decodes exactly like model.generate (the paper's schedule), slot reuse included."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.generate import Retrieved, generate
+from model.transformer import Transformer
+from serve.engine import DecodeEngine, DecodeRequest
+
+CFG = dict(vocab_size=97, n_layer=3, n_head=4, n_kv_head=2, head_dim=8, mlp_hidden=48, max_seq_len=120,
+           n_mem_layer=2, reference_len=16, mem_tokens=4, window=8, refs_per_window=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**CFG)).to(torch.float64).eval()
+
+
+@pytest.fixture(scope="module")
+def bank(model):
+    """Ten fixed memories; a query picks two of them by its content, so a wrong query shows up as wrong ids."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(10, *model.cfg.memory_shape, generator=g, dtype=torch.float64)
+
+
+def make_retrieve(bank, fail_after: int | None = None):
+    calls = []
+
+    def retrieve(query: list[int]) -> Retrieved:
+        calls.append(list(query))
+        if fail_after is not None and len(calls) > fail_after:
+            raise RuntimeError("retriever down")
+        a, b = sum(query) % 10, (7 * len(query) + query[0]) % 10
+        ids = [a, b] if a != b else [a]
+        return Retrieved(bank[ids], torch.tensor([4, 3][:len(ids)]), ids=ids)
+
+    return retrieve
+
+
+def reference(model, prompt, max_new, retrieve):
+    """model.generate on one sequence: tokens and (window, ids) retrieval events."""
+    tokens, events = [], []
+    for step in generate(model, [prompt], max_new, retrieve=(lambda row, q: retrieve(q)) if retrieve else None,
+                         stop_ids=set()):
+        events += [(w, list(ids)) for _, w, ids in step.retrievals]
+        if step.tokens[0] is not None:
+            tokens.append(step.tokens[0])
+    return tokens, events
+
+
+class Collector:
+    def __init__(self):
+        self.tokens, self.retrievals, self.end = [], [], None
+        self.done = threading.Event()
+
+    def __call__(self, event: dict) -> None:
+        if event["type"] == "token":
+            self.tokens.append(event["token"])
+        elif event["type"] == "retrieval":
+            self.retrievals.append((event["window"], event["ids"]))
+        else:
+            self.end = event
+            self.done.set()
+
+
+def prompt_of(seed: int, length: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [2, 4, 2] + torch.randint(5, 97, (length - 3,), generator=g).tolist()
+
+
+def test_engine_matches_generate_with_slot_reuse(model, bank):
+    engine = DecodeEngine(model, max_batch=3, seed=0)
+    try:
+        jobs = [(prompt_of(i, 5 + 7 * i), 6 + 5 * i, i != 2) for i in range(6)]  # request 2 decodes without memory
+        collectors = []
+        for prompt, max_new, with_memory in jobs:
+            c = Collector()
+            engine.submit(DecodeRequest(prompt, max_new, retrieve=make_retrieve(bank) if with_memory else None,
+                                        emit=c))
+            collectors.append(c)
+        for c in collectors:
+            assert c.done.wait(60)
+        n_retrievals = []
+        for (prompt, max_new, with_memory), c in zip(jobs, collectors):
+            tokens, events = reference(model, prompt, max_new, make_retrieve(bank) if with_memory else None)
+            assert c.end == {"type": "finish", "reason": "length"}
+            assert c.tokens == tokens
+            assert c.retrievals == events
+            n_retrievals.append(len(events))
+        assert n_retrievals[2] == 0 and max(n_retrievals) >= 5  # windows of 8 tokens: prompt and decode retrievals
+        stats = engine.stats()
+        assert stats["completed"] == 6 and stats["active"] == 0 and stats["steps"] < sum(j[1] for j in jobs)
+    finally:
+        engine.stop()
+
+
+def test_cancel_and_failure_free_their_slot_only(model, bank):
+    engine = DecodeEngine(model, max_batch=2, seed=0)
+    try:
+        slow, failing, healthy = Collector(), Collector(), Collector()
+        long_request = DecodeRequest(prompt_of(10, 9), 100, emit=slow)
+        engine.submit(long_request)
+        engine.submit(DecodeRequest(prompt_of(11, 9), 40, retrieve=make_retrieve(bank, fail_after=2), emit=failing))
+        assert failing.done.wait(60)
+        assert failing.end["type"] == "error" and "retriever down" in failing.end["message"]
+        long_request.cancel()
+        prompt = prompt_of(12, 12)
+        engine.submit(DecodeRequest(prompt, 20, retrieve=make_retrieve(bank), emit=healthy))
+        assert healthy.done.wait(60)
+        assert healthy.tokens == reference(model, prompt, 20, make_retrieve(bank))[0]
+        assert not slow.done.is_set() and len(slow.tokens) < 100
+        stats = engine.stats()
+        assert stats["active"] == 0 and stats["cancelled"] == 1 and stats["failed"] == 1
+    finally:
+        engine.stop()
+
+
+def test_submit_rejects_a_request_longer_than_the_context(model):
+    engine = DecodeEngine(model, max_batch=1)
+    try:
+        with pytest.raises(ValueError, match="max_seq_len"):
+            engine.submit(DecodeRequest(prompt_of(0, 100), 21))
+    finally:
+        engine.stop()
+
+
+def test_a_failing_prompt_retrieval_fails_only_its_request(model, bank):
+    engine = DecodeEngine(model, max_batch=4, seed=0)
+    try:
+        prompts = [prompt_of(20 + i, 10 + 3 * i) for i in range(3)]
+        collectors = [Collector() for _ in prompts]
+        with engine.wakeup:  # hold the engine so the three are admitted (and prefilled) as one batch
+            for i, (p, c) in enumerate(zip(prompts, collectors)):
+                retrieve = make_retrieve(bank, fail_after=0 if i == 1 else None)
+                engine.submit(DecodeRequest(p, 12, retrieve=retrieve, emit=c))
+        for c in collectors:
+            assert c.done.wait(60)
+        assert collectors[1].end["type"] == "error" and "retriever down" in collectors[1].end["message"]
+        for i in (0, 2):
+            assert collectors[i].tokens == reference(model, prompts[i], 12, make_retrieve(bank))[0]
+    finally:
+        engine.stop()
