@@ -7,14 +7,15 @@ that; the factory string is configuration.
 """
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import torch
 from torch import Tensor
 
 
 class MemoryQuantizer:
-    def __init__(self, factory: str, dim: int, index: faiss.Index | None = None):
+    def __init__(self, factory: str, dim: int, index=None):
+        import faiss  # only banks that quantize need FAISS here
+
         self.factory = factory
         self.dim = dim
         try:
@@ -36,7 +37,6 @@ class MemoryQuantizer:
         x = _as_vectors(memories, self.dim)
         if len(x) > max_vectors:
             x = x[np.random.default_rng(seed).choice(len(x), max_vectors, replace=False)]
-        faiss.seed_global_rng(seed) if hasattr(faiss, "seed_global_rng") else None
         self.index.train(x)
 
     def encode(self, memories: Tensor | np.ndarray) -> np.ndarray:
@@ -53,10 +53,14 @@ class MemoryQuantizer:
         return torch.from_numpy(self.index.sa_decode(flat).reshape(*shape, self.dim))
 
     def to_bytes(self) -> bytes:
+        import faiss
+
         return faiss.serialize_index(self.index).tobytes()
 
     @classmethod
     def from_bytes(cls, data: bytes, factory: str, dim: int) -> "MemoryQuantizer":
+        import faiss
+
         return cls(factory, dim, faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)))
 
 

@@ -68,6 +68,10 @@ def probes(cfg: DictConfig, checkpoint: str, bank: Path, update_refs: list[dict]
     from pipelines.evaluate import evaluate, open_memory_source
     from pipelines.index import Embedder
 
+    probe_bank = bank.with_name(bank.name + "_probes")  # probes edit a copy: bank/ stays what training produced
+    shutil.rmtree(probe_bank, ignore_errors=True)
+    shutil.copytree(bank, probe_bank)
+    bank = probe_bank
     model, tokenizer = load_checkpoint(checkpoint)
     embedder = Embedder()
     append_documents(str(bank), [{"id": r["id"], "text": r["text"]} for r in update_refs], model, tokenizer, embedder)
