@@ -20,6 +20,8 @@ def is_remote(uri: str) -> bool:
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(str(uri))
+    if is_remote(uri):
+        fs.invalidate_cache()  # s3fs caches listings per process: other processes (Ray workers) write here too
     return fs, path
 
 
