@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
         print(f"memory3 {name}: error: {e}", file=sys.stderr)
         return 2
-    return int(result or 0)
+    return result if isinstance(result, int) else 0  # a command may return its summary instead of a code
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ class LocalCluster:
     metrics_ports: list[int] = field(default_factory=list)  # Prometheus export port per node, head first
     agent_ports: list[int] = field(default_factory=list)  # dashboard agent HTTP port per node, head first
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every node (e.g. RAY_* settings)
+    stop_with_parent: bool = False  # nodes get SIGTERM when the process that started them dies (tests; Linux)
     pids: list[int] = field(default_factory=list)  # `ray start --block` process per node, head first
 
     @classmethod
@@ -133,7 +134,8 @@ class LocalCluster:
                 with open(Path(self.temp_dir) / f"node-{index}.out", "ab") as log:  # `ray start`'s own output
                     # A new session makes each node a process group that `down` can end without touching others.
                     procs.append(subprocess.Popen(self._ray_start(index), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                  stdin=subprocess.DEVNULL, start_new_session=True))
+                                                  stdin=subprocess.DEVNULL, start_new_session=True,
+                                                  preexec_fn=_term_when_parent_dies if self.stop_with_parent else None))
                 self.pids.append(procs[-1].pid)
                 self.write_state()
                 if index == 0:
@@ -211,6 +213,14 @@ def _is_ours(pid: int, temp_dir: str) -> bool:
     except OSError:
         return False
     return "start" in cmdline and f"--temp-dir={temp_dir}/node-" in cmdline
+
+
+def _term_when_parent_dies() -> None:
+    """In the child before exec: SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG), so a test killed
+    before its teardown does not leave a cluster behind."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _group_members(pgid: int) -> list[int]:

@@ -74,7 +74,7 @@ def scrape(cluster: LocalCluster) -> dict[str, float]:
 def cluster():
     temp_dir = tempfile.mkdtemp(prefix="m3c-", dir="/tmp")  # short: Ray's socket paths live below it
     cluster = LocalCluster.on_free_ports(
-        temp_dir, workers=1, num_cpus=1, memory=3 * 1024**3, object_store_memory=300 * 1024**2,
+        temp_dir, workers=1, num_cpus=1, memory=3 * 1024**3, object_store_memory=300 * 1024**2, stop_with_parent=True,
         env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
              "RAY_metrics_report_interval_ms": "1000"})  # export often: the job is short
     try:
@@ -175,8 +175,7 @@ def test_clients_without_the_token_are_refused(cluster):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(wrong, timeout=10)
     assert refused.value.code in (401, 403)
-    with_token = run([RAY, "job", "list", "--address", cluster.dashboard_url])
-    assert with_token.returncode == 0, with_token.stderr[-2000:]
+    # (the CLI with the token: test_encode_job_via_ray_job_submit's submit/status/logs)
     for url in cluster.metrics_urls:
         with urllib.request.urlopen(url, timeout=10) as r:
             assert r.status == 200
