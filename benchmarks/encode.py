@@ -47,27 +47,50 @@ def percentiles(samples: list[float]) -> dict:
             "mean_ms": round(float(a.mean()), 3)}
 
 
-def bench_encode(cfg: ModelConfig, device: str, dtype: torch.dtype, n_refs: int, batch: int, common: dict) -> None:
+def profile_top_kernels(fn, device: str, top: int = 12) -> list[dict]:
+    """The kernels (or CPU ops) that take the most time in one call of fn: where the missing MFU goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    key = "device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in prof.key_averages() if e.device_type.name == ("CUDA" if device == "cuda"
+                                                                                      else "CPU"))
+    return [{"name": e.key[:80], "ms": round(getattr(e, key) / 1e3, 2), "calls": e.count,
+             "share": round(getattr(e, key) / max(total, 1), 3)} for e in events[:top]]
+
+
+def bench_encode(cfg: ModelConfig, device: str, dtype: torch.dtype, n_refs: int, batch: int, common: dict,
+                 compile: bool = False, profile: bool = False) -> None:
     with torch.device(device):
         model = Transformer(cfg).to(dtype).eval()
     tokens = torch.randint(5, cfg.vocab_size, (n_refs, cfg.reference_len), device=device)
     lengths = torch.full((n_refs,), cfg.reference_len, device=device)
     sink = [2, 4]
+    encode = torch.compile(encode_references, dynamic=False) if compile else encode_references
 
     def run():
         for i in range(0, n_refs, batch):
-            encode_references(model, tokens[i:i + batch], lengths[i:i + batch], sink)
+            encode(model, tokens[i:i + batch], lengths[i:i + batch], sink)
 
     with torch.inference_mode():
-        encode_references(model, tokens[:batch], lengths[:batch], sink)  # warm-up
+        for _ in range(2):  # warm-up (and compilation)
+            encode(model, tokens[:batch], lengths[:batch], sink)
         sync(device)
+        if profile:
+            top = profile_top_kernels(lambda: encode(model, tokens[:batch], lengths[:batch], sink), device)
+            print(json.dumps({**common, "bench": "encode_profile", "compile": compile, "batch": batch,
+                              "top": top}), flush=True)
         t = time.perf_counter()
         run()
         sync(device)
         sec = time.perf_counter() - t
     flops = encoder_flops(cfg, n_refs)
     peak = PEAK_FLOPS[device]
-    print(json.dumps({**common, "bench": "encode_references", "references": n_refs, "batch": batch,
+    print(json.dumps({**common, "bench": "encode_references", "references": n_refs, "batch": batch, "compile": compile,
                       "references_per_s": round(n_refs / sec, 1),
                       "tokens_per_s": round(n_refs * cfg.reference_len / sec, 1),
                       "tflops": round(flops / sec / 1e12, 3), "mfu": round(flops / sec / peak, 3) if peak else None}),
@@ -222,6 +245,9 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--index-vectors", type=int, default=None, help="default 20000 cpu, 1000000 cuda")
     ap.add_argument("--skip", default="", help="comma list of benches to skip: encode,shard,fetch,faiss")
+    ap.add_argument("--compile", default="0", help="comma list of 0/1: encode eager and/or torch.compile'd")
+    ap.add_argument("--batches", default=None, help="comma list of encoder batch sizes to sweep (default --batch)")
+    ap.add_argument("--profile", action="store_true", help="also print the top kernels of one encoder batch")
     args = ap.parse_args()
     dev, cuda = args.device, args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -242,7 +268,9 @@ def main() -> None:
     n_refs = args.references or (2048 if cuda else 256)
     batch = args.batch or (64 if cuda else 32)
     if "encode" not in skip:
-        bench_encode(cfg, dev, dtype, n_refs, batch, common)
+        for compiled in [bool(int(c)) for c in args.compile.split(",")]:
+            for b in [int(b) for b in (args.batches or str(batch)).split(",")]:
+                bench_encode(cfg, dev, dtype, n_refs // b * b, b, common, compiled, args.profile)
     if "shard" not in skip:
         bench_shard_encode(cfg, dev, dtype, min(n_refs, 512), batch, quantizer, common)
     if "fetch" not in skip:

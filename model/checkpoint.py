@@ -56,13 +56,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
         raise FileNotFoundError(f"{path} is not a memory3 checkpoint (needs {WEIGHTS} and {CONFIG})")
     cfg = load_config(path)
-    model = Transformer(cfg)
-    state = load_file(str(path / WEIGHTS))
+    with torch.device("meta"):  # no random init of weights about to be replaced (minutes for 2.4B on a CPU)
+        model = Transformer(cfg)
+    state = {k: v.to(dtype) for k, v in load_file(str(path / WEIGHTS), device=str(device)).items()}
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=True)
+    if cfg.tie_embeddings:  # assign gives each name its own Parameter: tie them again
+        model.lm_head.weight = model.embed_tokens.weight
     tokenizer = Tokenizer.load(path / TOKENIZER) if (path / TOKENIZER).is_file() else None
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def config_from_hf(hf: dict, **memory_overrides) -> ModelConfig:

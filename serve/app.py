@@ -100,6 +100,15 @@ def build_app(args: dict | None = None) -> Application:
         ingress_settings, generator, retriever, memory_store, writer)
 
 
+def serve_running() -> bool:
+    """Whether Serve already runs on this Ray cluster. Its HTTP proxies then keep the address they were started
+    with (`serve.start` ignores a new one), and whoever started it owns its shutdown."""
+    import ray
+
+    return any(a["name"] == "SERVE_CONTROLLER_ACTOR" and a["namespace"] == "serve"
+               for a in ray.util.list_named_actors(all_namespaces=True))
+
+
 def wait_healthy(url: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     last = "no answer"

@@ -23,6 +23,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def grad_mode_is_restored():
+    """A test that switches autograd off for the session breaks every later test that trains: name it."""
+    import torch
+
+    assert torch.is_grad_enabled(), "autograd was left disabled by an earlier test"
+    yield
+    assert torch.is_grad_enabled(), "this test left autograd disabled (use a fixture or a with-block)"
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A fresh local Ray (never an already running cluster), 2 CPUs, shared by the whole session."""

@@ -120,15 +120,14 @@ def test_nodes_are_separate_processes_with_their_own_resources(cluster):
 
 
 def test_encode_job_via_ray_job_submit(cluster, encode_inputs):
-    """`ray job submit` ships the repo as working_dir; the encoder actor exports throughput while the job runs.
-    One actor (0.5 CPU): with 1-CPU nodes, two actors would take half of each node and leave no room for the
-    1-CPU tasks Ray Data schedules beside them."""
+    """`ray job submit` ships the repo as working_dir; the encoder actors export throughput while the job runs.
+    Two 0.5-CPU actors on two 1-CPU nodes: the rest of the job must fit beside them and both must get parts."""
     job_id = f"memory3-encode-{uuid.uuid4().hex[:8]}"
     address = ["--address", cluster.dashboard_url]
     submitted = run([RAY, "job", "submit", *address, "--submission-id", job_id, "--no-wait",
                      "--runtime-env", "infra/runtime_env.local.yaml", "--",
                      "memory3", "encode", f"corpus={encode_inputs['corpus']}", f"bank={encode_inputs['bank']}",
-                     f"checkpoint={encode_inputs['checkpoint']}", "shard_documents=10", "actors=1",
+                     f"checkpoint={encode_inputs['checkpoint']}", "shard_documents=10", "actors=2",
                      "actor_num_cpus=0.5", "task_num_cpus=0.25", "batch_size=16"])
     assert submitted.returncode == 0, submitted.stderr[-3000:]
 
@@ -151,6 +150,8 @@ def test_encode_job_via_ray_job_submit(cluster, encode_inputs):
     assert f"Job '{job_id}' succeeded" in state.stdout, state.stdout
     summary = json.loads(next(line for line in logs.splitlines() if line.startswith('{"bank"')))
     assert summary["encoded_references"] > 0 and summary["errors"] == 1, summary
+    busy = summary["encoder_busy_seconds"]
+    assert len(busy) == 2 and all(s > 0 for s in busy.values()), busy  # parts spread over both actors
 
     # The code that ran is the uploaded working directory, not this checkout's installed package.
     info = jobs.get_job_info(job_id)

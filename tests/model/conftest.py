@@ -13,6 +13,13 @@ def small_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
+@pytest.fixture(autouse=True)
+def no_grad():
+    """Model tests compare forward values: no autograd (scoped to each test, never the whole session)."""
+    with torch.no_grad():
+        yield
+
+
 @pytest.fixture
 def make_model():
     def make(seed: int = 0, **overrides) -> Transformer:

@@ -7,7 +7,6 @@ import torch
 from model.checkpoint import load_checkpoint, load_hf_llama, save_checkpoint
 from model.tokenizer import Tokenizer
 
-torch.set_grad_enabled(False)
 
 
 def test_logits_equal_transformers_llama(tmp_path):

@@ -7,7 +7,6 @@ import torch
 from model.encoder import encode_references, select_tokens
 
 SINK = [2, 4]
-torch.set_grad_enabled(False)
 
 
 def brute_force_topk(q, k, n_real, sink_len, group, kk, selection="softmax"):

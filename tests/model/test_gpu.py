@@ -13,7 +13,6 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 SINK = [2, 4]
-torch.set_grad_enabled(False)
 
 
 def _batch(model, W, seed=0):

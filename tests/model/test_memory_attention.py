@@ -8,7 +8,6 @@ from model.generate import Retrieved, generate
 from model.transformer import MemoryBatch, apply_rope, rope_tables
 
 SINK = [2, 4]
-torch.set_grad_enabled(False)
 
 
 def test_memory_equals_reference_as_prefix(make_model):

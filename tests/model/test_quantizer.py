@@ -9,7 +9,6 @@ from model.config import ModelConfig
 from model.encoder import encode_references
 from model.quantizer import MemoryQuantizer, relative_error
 
-torch.set_grad_enabled(False)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, negativ
                                                response_schema_conformance, status_code_conformance)
 
 from serve_testing import CITIES, city_documents, free_port
-from serve.app import build_app, wait_healthy
+from serve.app import build_app, serve_running, wait_healthy
 
 APP, MODEL, TOKEN = "memory3-test", "memory3", "test-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -47,6 +47,7 @@ def server(ray_local, tiny_checkpoint, tiny_bank, tmp_path_factory):
     bank = str(tmp_path_factory.mktemp("api") / "bank")
     shutil.copytree(tiny_bank, bank)  # the admin tests edit it
     port = free_port()
+    assert not serve_running(), "an earlier test left Ray Serve running: it would keep its own HTTP port"
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"checkpoint": tiny_checkpoint, "bank": bank, "admin_token": TOKEN, "model_name": MODEL,
             "limits": LIMITS, "decoding": {"max_batch_size": 8, "seed": 0}, "writer": {"refresh_s": 0.5}}

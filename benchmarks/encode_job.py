@@ -1,0 +1,133 @@
+"""The `memory3 encode` Ray Data job end to end, with 1..N encoder actors: how throughput scales with GPUs.
+One JSON line per run, then the speed-up of each actor count over one.
+
+    python -m benchmarks.encode_job                                          # CPU, tiny, 1 and 2 CPU actors
+    python -m benchmarks.encode_job --preset 2.4b --num-gpus 1 --actors 1,2  # one actor per GPU (random weights)
+
+It writes a random-weight checkpoint of the preset and a synthetic corpus, then runs the real job (read → chunk →
+actor pool → shards → index) once per actor count into a fresh bank. Two rates per run: end to end (Ray, model
+loading and the index included) and the actors' own (references / the busiest actor's encoding seconds), which is
+what more GPUs buy once start-up is paid.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.model import commit, device_name
+from model.checkpoint import save_checkpoint
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer
+from model.transformer import Transformer
+
+WORDS = ["river", "city", "north", "station", "harbour", "valley", "bridge", "market", "tower", "castle", "road",
+         "lake", "forest", "mill", "square", "church", "garden", "hill", "port", "island", "school", "museum"]
+
+
+def synthetic_corpus(path: str, documents: int, words: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(WORDS, words)) + f" {i}." for i in range(documents)]
+    with open(path, "w") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"id": f"doc{i}", "text": text}) + "\n")
+    return texts
+
+
+def random_checkpoint(path: str, preset: str, texts: list[str]) -> ModelConfig:
+    cfg = ModelConfig.from_name(preset)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 2.4B on a CPU takes minutes
+        model = Transformer(cfg).to(torch.bfloat16 if preset != "tiny" else torch.float32)
+    save_checkpoint(path, model, Tokenizer.train(texts[:2000], min(4096, cfg.vocab_size)))
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return cfg
+
+
+def random_embedder(path: str, texts: list[str]) -> str:
+    """A sentence-transformers folder with all-MiniLM-L6-v2's architecture (6 layers, 384 wide, mean pooling) and
+    random weights, for machines without the bundled model files: the same compute, no retrieval quality."""
+    from sentence_transformers import SentenceTransformer, models
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    hf = os.path.join(path, "hf")
+    os.makedirs(hf, exist_ok=True)
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(texts[:2000], vocab_size=30522)
+    wordpiece.save_model(hf)
+    BertTokenizerFast(os.path.join(hf, "vocab.txt")).save_pretrained(hf)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                         intermediate_size=1536)).save_pretrained(hf)
+    st = SentenceTransformer(modules=[(t := models.Transformer(hf, max_seq_length=256)),
+                                      models.Pooling(t.get_word_embedding_dimension(), "mean"), models.Normalize()])
+    st.save(os.path.join(path, "st"))
+    return os.path.join(path, "st")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--actors", default="1,2", help="comma list of encoder actor counts")
+    ap.add_argument("--num-gpus", type=float, default=0, help="GPUs per actor (0: CPU actors)")
+    ap.add_argument("--actor-cpus", type=float, default=None, help="CPUs per actor (default 4 with GPUs, 0.5 without)")
+    ap.add_argument("--documents", type=int, default=None, help="default 400 (tiny) / 4096")
+    ap.add_argument("--words", type=int, default=None, help="words per document (default: ~2 references' worth)")
+    ap.add_argument("--shard-documents", type=int, default=None, help="documents per part (default documents/32)")
+    ap.add_argument("--batch", type=int, default=None, help="references per encoder forward (default 32 / 128)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the encoder in each actor")
+    ap.add_argument("--embedder", default=None, help="sentence-transformers dir; 'random': MiniLM-shaped, random")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    gpu = args.num_gpus > 0
+    documents = args.documents or (400 if args.preset == "tiny" else 4096)
+    cfg = ModelConfig.from_name(args.preset)
+
+    import ray
+
+    from memory3.config import load_config
+    from pipelines.encode import encode_corpus
+
+    work = args.workdir or tempfile.mkdtemp(prefix="memory3-encode-job-")
+    os.makedirs(work, exist_ok=True)
+    texts = synthetic_corpus(os.path.join(work, "corpus.jsonl"), documents, args.words or cfg.reference_len * 2 // 3)
+    t = time.perf_counter()
+    random_checkpoint(os.path.join(work, "checkpoint"), args.preset, texts)
+    embedder = random_embedder(os.path.join(work, "embedder"), texts) if args.embedder == "random" else args.embedder
+    setup_s = time.perf_counter() - t
+    ray.init(include_dashboard=False, logging_level="WARNING")
+    common = {"bench": "encode_job", "preset": args.preset, "device": device_name("cuda" if gpu else "cpu"),
+              "commit": commit(), "num_gpus_per_actor": args.num_gpus, "documents": documents,
+              "compile": args.compile, "setup_s": round(setup_s, 1), "cluster": ray.cluster_resources()}
+    rates = {}
+    for actors in [int(a) for a in args.actors.split(",")]:
+        overrides = [f"corpus={work}/corpus.jsonl", f"bank={work}/bank-{actors}", f"checkpoint={work}/checkpoint",
+                     f"actors={actors}", f"num_gpus={args.num_gpus}",
+                     f"actor_num_cpus={args.actor_cpus or (4 if gpu else 0.5)}",
+                     f"shard_documents={args.shard_documents or max(1, documents // 32)}",
+                     f"batch_size={args.batch or (128 if gpu else 32)}", f"compile={args.compile}",
+                     f"torch_threads={4 if gpu else 1}"] + ([f"embedder={embedder}"] if embedder else [])
+        s = encode_corpus(load_config("encode", overrides))
+        rates[actors] = s["encoder_references_per_second"], s["references_per_second"]
+        print(json.dumps({**common, "actors": actors, "references": s["encoded_references"],
+                          "tokens": s["encoded_tokens"], "seconds": s["seconds"],
+                          "end_to_end_references_per_s": s["references_per_second"],
+                          "encoder_references_per_s": s["encoder_references_per_second"],
+                          "encoder_busy_seconds": s["encoder_busy_seconds"], "bytes_written": s["bytes_written"],
+                          "record_bytes": s["record_bytes"]}), flush=True)
+    base = min(rates)
+    for actors, (rate, e2e) in rates.items():
+        if actors != base:
+            print(json.dumps({**common, "bench": "encode_job_scaling", "actors": actors, "over_actors": base,
+                              "encoder_speedup": round(rate / rates[base][0], 3),
+                              "end_to_end_speedup": round(e2e / rates[base][1], 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

