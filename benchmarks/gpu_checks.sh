@@ -28,10 +28,10 @@ kernels)
   log "pytest -m gpu"
   python -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tail -25 > "$OUT/pytest_gpu.txt"
   log "encoder MFU"
-  python -m benchmarks.encode --preset 2.4b --device cuda --compile 0,1 --batches 64,256 --references 4096 \
+  python -m benchmarks.encode --preset 2.4b --device cuda --compile 0,1 --batches 128 --references 2048 \
     --profile --skip shard,fetch,faiss > "$OUT/encode.jsonl" 2> "$OUT/encode.err"
   log "Ray Data encode job, 1 vs 2 GPU actors"
-  python -m benchmarks.encode_job --preset 2.4b --num-gpus 1 --actors 1,2 --documents 6144 --batch 256 \
+  python -m benchmarks.encode_job --preset 2.4b --num-gpus 1 --actors 1,2 --documents 4096 --batch 256 \
     --embedder "$(embedder)" --workdir "$W/encode_job" > "$OUT/encode_job.jsonl" 2> "$OUT/encode_job.err"
   rm -rf "$W/encode_job"/bank-*
   ;;
@@ -61,13 +61,13 @@ zero)
   log "prepare 2048-token sequences"
   m3 prepare corpus="$GEO/train.jsonl" out="$W/data24" model=2.4b vocab_size=4096 > "$OUT/zero.jsonl"
   log "2.4B warmup, ZeRO-2 on 2 GPUs"
-  m3 train stage=warmup data="$W/data24" out="$W/w24" $gpu max_steps=12 >> "$OUT/zero.jsonl" 2> "$OUT/zero_warmup.err"
+  m3 train stage=warmup data="$W/data24" out="$W/w24" $gpu max_steps=8 >> "$OUT/zero.jsonl" 2> "$OUT/zero_warmup.err"
   rm -rf "$W/w24/checkpoints"  # ~35 GB of ZeRO states; final/ is what stage 2 starts from
   log "bank of the 2.4B warmup weights"
   m3 encode corpus="$GEO/references.jsonl" bank="$W/bank24" checkpoint="$W/w24/final" actors=2 num_gpus=1 \
     actor_num_cpus=4 batch_size=256 embedder="$emb" >> "$OUT/zero.jsonl" 2> "$OUT/zero_encode.err"
   log "2.4B continual, ZeRO-2 on 2 GPUs"
-  m3 train stage=continual init="$W/w24/final" data="$W/data24" bank="$W/bank24" out="$W/c24" $gpu max_steps=12 \
+  m3 train stage=continual init="$W/w24/final" data="$W/data24" bank="$W/bank24" out="$W/c24" $gpu max_steps=8 \
     memory.embedder="$emb" >> "$OUT/zero.jsonl" 2> "$OUT/zero_continual.err"
   for run in w24 c24; do cp "$W/$run/metrics.jsonl" "$OUT/zero_${run}_metrics.jsonl" 2>/dev/null; done
   rm -rf "$W/c24/checkpoints"
