@@ -26,7 +26,7 @@ git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null || true
 case $phase in
 kernels)
   log "pytest -m gpu"
-  python -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tail -25 > "$OUT/pytest_gpu.txt"
+  python -m pytest -m gpu -q -p no:cacheprovider tests/model 2>&1 | tail -25 > "$OUT/pytest_gpu.txt"
   log "encoder MFU"
   python -m benchmarks.encode --preset 2.4b --device cuda --compile 0,1 --batches 128 --references 2048 \
     --profile --skip shard,fetch,faiss > "$OUT/encode.jsonl" 2> "$OUT/encode.err"
@@ -57,7 +57,7 @@ pipeline)
 zero)
   emb=$(embedder)
   gpu="model=2.4b scaling.use_gpu=true scaling.num_workers=2 scaling.cpus_per_worker=4 deepspeed.bf16=true"
-  gpu="$gpu deepspeed.zero_stage=2 deepspeed.micro_batch=1 report_every=1 checkpoint_every=1000"
+  gpu="$gpu deepspeed.zero_stage=2 deepspeed.micro_batch=1 checkpoint_every=1000"
   log "prepare 2048-token sequences"
   m3 prepare corpus="$GEO/train.jsonl" out="$W/data24" model=2.4b vocab_size=4096 > "$OUT/zero.jsonl"
   log "2.4B warmup, ZeRO-2 on 2 GPUs"

@@ -238,7 +238,8 @@ def train_loop_per_worker(config: dict) -> None:
     ds, optim = config["deepspeed"], config["optim"]
     device = torch.device("cuda", torch.cuda.current_device()) if config["use_gpu"] else torch.device("cpu")
 
-    model = Transformer(mcfg)  # identical init on every rank (same seed)
+    with device:  # built where it trains (a 2.4B random init takes a minute on CPU); same seed: same on every rank
+        model = Transformer(mcfg)
     if config.get("init"):
         load_init_weights(model, config["init"])
     optimizer = torch.optim.AdamW(param_groups(model, optim["weight_decay"]), lr=optim["lr"],
@@ -312,7 +313,7 @@ def train_loop_per_worker(config: dict) -> None:
             if not boundary:
                 continue
             state["step"] += 1
-            row = acc.reduce(dist, world)
+            row = acc.reduce(dist, world, device)
             seconds = time.perf_counter() - t_step
             t_step = time.perf_counter()
             grad_norm = engine.get_global_grad_norm()
@@ -368,8 +369,9 @@ class _Accumulator:
             for k in self.KEYS:
                 self.sums[k] += stats[k]
 
-    def reduce(self, dist, world: int) -> dict:
-        values = torch.tensor([self.loss, self.n, self.tokens, *self.sums.values()], dtype=torch.float64)
+    def reduce(self, dist, world: int, device: torch.device) -> dict:
+        """device: where the process group's backend reduces (NCCL: the worker's GPU; gloo: the CPU)."""
+        values = torch.tensor([self.loss, self.n, self.tokens, *self.sums.values()], dtype=torch.float64, device=device)
         if world > 1 and dist.is_initialized():
             dist.all_reduce(values)
         loss, n, tokens, *rest = values.tolist()
