@@ -282,3 +282,18 @@ def test_killing_the_driver_then_rerunning_changes_no_byte(reference_bank, corpu
     summary = encode_corpus(encode_config(str(corpus_dir), str(bank), tiny_checkpoint, actors=1))
     assert summary["skipped_shards"] == complete and summary["written_shards"] == 18 - complete
     assert_same_bank(reference_bank[0], bank)
+
+
+def test_compiled_encoder_matches_eager_with_a_padded_last_batch(tiny_checkpoint):
+    """compile=true pads every batch to batch_size (one graph, no recompiles); the padding rows must not leak."""
+    from pipelines import corpus
+    from pipelines.encode import ShardEncoder
+
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    docs = [corpus.Document(d["id"], d["text"], {}) for d in make_documents(7)]
+    refs = corpus.chunk_documents(docs, tokenizer, model.cfg.reference_len)
+    assert len(refs) % 4 != 0  # a short last batch
+    eager, eager_valid = ShardEncoder(model, tokenizer, None, None, None, batch_size=4).memories(refs)
+    compiled, compiled_valid = ShardEncoder(model, tokenizer, None, None, None, batch_size=4, compile=True).memories(refs)
+    assert compiled.shape == eager.shape and torch.equal(compiled_valid, eager_valid)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
