@@ -265,6 +265,7 @@ def train_loop_per_worker(config: dict) -> None:
             with open(os.path.join(d, METRICS_FILE)) as f:
                 history = [json.loads(line) for line in f if line.strip()]
 
+    since_step = state["step"]  # where this worker group started: 0, or the checkpoint it resumed from
     references = None
     continual = config["stage"] == "continual"
     if continual:
@@ -317,7 +318,7 @@ def train_loop_per_worker(config: dict) -> None:
             seconds = time.perf_counter() - t_step
             t_step = time.perf_counter()
             grad_norm = engine.get_global_grad_norm()
-            row.update(step=state["step"], epoch=state["epoch"], lr=lr, stage=config["stage"],
+            row.update(step=state["step"], since_step=since_step, epoch=state["epoch"], lr=lr, stage=config["stage"],
                        grad_norm=float(grad_norm) if grad_norm is not None else None, seconds=seconds,
                        tokens_per_second=row["tokens"] / max(seconds, 1e-9))
             if setup_seconds is not None:

@@ -194,12 +194,17 @@ def test_killed_run_resumes_and_a_dead_worker_restarts_with_identical_losses(war
     with pytest.raises(Exception):
         train(train_cfg(**run, fail_at_step=6))
     assert storage.exists(f"{out}/.fail_at_step_6") and storage.listdir(ckpts)[-1] == "step_00000004"
+    # As if the run died before Ray Train's controller registered the uploaded step-4 checkpoint (a race that a
+    # loaded machine hits): no snapshot. The run is still found, and resumed from that checkpoint.
+    storage.remove(f"{ckpts}/checkpoint_manager_snapshot.json")
     with pytest.raises(ValueError, match="resume=true"):
         plan_run(train_cfg(**run))  # an existing run is never silently overwritten
     summary = train(train_cfg(**run, resume="true", fail_at_step=7, max_failures=1))
     assert storage.exists(f"{out}/.fail_at_step_7")  # a worker really died in the resumed run too
     assert summary["checkpoint"].endswith("step_00000008") and "step_00000008" in storage.listdir(ckpts)
     assert losses(out) == losses(warmup[0])
+    rows = [json.loads(line) for line in storage.read_text(f"{out}/metrics.jsonl").splitlines()]
+    assert [r["since_step"] for r in rows] == [0] * 4 + [4] * 4  # resumed at 4; the restart after 7 at 4 again
 
 
 def test_bad_inputs_fail_before_any_training_step(warmup, data, bank, tmp_path):
