@@ -55,10 +55,10 @@ def profile_top_kernels(fn, device: str, top: int = 12) -> list[dict]:
     with profile(activities=activities) as prof:
         fn()
         sync(device)
-    key = "device_time_total" if device == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
-    total = sum(getattr(e, key) for e in prof.key_averages() if e.device_type.name == ("CUDA" if device == "cuda"
-                                                                                      else "CPU"))
+    key, kind = ("device_time_total", "CUDA") if device == "cuda" else ("self_cpu_time_total", "CPU")
+    averages = prof.key_averages()
+    events = sorted(averages, key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in averages if e.device_type.name == kind)
     return [{"name": e.key[:80], "ms": round(getattr(e, key) / 1e3, 2), "calls": e.count,
              "share": round(getattr(e, key) / max(total, 1), 3)} for e in events[:top]]
 

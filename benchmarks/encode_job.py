@@ -39,15 +39,15 @@ def synthetic_corpus(path: str, documents: int, words: int, seed: int = 0) -> li
     return texts
 
 
-def random_checkpoint(path: str, preset: str, texts: list[str]) -> ModelConfig:
+def random_checkpoint(path: str, preset: str, texts: list[str]) -> None:
     cfg = ModelConfig.from_name(preset)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 2.4B on a CPU takes minutes
         model = Transformer(cfg).to(torch.bfloat16 if preset != "tiny" else torch.float32)
     save_checkpoint(path, model, Tokenizer.train(texts[:2000], min(4096, cfg.vocab_size)))
     del model
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return cfg
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def random_embedder(path: str, texts: list[str]) -> str:
