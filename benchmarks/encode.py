@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.model import PEAK_FLOPS, commit, device_name, sync
+from benchmarks.model import PEAK_FLOPS, commit, device_name, profile_top_kernels, sync
 from model.config import ModelConfig
 from model.encoder import encode_references
 from model.quantizer import MemoryQuantizer
@@ -45,22 +45,6 @@ def percentiles(samples: list[float]) -> dict:
     a = np.asarray(samples) * 1e3
     return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
             "mean_ms": round(float(a.mean()), 3)}
-
-
-def profile_top_kernels(fn, device: str, top: int = 12) -> list[dict]:
-    """The kernels (or CPU ops) that take the most time in one call of fn: where the missing MFU goes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        fn()
-        sync(device)
-    key, kind = ("device_time_total", "CUDA") if device == "cuda" else ("self_cpu_time_total", "CPU")
-    averages = prof.key_averages()
-    events = sorted(averages, key=lambda e: getattr(e, key), reverse=True)
-    total = sum(getattr(e, key) for e in averages if e.device_type.name == kind)
-    return [{"name": e.key[:80], "ms": round(getattr(e, key) / 1e3, 2), "calls": e.count,
-             "share": round(getattr(e, key) / max(total, 1), 3)} for e in events[:top]]
 
 
 def bench_encode(cfg: ModelConfig, device: str, dtype: torch.dtype, n_refs: int, batch: int, common: dict,

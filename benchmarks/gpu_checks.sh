@@ -4,12 +4,13 @@
 #   bash benchmarks/gpu_checks.sh kernels   # GPU tests, encoder MFU (eager vs compiled), Ray Data encode 1 vs 2 GPUs
 #   bash benchmarks/gpu_checks.sh pipeline  # tiny two-stage pipeline: Ray Train on 2 GPUs (NCCL, ZeRO-2, bf16),
 #                                           # encode with GPU actors, continual training with memory
+#   bash benchmarks/gpu_checks.sh train     # GPU tests, one-GPU training step: warmup vs continual (2.4B)
 #   bash benchmarks/gpu_checks.sh zero      # 2.4B warmup and continual steps through Ray Train + ZeRO-2 on 2 GPUs
 #
 # Needs: the project on PYTHONPATH (or installed), a geo corpus in $GEO (`memory3 corpus geo`), and a
 # sentence-transformers embedder or none (a MiniLM-shaped random one is built when the bundled one is missing).
 set -uo pipefail
-phase=${1:?kernels, pipeline or zero}
+phase=${1:?kernels, pipeline, train or zero}
 OUT=${OUT:-runs/gpu}; W=${WORK:-/tmp/memory3-gpu}; GEO=${GEO:-runs/geo}
 mkdir -p "$OUT" "$W"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false
@@ -35,6 +36,13 @@ kernels)
     --embedder "$(embedder)" --workdir "$W/encode_job" > "$OUT/encode_job.jsonl" 2> "$OUT/encode_job.err"
   rm -rf "$W/encode_job"/bank-*
   ;;
+train)
+  log "pytest -m gpu"
+  python -m pytest -m gpu -q -p no:cacheprovider tests/model 2>&1 | tail -25 > "$OUT/pytest_gpu.txt"
+  log "training step, one GPU"
+  CUDA_VISIBLE_DEVICES=0 python -m benchmarks.train --preset 2.4b --device cuda --batch 1,4 --encode-grad 1,0 \
+    --profile > "$OUT/train.jsonl" 2> "$OUT/train.err"
+  ;;
 pipeline)
   emb=$(embedder); gpu="scaling.use_gpu=true scaling.num_workers=2 scaling.cpus_per_worker=4 deepspeed.bf16=true"
   log "prepare"
@@ -57,20 +65,23 @@ pipeline)
 zero)
   emb=$(embedder)
   gpu="model=2.4b scaling.use_gpu=true scaling.num_workers=2 scaling.cpus_per_worker=4 deepspeed.bf16=true"
-  gpu="$gpu deepspeed.zero_stage=2 deepspeed.micro_batch=1 checkpoint_every=1000"
+  gpu="$gpu deepspeed.zero_stage=2 deepspeed.micro_batch=2 checkpoint_every=1000 max_steps=10"
   log "prepare 2048-token sequences"
   m3 prepare corpus="$GEO/train.jsonl" out="$W/data24" model=2.4b vocab_size=4096 > "$OUT/zero.jsonl"
   log "2.4B warmup, ZeRO-2 on 2 GPUs"
-  m3 train stage=warmup data="$W/data24" out="$W/w24" $gpu max_steps=8 >> "$OUT/zero.jsonl" 2> "$OUT/zero_warmup.err"
+  m3 train stage=warmup data="$W/data24" out="$W/w24" $gpu >> "$OUT/zero.jsonl" 2> "$OUT/zero_warmup.err"
+  cp "$W/w24/metrics.jsonl" "$OUT/zero_w24_metrics.jsonl"
   rm -rf "$W/w24/checkpoints"  # ~35 GB of ZeRO states; final/ is what stage 2 starts from
   log "bank of the 2.4B warmup weights"
   m3 encode corpus="$GEO/references.jsonl" bank="$W/bank24" checkpoint="$W/w24/final" actors=2 num_gpus=1 \
     actor_num_cpus=4 batch_size=256 embedder="$emb" >> "$OUT/zero.jsonl" 2> "$OUT/zero_encode.err"
   log "2.4B continual, ZeRO-2 on 2 GPUs"
-  m3 train stage=continual init="$W/w24/final" data="$W/data24" bank="$W/bank24" out="$W/c24" $gpu max_steps=8 \
+  m3 train stage=continual init="$W/w24/final" data="$W/data24" bank="$W/bank24" out="$W/c24" $gpu \
     memory.embedder="$emb" >> "$OUT/zero.jsonl" 2> "$OUT/zero_continual.err"
-  for run in w24 c24; do cp "$W/$run/metrics.jsonl" "$OUT/zero_${run}_metrics.jsonl" 2>/dev/null; done
+  cp "$W/c24/metrics.jsonl" "$OUT/zero_c24_metrics.jsonl"
   rm -rf "$W/c24/checkpoints"
+  python -m benchmarks.train --preset 2.4b --runs "$W/w24/metrics.jsonl" "$W/c24/metrics.jsonl" --gpus 2 \
+    > "$OUT/zero_summary.jsonl"
   ;;
 esac
 log "done $phase"

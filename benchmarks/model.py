@@ -50,6 +50,22 @@ def timed(fn, device: str, repeats: int) -> float:
     return (time.perf_counter() - t) / repeats
 
 
+def profile_top_kernels(fn, device: str, top: int = 12) -> list[dict]:
+    """The kernels (or CPU ops) that take the most time in one call of fn: where the missing MFU goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    key, kind = ("device_time_total", "CUDA") if device == "cuda" else ("self_cpu_time_total", "CPU")
+    averages = [e for e in prof.key_averages() if e.device_type.name == kind]  # kernels, not the ops above them
+    events = sorted(averages, key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in averages)
+    return [{"name": e.key[:80], "ms": round(getattr(e, key) / 1e3, 2), "calls": e.count,
+             "share": round(getattr(e, key) / max(total, 1), 3)} for e in events[:top]]
+
+
 def forward_flops(cfg: ModelConfig, B: int, T: int, mem_tokens_per_query: int) -> float:
     matmul = 2 * B * T * (cfg.num_params(non_embedding=True) + cfg.dim * cfg.vocab_size)
     attn = 4 * B * cfg.n_head * cfg.head_dim * T * (T / 2) * cfg.n_layer

@@ -1,11 +1,14 @@
 """Training-step speed: warmup (no memory) vs continual (references retrieved per window and encoded live with
 the weights being trained, paper §3.6), tokens/s and MFU, and the continual/warmup ratio. One JSON line each.
 
-    python -m benchmarks.train --preset 2.4b --device cuda     # one GPU, bf16, random weights
-    python -m benchmarks.train                                 # CPU, tiny
+    python -m benchmarks.train --preset 2.4b --device cuda --batch 1,4 --encode-grad 1,0   # one GPU, bf16
+    python -m benchmarks.train                                                             # CPU, tiny
+    python -m benchmarks.train --preset 2.4b --runs W/metrics.jsonl C/metrics.jsonl --gpus 2
 
-It times the very step the Ray Train loop runs (`pipelines.train_loop.forward_loss`, backward, AdamW) on one
-device, without Ray or DeepSpeed, so the number is the model's; data-parallel scaling is Ray Train's.
+The first two time the very step the Ray Train loop runs (`pipelines.train_loop.forward_loss`, backward, AdamW)
+on one device, without Ray or DeepSpeed, so the number is the model's. `--runs` reads the per-step metrics of a
+warmup and a continual `memory3 train` run (Ray Train + DeepSpeed, any number of GPUs) and prints the same
+figures for them: the data-parallel number.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import json
 import numpy as np
 import torch
 
-from benchmarks.model import PEAK_FLOPS, commit, device_name, sync, timed
+from benchmarks.model import PEAK_FLOPS, commit, device_name, profile_top_kernels, timed
 from model.config import ModelConfig
 from model.transformer import Transformer
 from pipelines.train_loop import IGNORE, TrainBatch, forward_loss
@@ -31,61 +34,118 @@ def train_flops(cfg: ModelConfig, tokens: int, ref_tokens: int, encode_grad: boo
     return ctx + enc
 
 
+def parse_list(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x != ""]
+
+
+def bench_steps(args, cfg: ModelConfig, common: dict) -> None:
+    dev = args.device
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    with torch.device(dev):
+        model = Transformer(cfg).to(dtype).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    T = args.seq or cfg.max_seq_len
+    W = (T - 1 - cfg.sink_len) // cfg.window + 1
+    g = torch.Generator().manual_seed(0)
+    for B in parse_list(args.batch):
+        tokens = torch.randint(5, cfg.vocab_size, (B, T), generator=g).to(dev)
+        targets = tokens[:, 1:].clone()
+        targets[:, : cfg.sink_len] = IGNORE
+        n_refs = B * W * args.refs_per_window
+        ref_rows = np.arange(n_refs).reshape(B, W, args.refs_per_window)
+        bank_tokens = torch.randint(5, cfg.vocab_size, (n_refs, cfg.reference_len), generator=g)
+
+        def references(rows):
+            rows = torch.as_tensor(np.asarray(rows))
+            return bank_tokens[rows], torch.full((len(rows),), cfg.reference_len)
+
+        runs = [("warmup", None)] + [("continual", bool(e)) for e in parse_list(args.encode_grad)]
+        rates = {}
+        for stage, encode_grad in runs:
+            continual = stage == "continual"
+            batch = TrainBatch(tokens[:, :-1], targets, ref_rows if continual else None)
+
+            def step():
+                loss, _ = forward_loss(model, batch, references if continual else None, sink_ids=[2, 4],
+                                       lookback=args.lookback, encode_grad=bool(encode_grad))
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            if dev == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sec = timed(step, dev, args.repeats)
+            ref_tokens = n_refs * cfg.reference_seq_len if continual else 0
+            flops = train_flops(cfg, B * (T - 1), ref_tokens, encode_grad=bool(encode_grad))
+            peak = PEAK_FLOPS[dev]
+            rates[stage, encode_grad] = B * (T - 1) / sec
+            row = {**common, "bench": "train_step", "batch": B, "seq": T, "stage": stage, "encode_grad": encode_grad,
+                   "ms": round(sec * 1e3, 1), "tokens_per_s": round(rates[stage, encode_grad], 1),
+                   "reference_tokens": ref_tokens, "tflops": round(flops / sec / 1e12, 1),
+                   "mfu": round(flops / sec / peak, 3) if peak else None,
+                   "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1) if dev == "cuda" else None}
+            print(json.dumps(row), flush=True)
+            if args.profile:
+                print(json.dumps({**common, "bench": "train_profile", "batch": B, "stage": stage,
+                                  "encode_grad": encode_grad, "top": profile_top_kernels(step, dev, top=15)}),
+                      flush=True)
+        for (stage, encode_grad), rate in rates.items():
+            if stage == "continual":
+                print(json.dumps({**common, "bench": "train_ratio", "batch": B, "seq": T, "encode_grad": encode_grad,
+                                  "continual_over_warmup": round(rate / rates["warmup", None], 3)}), flush=True)
+
+
+def summarize_runs(args, cfg: ModelConfig, common: dict) -> None:
+    """Per-stage figures of Ray Train runs from their metrics.jsonl (steps after the first `--skip` of each
+    worker group: the first steps include kernel compilation and allocator warm-up)."""
+    from pipelines import storage
+
+    rates = {}
+    for path in args.runs:
+        rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+        rows = [r for r in rows if r["step"] > r.get("since_step", 0) + args.skip]
+        if not rows:
+            raise SystemExit(f"{path}: no steps after the first {args.skip}")
+        stage = rows[0]["stage"]
+        seconds = sum(r["seconds"] for r in rows)
+        tokens = sum(r["tokens"] for r in rows)
+        ref_tokens = sum(r.get("reference_tokens", 0) for r in rows)
+        flops = train_flops(cfg, tokens, ref_tokens, encode_grad=bool(parse_list(args.encode_grad)[0]))
+        peak = PEAK_FLOPS["cuda"] * args.gpus
+        rates[stage] = tokens / seconds
+        print(json.dumps({**common, "bench": "train_run", "run": path, "stage": stage, "gpus": args.gpus,
+                          "steps": len(rows), "s_per_step": round(seconds / len(rows), 3),
+                          "tokens_per_s": round(rates[stage], 1), "reference_tokens_per_step": ref_tokens // len(rows),
+                          "tflops_per_gpu": round(flops / seconds / args.gpus / 1e12, 1),
+                          "mfu": round(flops / seconds / peak, 3)}), flush=True)
+    if {"warmup", "continual"} <= rates.keys():
+        print(json.dumps({**common, "bench": "train_run_ratio", "gpus": args.gpus,
+                          "continual_over_warmup": round(rates["continual"] / rates["warmup"], 3)}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", default="1", help="micro-batch sizes to time, comma-separated")
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--refs-per-window", type=int, default=1, help="paper §3.6: 1 per window")
     ap.add_argument("--lookback", type=int, default=4, help="paper §3.6: each window also reads 4 earlier windows'")
+    ap.add_argument("--encode-grad", default="1,0", help="continual variants: 1 = backpropagate through the "
+                    "reference encoding (memory.encode_grad, the default), 0 = encode without gradients")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="also print the top kernels of one step")
+    ap.add_argument("--runs", nargs="*", help="metrics.jsonl of memory3 train runs to summarize instead")
+    ap.add_argument("--gpus", type=int, default=1, help="--runs: GPUs the runs trained on (MFU denominator)")
+    ap.add_argument("--skip", type=int, default=2, help="--runs: first steps of each worker group left out")
     args = ap.parse_args()
-    dev = args.device
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     cfg = ModelConfig.from_name(args.preset)
-    T = args.seq or cfg.max_seq_len
-    with torch.device(dev):
-        model = Transformer(cfg).to(dtype).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-    B, W = args.batch, (T - 1 - cfg.sink_len) // cfg.window + 1
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(5, cfg.vocab_size, (B, T), generator=g).to(dev)
-    targets = tokens[:, 1:].clone()
-    targets[:, : cfg.sink_len] = IGNORE
-    n_refs = B * W * args.refs_per_window
-    ref_rows = np.arange(n_refs).reshape(B, W, args.refs_per_window)
-    bank_tokens = torch.randint(5, cfg.vocab_size, (n_refs, cfg.reference_len), generator=g)
-
-    def references(rows):
-        rows = torch.as_tensor(np.asarray(rows))
-        return bank_tokens[rows], torch.full((len(rows),), cfg.reference_len)
-
-    common = {"preset": args.preset, "device": device_name(dev), "dtype": str(dtype).split(".")[-1],
-              "commit": commit(), "batch": B, "seq": T}
-    results = {}
-    for stage in ("warmup", "continual"):
-        batch = TrainBatch(tokens[:, :-1], targets, ref_rows if stage == "continual" else None)
-
-        def step():
-            loss, _ = forward_loss(model, batch, references if stage == "continual" else None, sink_ids=[2, 4],
-                                   lookback=args.lookback)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        sec = timed(step, dev, args.repeats)
-        ref_tokens = n_refs * cfg.reference_seq_len if stage == "continual" else 0
-        flops = train_flops(cfg, B * (T - 1), ref_tokens, encode_grad=True)
-        peak = PEAK_FLOPS[dev]
-        results[stage] = B * (T - 1) / sec
-        print(json.dumps({**common, "bench": "train_step", "stage": stage, "ms": round(sec * 1e3, 1),
-                          "tokens_per_s": round(results[stage], 1), "reference_tokens": ref_tokens,
-                          "tflops": round(flops / sec / 1e12, 1), "mfu": round(flops / sec / peak, 3) if peak else None,
-                          "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1) if dev == "cuda" else None}),
-              flush=True)
-    print(json.dumps({**common, "bench": "train_ratio", "continual_over_warmup": round(results["continual"] /
-                                                                                        results["warmup"], 3)}))
+    common = {"preset": args.preset, "commit": commit()}
+    if args.runs:
+        summarize_runs(args, cfg, {**common, "device": device_name("cuda") if torch.cuda.is_available() else "cpu"})
+    else:
+        dtype = "bfloat16" if args.device == "cuda" else "float32"
+        bench_steps(args, cfg, {**common, "device": device_name(args.device), "dtype": dtype})
 
 
 if __name__ == "__main__":

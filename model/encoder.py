@@ -31,18 +31,36 @@ class SparseMemory:
 
 def selection_weights(q: Tensor, k: Tensor, valid: Tensor, cfg: ModelConfig) -> Tensor:
     """Attention each token receives, per KV head: q (N, H, T, D) and k (N, Hkv, T, D) un-rotated,
-    valid (N, T) bool. Returns (N, Hkv, T) with -inf at invalid tokens."""
+    valid (N, T) bool. Returns (N, Hkv, T) with -inf at invalid tokens.
+
+    Only indices leave the selection, so it runs without autograd (in continual training it would otherwise keep
+    an fp32 (N, Hkv, G, T, T) score tensor per memory layer alive until backward), and in place where it can."""
     N, H, T, D = q.shape
-    qg = q.float().view(N, cfg.n_kv_head, cfg.group_size, T, D)
-    scores = torch.einsum("nhgid,nhjd->nhgij", qg, k.float()) / math.sqrt(D)  # (N, Hkv, G, Ti, Tj)
-    key_ok = valid[:, None, None, None, :]
-    if cfg.selection == "softmax":
-        probs = scores.masked_fill(~key_ok, float("-inf")).softmax(dim=-1)
-    else:  # the paper's un-normalised approximation
-        probs = scores.exp().masked_fill(~key_ok, 0.0)
-    probs = probs.masked_fill(~valid[:, None, None, :, None], 0.0)  # invalid queries give nothing
-    w = probs.sum(dim=(2, 3))  # (N, Hkv, Tj)
-    return w.masked_fill(~valid[:, None, :], float("-inf"))
+    with torch.no_grad():
+        qg = q.detach().float().view(N, cfg.n_kv_head, cfg.group_size, T, D)
+        scores = torch.einsum("nhgid,nhjd->nhgij", qg, k.detach().float()).div_(math.sqrt(D))  # (N, Hkv, G, Ti, Tj)
+        key_ok = valid[:, None, None, None, :]
+        if cfg.selection == "softmax":
+            probs = scores.masked_fill_(~key_ok, float("-inf")).softmax(dim=-1)
+        else:  # the paper's un-normalised approximation
+            probs = scores.exp_().masked_fill_(~key_ok, 0.0)
+        probs.masked_fill_(~valid[:, None, None, :, None], 0.0)  # invalid queries give nothing
+        w = probs.sum(dim=(2, 3))  # (N, Hkv, Tj)
+    return w.masked_fill_(~valid[:, None, :], float("-inf"))
+
+
+def pad_references(token_lists: list, reference_len: int, pad_id: int, multiple: int = 8) -> tuple[Tensor, Tensor]:
+    """Right-padded token ids (N, R) and lengths (N,), the encoder's input. R is the longest reference rounded up
+    to `multiple`, at most reference_len: the encoder's causal mask keeps trailing padding from ever reaching a
+    real token, so a batch of short references costs what it holds (the last chunk of every document is short)."""
+    lengths = [len(t) for t in token_lists]
+    if max(lengths, default=0) > reference_len:
+        raise ValueError(f"a reference has {max(lengths)} tokens > reference_len={reference_len}")
+    R = min(reference_len, max(multiple, -(-max(lengths, default=1) // multiple) * multiple))
+    tokens = torch.full((len(token_lists), R), pad_id, dtype=torch.long)
+    for i, t in enumerate(token_lists):
+        tokens[i, :len(t)] = torch.as_tensor(t, dtype=torch.long)
+    return tokens, torch.tensor(lengths, dtype=torch.long)
 
 
 def select_tokens(weights: Tensor, k: int) -> Tensor:
@@ -55,13 +73,14 @@ def select_tokens(weights: Tensor, k: int) -> Tensor:
 
 
 def encode_references(model: Transformer, tokens: Tensor, lengths: Tensor, sink_ids: list[int]) -> SparseMemory:
-    """tokens: (N, reference_len) right-padded reference token ids; lengths: (N,) real tokens in each.
+    """tokens: (N, R) right-padded reference token ids, R <= reference_len (`pad_references`); lengths: (N,) real
+    tokens in each.
 
     Gradients flow unless the caller disables them (continual training encodes with the live weights)."""
     cfg = model.cfg
     N, R = tokens.shape
-    if R != cfg.reference_len:
-        raise ValueError(f"references must be padded to reference_len={cfg.reference_len}, got {R}")
+    if R > cfg.reference_len:
+        raise ValueError(f"references are at most reference_len={cfg.reference_len} tokens, got {R}")
     sink = torch.tensor(sink_ids, dtype=tokens.dtype, device=tokens.device).expand(N, -1)
     idx = torch.cat([sink, tokens], dim=1)  # (N, sink_len + R)
     T = idx.shape[1]

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 from model.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_checkpoint, load_config
-from model.encoder import encode_references
+from model.encoder import encode_references, pad_references
 from model.quantizer import MemoryQuantizer
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
@@ -43,14 +43,6 @@ AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_
 
 
 # --- encoding references (shared by the Ray actors and append_documents) ---------------------------------------
-
-def pad_references(refs: list[corpus.Reference], reference_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, reference_len) right-padded token ids and (N,) lengths, the encoder's input."""
-    tokens = torch.full((len(refs), reference_len), pad_id, dtype=torch.long)
-    for i, r in enumerate(refs):
-        tokens[i, :len(r.tokens)] = torch.tensor(r.tokens, dtype=torch.long)
-    return tokens, torch.tensor([len(r.tokens) for r in refs], dtype=torch.long)
-
 
 class ShardEncoder:
     """References → fixed-size records (sparse memory, bf16 or VQ codes) and retrieval embeddings."""
@@ -75,7 +67,9 @@ class ShardEncoder:
             n = len(part)
             if self.compile:
                 part = part + part[:1] * (self.batch_size - n)
-            tokens, lengths = pad_references(part, cfg.reference_len, self.tokenizer.pad_id)
+            # compiled: one graph, so every batch has reference_len columns; eager: the batch's longest
+            tokens, lengths = pad_references([r.tokens for r in part], cfg.reference_len, self.tokenizer.pad_id,
+                                             multiple=cfg.reference_len if self.compile else 8)
             sparse = self.encode_fn(self.model, tokens.to(device), lengths.to(device), self.tokenizer.sink_ids)
             out.append(sparse.memories[:n].float().cpu())
             valid.append(sparse.n_valid[:n].cpu())

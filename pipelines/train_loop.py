@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from model.config import ModelConfig
-from model.encoder import encode_references
+from model.encoder import encode_references, pad_references
 from model.transformer import MemoryBatch, Transformer, cross_entropy
 
 IGNORE = -100
@@ -129,8 +129,8 @@ def memory_slots(ref_rows: np.ndarray, lookback: int) -> tuple[np.ndarray, np.nd
 
 
 class ReferenceTokens:
-    """Bank row -> reference token ids right-padded to reference_len (MemoryBank.records "tokens"), LRU-cached:
-    neighbouring windows and sequences retrieve the same references often (paper §3.1)."""
+    """Bank row -> reference token ids (MemoryBank.records "tokens"), LRU-cached: neighbouring windows and sequences
+    retrieve the same references often (paper §3.1). A call pads its rows to their longest (`pad_references`)."""
 
     def __init__(self, records, reference_len: int, pad_id: int, cache_size: int = 65536):
         self.records, self.reference_len, self.pad_id, self.cache_size = records, reference_len, pad_id, cache_size
@@ -144,15 +144,13 @@ class ReferenceTokens:
                 if len(toks) > self.reference_len:
                     raise ValueError(f"bank row {row} has {len(toks)} tokens > reference_len={self.reference_len}")
                 self.cache[row] = toks
-        out = np.full((len(rows), self.reference_len), self.pad_id, dtype=np.int64)
-        lengths = np.zeros(len(rows), dtype=np.int64)
-        for i, r in enumerate(rows):
-            toks = self.cache[int(r)]
+        lists = []
+        for r in rows:
+            lists.append(self.cache[int(r)])
             self.cache.move_to_end(int(r))
-            out[i, :len(toks)], lengths[i] = toks, len(toks)
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
-        return torch.from_numpy(out), torch.from_numpy(lengths)
+        return pad_references(lists, self.reference_len, self.pad_id)
 
 
 def forward_loss(model: Transformer, batch: TrainBatch, references=None, *, sink_ids: list[int], lookback: int = 4,

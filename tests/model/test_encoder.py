@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model.encoder import encode_references, select_tokens
+from model.encoder import encode_references, pad_references, select_tokens
 
 SINK = [2, 4]
 
@@ -88,7 +88,25 @@ def test_select_tokens_breaks_ties_to_earlier_tokens():
     assert select_tokens(w, 6).tolist() == [[0, 1, 2, 4, 5, 3]]  # the invalid pick goes last
 
 
-def test_reference_length_must_match(make_model):
+def test_reference_length_must_not_exceed_reference_len(make_model):
     model = make_model()
+    n = model.cfg.reference_len + 1
     with pytest.raises(ValueError, match="reference_len"):
-        encode_references(model, torch.zeros(1, 5, dtype=torch.long), torch.tensor([5]), SINK)
+        encode_references(model, torch.zeros(1, n, dtype=torch.long), torch.tensor([n]), SINK)
+    with pytest.raises(ValueError, match="reference_len"):
+        pad_references([[5] * n], model.cfg.reference_len, pad_id=0)
+
+
+def test_trimmed_padding_gives_the_memories_of_full_padding(make_model):
+    """Short references padded to their longest (rounded to 8) give what padding to reference_len gives: under
+    the causal mask no real token sees the trailing padding, and padding takes no part in the selection."""
+    model = make_model()
+    cfg = model.cfg
+    lists = [torch.randint(5, cfg.vocab_size, (n,)).tolist() for n in (9, 3, 13)]
+    short = pad_references(lists, cfg.reference_len, pad_id=0)
+    full = pad_references(lists, cfg.reference_len, pad_id=0, multiple=cfg.reference_len)
+    assert short[0].shape == (3, 16) and full[0].shape == (3, cfg.reference_len)
+    assert short[1].tolist() == full[1].tolist() == [9, 3, 13]
+    a, b = encode_references(model, *short, SINK), encode_references(model, *full, SINK)
+    assert torch.equal(a.positions, b.positions) and torch.equal(a.n_valid, b.n_valid)
+    torch.testing.assert_close(a.memories, b.memories, rtol=1e-5, atol=1e-6)
