@@ -23,12 +23,14 @@ PEAK_BYTES = {"cuda": 3.0e12, "cpu": None}  # measured copy bandwidth on the H10
 
 
 def commit() -> str:
-    """The commit measured: git here, or MEMORY3_COMMIT where the tree travels without .git."""
+    """The commit measured: MEMORY3_COMMIT where the tree travels without its history, else git."""
+    if os.environ.get("MEMORY3_COMMIT"):
+        return os.environ["MEMORY3_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         out = ""
-    return out or os.environ.get("MEMORY3_COMMIT", "unknown")
+    return out or "unknown"
 
 
 def device_name(device: str) -> str:
