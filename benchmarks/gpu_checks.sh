@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_checks.sh kernels   # GPU tests, encoder MFU (eager vs compiled), Ray Data encode 1 vs 2 GPUs
 #   bash benchmarks/gpu_checks.sh pipeline  # tiny two-stage pipeline: Ray Train on 2 GPUs (NCCL, ZeRO-2, bf16),
 #                                           # encode with GPU actors, continual training with memory
-#   bash benchmarks/gpu_checks.sh train     # GPU tests, one-GPU training step: warmup vs continual (2.4B)
+#   bash benchmarks/gpu_checks.sh train     # GPU tests, memory attention kernels, one-GPU training step (2.4B)
 #   bash benchmarks/gpu_checks.sh zero      # 2.4B warmup and continual steps through Ray Train + ZeRO-2 on 2 GPUs
 #
 # Needs: the project on PYTHONPATH (or installed), a geo corpus in $GEO (`memory3 corpus geo`), and a
@@ -39,6 +39,8 @@ kernels)
 train)
   log "pytest -m gpu"
   python -m pytest -m gpu -q -p no:cacheprovider tests/model 2>&1 | tail -25 > "$OUT/pytest_gpu.txt"
+  log "memory-layer attention kernels"
+  python -m benchmarks.attention --preset 2.4b --batch 4 > "$OUT/attention.jsonl" 2> "$OUT/attention.err"
   log "training step, one GPU"
   CUDA_VISIBLE_DEVICES=0 python -m benchmarks.train --preset 2.4b --device cuda --batch 1,4 --encode-grad 1,0 \
     --profile > "$OUT/train.jsonl" 2> "$OUT/train.err"
