@@ -3,8 +3,8 @@
     python -m benchmarks.attention --preset 2.4b --batch 4        # GPU machine
 
 A memory layer attends, in one softmax, to the sparse memories its window may read and to the causal context
-(paper eq. 4). Plain layers run the fused causal kernel; this times the candidates for the memory layers (the
-model's joined flash + dense memory kernel, FlexAttention block masks, masked SDPA backends) against that floor, on the continual stage's shapes (paper §3.6: 32 windows, 1 reference each + 4 back, k kept tokens),
+(paper eq. 4). Plain layers run the fused causal kernel; this times the candidates for the memory layers against
+that floor, on the continual stage's shapes (paper §3.6: 32 windows, 1 reference each + 4 back, k kept tokens),
 and checks each against a float32 reference.
 """
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from benchmarks.model import commit, device_name, timed
 from model.config import ModelConfig
-from model.memory_attention import memory_attention
 from model.transformer import MemoryBatch, flex_block_mask
 from pipelines.train_loop import memory_slots
 
@@ -88,8 +87,6 @@ def main() -> None:
         q, k[:, :, S:], v[:, :, S:], is_causal=True, enable_gqa=True)}
     for options in json.loads(args.kernel_options):
         candidates["flex " + json.dumps(options)] = flex_run(options)
-    candidates["joined_flash_and_memory"] = lambda: memory_attention(q, k[:, :, S:], v[:, :, S:], k[:, :, :S],
-                                                                      v[:, :, :S], mask)
     candidates["sdpa_mask_efficient_repeat_kv"] = sdpa([SDPBackend.EFFICIENT_ATTENTION], gqa=False)
     candidates["sdpa_mask_cudnn"] = sdpa([SDPBackend.CUDNN_ATTENTION])
     candidates["sdpa_mask_any"] = sdpa([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,

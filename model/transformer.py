@@ -4,8 +4,7 @@ Notable:
 - Memory layers (the first `n_mem_layer` blocks) attend, in a single softmax, to the causal context and to the
   sparse key/values of the references retrieved for the query token's window. Other layers see context only.
 - One attention definition, two execution forms. Training/prefill: every window of a long sequence sees its own
-  memories through a boolean mask (a whole sequence: the fused causal kernel joined with a dense memory part,
-  model/memory_attention.py; other position layouts: FlexAttention on CUDA, masked SDPA elsewhere). Decoding: a static KV cache
+  memories through a boolean mask (FlexAttention on CUDA, masked SDPA elsewhere). Decoding: a static KV cache
   (gpt-fast style, per-sequence `input_pos`) plus the current window's memories, swapped on re-retrieval.
 - Sequence layout: `[<s> <ref>] [memories] [<s> context...]`. The sink `<s> <ref>` stands for the paper's
   "<s>Reference:" BOS. RoPE positions: sink at 0..sink_len-1, memories share the next reference_len positions
@@ -23,8 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.config import ModelConfig
-from model.memory_attention import memory_attention
-from model.memory_attention import supported as memory_attention_supported
 
 
 @dataclass
@@ -121,14 +118,6 @@ _FLEX = None
 CAUSAL = "causal"  # mask sentinel: positions are 0..T-1 in every row, no cache, no memory
 
 
-@dataclass
-class JoinedMemoryMask:
-    """Memory layers of a whole sequence at positions 0..T-1: the causal context through the flash kernel, joined
-    with the memories this (B, T, S) mask lets each query read (model/memory_attention.py)."""
-
-    mask: Tensor
-
-
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
     global _FLEX
     if _FLEX is None:
@@ -151,8 +140,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask, memory: tuple | None = None,
                 capture: list | None = None) -> Tensor:
-        """mask: bool (B, T, S + Tk) for SDPA, a FlexAttention BlockMask, CAUSAL, or a JoinedMemoryMask;
-        memory: (keys, values)."""
+        """mask: bool (B, T, S + Tk) for SDPA, a FlexAttention BlockMask, or CAUSAL; memory: (keys, values)."""
         B, T, _ = x.shape
         c = self.cfg
         q = self.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -163,17 +151,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(input_pos, k, v)
-        if isinstance(mask, JoinedMemoryMask):  # memory layer over a whole sequence: flash context + memories
-            y = memory_attention(q, k, v, memory[0], memory[1], mask.mask)
-        elif mask is CAUSAL:  # plain layer over a whole sequence: the fused causal kernel (FlashAttention on CUDA)
+        if memory is not None:
+            k, v = torch.cat([memory[0], k], dim=2), torch.cat([memory[1], v], dim=2)
+        if mask is CAUSAL:  # plain layer over a whole sequence: the fused causal kernel (FlashAttention on CUDA)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif isinstance(mask, Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
         else:
-            if memory is not None:
-                k, v = torch.cat([memory[0], k], dim=2), torch.cat([memory[1], v], dim=2)
-            if isinstance(mask, Tensor):
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
-            else:
-                y = flex_attention(q, k, v, mask)
+            y = flex_attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.dim))
 
 
@@ -260,14 +245,9 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x))
 
     def attention_masks(self, input_pos: Tensor, memory: MemoryBatch | None, plain_positions: bool = False):
-        """Masks for plain and memory layers: one definition, as SDPA bool masks, FlexAttention block masks, or the
-        causal kernel (joined with the memories in memory layers) when every row holds positions 0..T-1."""
+        """Masks for plain and memory layers: one definition, as SDPA bool masks or FlexAttention block masks."""
         cache = self.layers[0].self_attn.cache
-        whole = cache is None and input_pos.shape[1] > 1
-        if whole and plain_positions and (input_pos.is_cuda or memory is not None):
-            if memory is None or memory_attention_supported(self.embed_tokens.weight.dtype, input_pos.device):
-                return CAUSAL, memory and JoinedMemoryMask(memory.mask)
-        if whole and input_pos.is_cuda and self.cfg.head_dim >= 16:
+        if input_pos.is_cuda and cache is None and input_pos.shape[1] > 1 and self.cfg.head_dim >= 16:
             plain = CAUSAL if plain_positions else flex_block_mask(input_pos, None)
             return plain, memory and flex_block_mask(input_pos, memory.mask)
         key_pos = torch.arange(cache.k.shape[2], device=input_pos.device)[None, None] if cache else input_pos[:, None]

@@ -1,13 +1,11 @@
 """Explicit-memory attention: the training form, the decoding form and the definition agree (paper eq. 4)."""
 import math
 
-import pytest
 import torch
 
 from model.encoder import encode_references
 from model.generate import Retrieved, generate
-from model.memory_attention import memory_attention
-from model.transformer import JoinedMemoryMask, MemoryBatch, apply_rope, rope_tables
+from model.transformer import MemoryBatch, apply_rope, rope_tables
 
 SINK = [2, 4]
 
@@ -170,57 +168,3 @@ def test_empty_memory_slots_change_nothing(make_model):
     mb = MemoryBatch.from_references(mems, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, 2, dtype=torch.bool),
                                      torch.arange(T)[None], cfg)
     torch.testing.assert_close(model(idx, memory=mb), model(idx), atol=1e-6, rtol=1e-6)
-
-
-def _joined_inputs(B, T, S, H=4, Hkv=2, D=8, device="cpu", dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, T, D, generator=g)
-    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
-    mem_k, mem_v = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
-    mask = torch.rand(B, T, S, generator=g) > 0.5
-    mask[:, :2] = False  # the sink reads no memory
-    mask[0, T // 2] = False  # nor does a query whose windows retrieved nothing
-    return [t.to(device, dtype).requires_grad_() for t in (q, k, v, mem_k, mem_v)] + [mask.to(device)]
-
-
-def _one_softmax(q, k, v, mem_k, mem_v, mask):
-    """eq. 4 as one masked softmax over [memories; causal context]."""
-    T = q.shape[2]
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    full = torch.cat([mask, causal.expand(mask.shape[0], T, T)], dim=-1)
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2), attn_mask=full[:, None], enable_gqa=True)
-
-
-@pytest.mark.parametrize("B, T, S", [(2, 37, 11), (1, 5, 3)])
-def test_joined_memory_attention_equals_one_softmax_values_and_gradients(B, T, S):
-    """The flash context and the dense memory part joined by log-sum-exp equal one softmax over the union, and so
-    do the gradients of every input (the flash backward fed the joined output and log-sum-exp)."""
-    *tensors, mask = _joined_inputs(B, T, S)
-    with torch.enable_grad():
-        got, want = memory_attention(*tensors, mask), _one_softmax(*tensors, mask)
-        grad = torch.randn_like(want)
-        got_grads = torch.autograd.grad(got, tensors, grad)
-        want_grads = torch.autograd.grad(want, tensors, grad)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    for name, a, b in zip(["q", "k", "v", "mem_k", "mem_v"], got_grads, want_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
-
-
-def test_whole_sequence_forward_takes_the_joined_path_and_matches_masked_attention(make_model):
-    """The model's memory layers use the joined kernel for a whole sequence and agree with the masked-SDPA form
-    the same sequence takes with explicit positions."""
-    model = make_model()
-    cfg = model.cfg
-    W = 3
-    memories, n_valid = _window_memories(model, W, cfg.refs_per_window)
-    T = cfg.sink_len + W * cfg.window
-    idx = torch.randint(5, cfg.vocab_size, (1, T))
-    pos = torch.arange(T)[None]
-    visible = torch.eye(W, dtype=torch.bool).repeat_interleave(cfg.refs_per_window, dim=1)[None]
-    batch = MemoryBatch.from_references(memories.reshape(1, -1, *memories.shape[2:]), n_valid.reshape(1, -1),
-                                        visible, pos, cfg)
-    plain, memory_mask = model.attention_masks(pos, batch, plain_positions=True)
-    assert isinstance(memory_mask, JoinedMemoryMask)
-    masked = model(idx, input_pos=pos, memory=batch)  # explicit positions: boolean masks over [memory; context]
-    torch.testing.assert_close(model(idx, memory=batch), masked, atol=1e-5, rtol=1e-5)
