@@ -67,9 +67,10 @@ class ShardEncoder:
             n = len(part)
             if self.compile:
                 part = part + part[:1] * (self.batch_size - n)
-            # compiled: one graph, so every batch has reference_len columns; eager: the batch's longest
+            # always reference_len columns: a reference's stored memory must not depend on its batch-mates (a
+            # near-tie in the selection can flip with the GEMM shape), and compiled mode keeps one graph
             tokens, lengths = pad_references([r.tokens for r in part], cfg.reference_len, self.tokenizer.pad_id,
-                                             multiple=cfg.reference_len if self.compile else 8)
+                                             multiple=cfg.reference_len)
             sparse = self.encode_fn(self.model, tokens.to(device), lengths.to(device), self.tokenizer.sink_ids)
             out.append(sparse.memories[:n].float().cpu())
             valid.append(sparse.n_valid[:n].cpu())
