@@ -21,15 +21,17 @@ import torch
 from benchmarks.model import PEAK_FLOPS, commit, device_name, profile_top_kernels, timed
 from model.config import ModelConfig
 from model.transformer import Transformer
+from model.encoder import pad_references
 from pipelines.train_loop import IGNORE, TrainBatch, forward_loss
 
 
-def train_flops(cfg: ModelConfig, tokens: int, ref_tokens: int, encode_grad: bool) -> float:
-    """6·N·tokens for the context (+ attention), plus the live encoding of references through the memory layers."""
+def train_flops(cfg: ModelConfig, tokens: int, ref_tokens: int, encode_grad: bool, seq_len: int) -> float:
+    """6·N·tokens for the context (+ causal attention over seq_len-token sequences), plus the live encoding of
+    references through the memory layers (forward only without encode_grad)."""
     d, kv = cfg.dim, cfg.n_kv_head * cfg.head_dim
     layer = 2 * d * d + 2 * d * kv + 3 * d * cfg.mlp_hidden
     ctx = 6 * tokens * (cfg.n_layer * layer + d * cfg.vocab_size)
-    ctx += 12 * tokens * cfg.n_head * cfg.head_dim * (tokens / 2) * cfg.n_layer
+    ctx += 12 * tokens * cfg.n_head * cfg.head_dim * (seq_len / 2) * cfg.n_layer
     enc = (6 if encode_grad else 2) * ref_tokens * cfg.n_mem_layer * layer
     return ctx + enc
 
@@ -53,11 +55,11 @@ def bench_steps(args, cfg: ModelConfig, common: dict) -> None:
         targets[:, : cfg.sink_len] = IGNORE
         n_refs = B * W * args.refs_per_window
         ref_rows = np.arange(n_refs).reshape(B, W, args.refs_per_window)
-        bank_tokens = torch.randint(5, cfg.vocab_size, (n_refs, cfg.reference_len), generator=g)
+        ref_len = args.ref_len or cfg.reference_len
+        bank_tokens = torch.randint(5, cfg.vocab_size, (n_refs, ref_len), generator=g)
 
-        def references(rows):
-            rows = torch.as_tensor(np.asarray(rows))
-            return bank_tokens[rows], torch.full((len(rows),), cfg.reference_len)
+        def references(rows):  # as the train loop's ReferenceTokens: padded to the longest, rounded up to 8
+            return pad_references(bank_tokens[torch.as_tensor(np.asarray(rows))].tolist(), cfg.reference_len, 0)
 
         runs = [("warmup", None)] + [("continual", bool(e)) for e in parse_list(args.encode_grad)]
         rates = {}
@@ -75,8 +77,8 @@ def bench_steps(args, cfg: ModelConfig, common: dict) -> None:
             if dev == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             sec = timed(step, dev, args.repeats)
-            ref_tokens = n_refs * cfg.reference_seq_len if continual else 0
-            flops = train_flops(cfg, B * (T - 1), ref_tokens, encode_grad=bool(encode_grad))
+            ref_tokens = n_refs * (cfg.sink_len + -(-ref_len // 8) * 8) if continual else 0
+            flops = train_flops(cfg, B * (T - 1), ref_tokens, encode_grad=bool(encode_grad), seq_len=T)
             peak = PEAK_FLOPS[dev]
             rates[stage, encode_grad] = B * (T - 1) / sec
             row = {**common, "bench": "train_step", "batch": B, "seq": T, "stage": stage, "encode_grad": encode_grad,
@@ -110,7 +112,8 @@ def summarize_runs(args, cfg: ModelConfig, common: dict) -> None:
         seconds = sum(r["seconds"] for r in rows)
         tokens = sum(r["tokens"] for r in rows)
         ref_tokens = sum(r.get("reference_tokens", 0) for r in rows)
-        flops = train_flops(cfg, tokens, ref_tokens, encode_grad=bool(parse_list(args.encode_grad)[0]))
+        flops = train_flops(cfg, tokens, ref_tokens, encode_grad=bool(parse_list(args.encode_grad)[0]),
+                            seq_len=cfg.max_seq_len)
         peak = PEAK_FLOPS["cuda"] * args.gpus
         rates[stage] = tokens / seconds
         print(json.dumps({**common, "bench": "train_run", "run": path, "stage": stage, "gpus": args.gpus,
@@ -130,6 +133,7 @@ def main() -> None:
     ap.add_argument("--batch", default="1", help="micro-batch sizes to time, comma-separated")
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--refs-per-window", type=int, default=1, help="paper §3.6: 1 per window")
+    ap.add_argument("--ref-len", type=int, default=None, help="reference tokens (default reference_len: full)")
     ap.add_argument("--lookback", type=int, default=4, help="paper §3.6: each window also reads 4 earlier windows'")
     ap.add_argument("--encode-grad", default="1,0", help="continual variants: 1 = backpropagate through the "
                     "reference encoding (memory.encode_grad, the default), 0 = encode without gradients")
