@@ -126,6 +126,16 @@ def test_memory_slots_lookback_and_duplicates():
     assert read == [[7], [7, 8], [7, 8], [8, 7], [7, 9], [9, 5]]
 
 
+def test_reference_tokens_pad_to_the_longest_and_report_oversized_rows():
+    rows = {3: [7, 8, 9], 5: list(range(10, 21)), 6: list(range(40))}
+    source = ReferenceTokens(lambda asked: [{"tokens": rows[r]} for r in asked], reference_len=32, pad_id=0)
+    tokens, lengths = source(np.array([5, 3]))
+    assert tokens.shape == (2, 16) and lengths.tolist() == [11, 3]  # longest 11, rounded up to 8
+    assert tokens[0, :11].tolist() == rows[5] and tokens[1].tolist() == [7, 8, 9] + [0] * 13
+    with pytest.raises(ValueError, match="bank row 6 has 40 tokens"):
+        source(np.array([6]))
+
+
 def test_wsd_schedule_and_collate_targets():
     f = [wsd_lr_factor(s, max_steps=100, warmup_steps=10, decay_fraction=0.1, min_lr_ratio=0.01) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[50] == 1.0 and f[89] == 1.0
