@@ -83,10 +83,21 @@ def main() -> None:
     def flex_run(options):
         return lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=options or None)
 
+    # the layout the model hands the kernel: q, and the output's gradient, strided as (B, T, H, D)
+    q_model = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+
+    def flex_model_layout(contiguous: bool):
+        def run():
+            out = flex(q_model.contiguous() if contiguous else q_model, k, v, block_mask=block_mask, enable_gqa=True)
+            return out.transpose(1, 2).contiguous().transpose(1, 2)  # backward gets a (B, T, H, D)-strided grad
+        return run
+
     candidates = {"flash_causal_no_memory": lambda: F.scaled_dot_product_attention(
         q, k[:, :, S:], v[:, :, S:], is_causal=True, enable_gqa=True)}
     for options in json.loads(args.kernel_options):
         candidates["flex " + json.dumps(options)] = flex_run(options)
+    candidates["flex, the model's (B, T, H, D) layout"] = flex_model_layout(False)
+    candidates["flex, the model's layout made contiguous"] = flex_model_layout(True)
     candidates["sdpa_mask_efficient_repeat_kv"] = sdpa([SDPBackend.EFFICIENT_ATTENTION], gqa=False)
     candidates["sdpa_mask_cudnn"] = sdpa([SDPBackend.CUDNN_ATTENTION])
     candidates["sdpa_mask_any"] = sdpa([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -107,7 +118,7 @@ def main() -> None:
             row.update({f"{p}_ms": round(t, 3) for p, t in times.items()})
         except Exception as e:  # a backend that refuses these shapes says so and the rest still run
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        q.grad = k.grad = v.grad = None
+        q.grad = k.grad = v.grad = q_model.grad = None
         print(json.dumps(row), flush=True)
 
 
