@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--lookback", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--seq", type=int, default=None, help="query tokens (default max_seq_len; training feeds one less)")
     ap.add_argument("--kernel-options", default='[{}, {"BLOCK_M": 64, "BLOCK_N": 64}, '
                     '{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}]',
                     help="FlexAttention kernel_options to try (JSON list)")
@@ -60,7 +61,7 @@ def main() -> None:
     from torch.nn.attention.flex_attention import flex_attention
 
     cfg = ModelConfig.from_name(args.preset)
-    dev, T = args.device, cfg.max_seq_len
+    dev, T = args.device, args.seq or cfg.max_seq_len
     q, k, v, input_pos, mask, full_mask, S = shapes(cfg, args.batch, T, args.lookback, dev)
     common = {"preset": args.preset, "device": device_name(dev), "commit": commit(), "torch": torch.__version__,
               "batch": args.batch, "seq": T, "memory_tokens": S, "head_dim": cfg.head_dim}
