@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from benchmarks.model import commit, device_name, timed
 from model.config import ModelConfig
-from model.transformer import MemoryBatch, flex_block_mask
+from model.transformer import MemoryBatch, flex_attention, flex_block_mask
 from pipelines.train_loop import memory_slots
 
 
@@ -53,12 +53,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seq", type=int, default=None, help="query tokens (default max_seq_len; training feeds one less)")
-    ap.add_argument("--kernel-options", default='[{}, {"BLOCK_M": 64, "BLOCK_N": 64}, '
-                    '{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}]',
-                    help="FlexAttention kernel_options to try (JSON list)")
     args = ap.parse_args()
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import flex_attention
 
     cfg = ModelConfig.from_name(args.preset)
     dev, T = args.device, args.seq or cfg.max_seq_len
@@ -79,26 +75,9 @@ def main() -> None:
         return run
 
     block_mask = flex_block_mask(input_pos, mask)
-    flex = torch.compile(flex_attention, dynamic=False)
-
-    def flex_run(options):
-        return lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=options or None)
-
-    # the layout the model hands the kernel: q, and the output's gradient, strided as (B, T, H, D)
-    q_model = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
-
-    def flex_model_layout(contiguous: bool):
-        def run():
-            out = flex(q_model.contiguous() if contiguous else q_model, k, v, block_mask=block_mask, enable_gqa=True)
-            return out.transpose(1, 2).contiguous().transpose(1, 2)  # backward gets a (B, T, H, D)-strided grad
-        return run
-
     candidates = {"flash_causal_no_memory": lambda: F.scaled_dot_product_attention(
-        q, k[:, :, S:], v[:, :, S:], is_causal=True, enable_gqa=True)}
-    for options in json.loads(args.kernel_options):
-        candidates["flex " + json.dumps(options)] = flex_run(options)
-    candidates["flex, the model's (B, T, H, D) layout"] = flex_model_layout(False)
-    candidates["flex, the model's layout made contiguous"] = flex_model_layout(True)
+        q, k[:, :, S:], v[:, :, S:], is_causal=True, enable_gqa=True),
+        "flex block mask (the model's)": lambda: flex_attention(q, k, v, block_mask)}
     candidates["sdpa_mask_efficient_repeat_kv"] = sdpa([SDPBackend.EFFICIENT_ATTENTION], gqa=False)
     candidates["sdpa_mask_cudnn"] = sdpa([SDPBackend.CUDNN_ATTENTION])
     candidates["sdpa_mask_any"] = sdpa([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -119,7 +98,7 @@ def main() -> None:
             row.update({f"{p}_ms": round(t, 3) for p, t in times.items()})
         except Exception as e:  # a backend that refuses these shapes says so and the rest still run
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        q.grad = k.grad = v.grad = q_model.grad = None
+        q.grad = k.grad = v.grad = None
         print(json.dumps(row), flush=True)
 
 

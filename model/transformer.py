@@ -97,12 +97,24 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+FLEX_BLOCK = 128
+"""FlexAttention's tile. A query length off this multiple runs the kernel 2.4x slower (2047 vs 2048 tokens on an
+H200, benchmarks/attention.py --seq), and training feeds seq_len - 1 tokens, so sequences are padded to it."""
+
+
 def flex_block_mask(input_pos: Tensor, mem_mask: Tensor | None):
-    """The SDPA mask below as a FlexAttention block mask: memory tokens first, then causal context."""
+    """The SDPA mask below as a FlexAttention block mask: memory tokens first, then causal context. Queries and
+    context keys are padded to a multiple of FLEX_BLOCK; the padding sits after every real position and reads no
+    memory, so no real token sees it (`flex_attention` pads q/k/v to match and drops the padded rows)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     B, T = input_pos.shape
     S = 0 if mem_mask is None else mem_mask.shape[-1]
+    pad = -T % FLEX_BLOCK
+    if pad:
+        tail = input_pos.max() + 1 + torch.arange(pad, device=input_pos.device)
+        input_pos = torch.cat([input_pos, tail.expand(B, pad)], dim=1)
+        mem_mask = None if mem_mask is None else F.pad(mem_mask, (0, 0, 0, pad))
 
     def mask_mod(b, h, q_idx, kv_idx):
         ctx = kv_idx - S
@@ -111,7 +123,7 @@ def flex_block_mask(input_pos: Tensor, mem_mask: Tensor | None):
             return causal
         return causal | ((kv_idx < S) & mem_mask[b, q_idx, kv_idx.clamp(max=S - 1)])
 
-    return create_block_mask(mask_mod, B, None, T, S + T, device=input_pos.device)
+    return create_block_mask(mask_mod, B, None, T + pad, S + T + pad, device=input_pos.device)
 
 
 _FLEX = None
@@ -119,12 +131,17 @@ CAUSAL = "causal"  # mask sentinel: positions are 0..T-1 in every row, no cache,
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+    """q (B, H, T, D), k/v (B, Hkv, S + T, D) with a block mask from `flex_block_mask` (padded lengths)."""
     global _FLEX
     if _FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention as flex
 
         _FLEX = torch.compile(flex, dynamic=False)
-    return _FLEX(q, k, v, block_mask=block_mask, enable_gqa=True)
+    T = q.shape[2]
+    pad = block_mask.seq_lengths[0] - T
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    return _FLEX(q, k, v, block_mask=block_mask, enable_gqa=True)[:, :, :T]
 
 
 class Attention(nn.Module):
