@@ -171,8 +171,8 @@ def test_empty_memory_slots_change_nothing(make_model):
 
 
 def test_flex_form_pads_to_its_block_and_matches_masked_sdpa():
-    """The FlexAttention form (CUDA training and prefill) pads an odd length to FLEX_BLOCK (an unpadded 2047-token
-    query ran 2.4x slower); the padding must change nothing. Runs FlexAttention's CPU forward."""
+    """The FlexAttention form (whole-sequence CUDA forwards with memory) pads an odd length to FLEX_BLOCK (2047
+    unpadded queries ran 2.4x slower); the padding must change nothing. Runs FlexAttention's CPU forward."""
     import torch.nn.functional as F
 
     from model.transformer import FLEX_BLOCK, flex_attention, flex_block_mask
