@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from benchmarks.model import commit, device_name, timed
 from model.config import ModelConfig
 from model.transformer import MemoryBatch, flex_attention, flex_block_mask
-from pipelines.train_loop import memory_slots
+from pipelines.train_loop import memory_slots, n_windows
 
 
 def shapes(cfg: ModelConfig, B: int, T: int, lookback: int, device: str):
-    W = -(-(T - cfg.sink_len) // cfg.window)
+    W = n_windows(T + 1, cfg)  # T queries: the inputs of a (T + 1)-token training sequence
     g = torch.Generator().manual_seed(0)
     ref_rows = np.arange(B * W).reshape(B, W, 1)
     _, slot_ref, visible = memory_slots(ref_rows, lookback)

@@ -20,9 +20,9 @@ import torch
 
 from benchmarks.model import PEAK_FLOPS, commit, device_name, profile_top_kernels, timed
 from model.config import ModelConfig
-from model.transformer import Transformer
 from model.encoder import pad_references
-from pipelines.train_loop import IGNORE, TrainBatch, forward_loss
+from model.transformer import Transformer
+from pipelines.train_loop import IGNORE, TrainBatch, forward_loss, n_windows
 
 
 def train_flops(cfg: ModelConfig, tokens: int, ref_tokens: int, encode_grad: bool, seq_len: int) -> float:
@@ -47,7 +47,7 @@ def bench_steps(args, cfg: ModelConfig, common: dict) -> None:
         model = Transformer(cfg).to(dtype).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
     T = args.seq or cfg.max_seq_len
-    W = (T - 1 - cfg.sink_len) // cfg.window + 1
+    W = n_windows(T, cfg)
     g = torch.Generator().manual_seed(0)
     for B in parse_list(args.batch):
         tokens = torch.randint(5, cfg.vocab_size, (B, T), generator=g).to(dev)
@@ -60,6 +60,8 @@ def bench_steps(args, cfg: ModelConfig, common: dict) -> None:
 
         def references(rows):  # as the train loop's ReferenceTokens: padded to the longest, rounded up to 8
             return pad_references(bank_tokens[torch.as_tensor(np.asarray(rows))].tolist(), cfg.reference_len, 0)
+
+        encoded_len = cfg.sink_len + references(ref_rows.ravel())[0].shape[1]  # tokens per encoded reference
 
         runs = [("warmup", None)] + [("continual", bool(e)) for e in parse_list(args.encode_grad)]
         rates = {}
@@ -77,7 +79,7 @@ def bench_steps(args, cfg: ModelConfig, common: dict) -> None:
             if dev == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             sec = timed(step, dev, args.repeats)
-            ref_tokens = n_refs * (cfg.sink_len + -(-ref_len // 8) * 8) if continual else 0
+            ref_tokens = n_refs * encoded_len if continual else 0
             flops = train_flops(cfg, B * (T - 1), ref_tokens, encode_grad=bool(encode_grad), seq_len=T)
             peak = PEAK_FLOPS[dev]
             rates[stage, encode_grad] = B * (T - 1) / sec
