@@ -19,7 +19,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 .PHONY: demo test test-gpu cluster-up cluster-down clean
 demo: $(VENV)/.installed  ## the quickstart on the embedded default: local Ray, local disk, bundled data, CPU
-	$(VENV)/bin/memory3 quickstart out=runs/quickstart
+                          ## (DEMO_ARGS="profile=smoke" for the few-minute version CI runs)
+	$(VENV)/bin/memory3 quickstart out=runs/quickstart $(DEMO_ARGS)
 
 test: $(VENV)/.installed-test  ## the CPU test suite
 	$(VENV)/bin/python -m pytest -m "not gpu" -q $(PYTEST_ARGS)

@@ -1,16 +1,22 @@
-"""The `memory3` command: `memory3 <command> [word ...] [key=value ...]`.
+"""The `memory3` command: `memory3 <command> [word ...] [key=value ...] [verbose=true]`.
 
 Each command is a `main(cfg)` function; its defaults are configs/<command>.yaml. Words without `=` after the
-command (e.g. `memory3 bank verify`) arrive as `cfg.action`.
+command (e.g. `memory3 bank verify`) arrive as `cfg.action`. Commands that run Ray jobs show one line per stage;
+Ray's, DeepSpeed's and the workers' output goes to a log file (`verbose=true` shows it live instead).
 """
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
+import time
+from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from memory3.config import CONFIG_DIR, ConfigError, load_config
+from pipelines import console
 
 COMMANDS = {
     "info": ("memory3.info:main", "model shape, parameter count and memory sizes as JSON"),
@@ -24,6 +30,20 @@ COMMANDS = {
     "serve": ("serve.app:main", "OpenAI-compatible Ray Serve endpoint with explicit memory"),
     "quickstart": ("pipelines.quickstart:main", "the whole pipeline end to end on the bundled corpus"),
 }
+EXAMPLES = {  # shown when a required key is missing
+    "info": "memory3 info model=2.4b",
+    "corpus": "memory3 corpus geo out=runs/geo",
+    "prepare": "memory3 prepare corpus=runs/geo/train.jsonl out=runs/data",
+    "encode": "memory3 encode corpus=runs/geo/references.jsonl bank=runs/bank checkpoint=runs/train/final",
+    "index": "memory3 index bank=runs/bank",
+    "bank": "memory3 bank verify bank=runs/bank",
+    "train": "memory3 train stage=warmup data=runs/data out=runs/warmup",
+    "eval": "memory3 eval checkpoint=runs/quickstart/checkpoint bank=runs/quickstart/bank "
+            "qa=runs/quickstart/corpus/qa.jsonl",
+    "serve": "memory3 serve checkpoint=runs/quickstart/checkpoint bank=runs/quickstart/bank",
+    "quickstart": "memory3 quickstart out=runs/quickstart",
+}
+CAPTURED = {"prepare", "encode", "index", "bank", "train", "eval", "serve", "quickstart"}  # run Ray or torch jobs
 
 
 def usage() -> str:
@@ -52,21 +72,79 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in rest or "--help" in rest:
         print(command_help(name))
         return 0
+    verbose = any(a in ("verbose=true", "--verbose", "-v") for a in rest)
+    rest = [a for a in rest if a not in ("verbose=true", "verbose=false", "--verbose", "-v")]
     words = [a for a in rest if "=" not in a]
     try:
         cfg = load_config(name, [a for a in rest if "=" in a])
+        missing = missing_keys(cfg)
     except (ConfigError, ValueError) as e:
         print(f"memory3 {name}: {e}", file=sys.stderr)
+        return 2
+    if missing:
+        print(missing_message(name, missing), file=sys.stderr)
         return 2
     if words:
         cfg.action = " ".join(words)
     module, func = COMMANDS[name][0].split(":")
+    # A submitted Ray job's output is already its log (`ray job logs`): leave it there.
+    log = log_path(name, cfg) if name in CAPTURED and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ else None
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `ray job stop`: the same clean stop as Ctrl-C
     try:
-        result = getattr(importlib.import_module(module), func)(cfg)
+        if log is None:
+            result = getattr(importlib.import_module(module), func)(cfg)
+        else:
+            with console.capture_output(log, verbose=verbose):
+                result = getattr(importlib.import_module(module), func)(cfg)
+    except MissingMandatoryValue as e:  # a required key read deeper in (e.g. inside a nested section)
+        print(missing_message(name, [e.full_key]), file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
         print(f"memory3 {name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"memory3 {name}: interrupted; stopping the local Ray it started", file=sys.stderr)
+        stop_ray()
+        return 130
+    finally:
+        if log is not None and not verbose:
+            print(f"log: {log}", file=sys.stderr)
     return result if isinstance(result, int) else 0  # a command may return its summary instead of a code
+
+
+def missing_keys(cfg) -> list[str]:
+    from omegaconf import OmegaConf
+
+    return sorted(OmegaConf.missing_keys(cfg))
+
+
+def missing_message(name: str, keys: list[str]) -> str:
+    listed = ", ".join(f"{k}=..." for k in keys)
+    return (f"memory3 {name}: missing required setting{'s' if len(keys) > 1 else ''} {listed}\n"
+            f"  example: {EXAMPLES[name]}\n  all settings: memory3 {name} --help")
+
+
+def log_path(name: str, cfg) -> Path:
+    """<out>/<command>.log when the command writes a local folder, else logs/<command>-<time>.log."""
+    out = cfg.get("out") if "out" in cfg else None
+    if out and "://" not in str(out) and not str(out).endswith((".json", ".jsonl")):
+        return Path(str(out)).resolve() / f"{name}.log"
+    return Path("logs").resolve() / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop_ray() -> None:
+    """Shut down the Ray this process started (a local instance takes its raylet, GCS and workers with it)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception as e:  # already going away
+        print(f"memory3: ray shutdown: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

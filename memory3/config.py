@@ -2,6 +2,8 @@
 
 `model: <preset>` in any config expands to that preset's full ModelConfig (configs/model/<preset>.yaml), after
 which `model.<field>=...` overrides apply. Unknown keys are errors, so every setting is one something reads.
+A config with a `profiles:` section takes `profile=<name>`: that profile's values go on top of the defaults, and
+the other overrides on top of them (e.g. `memory3 quickstart profile=smoke`).
 """
 from __future__ import annotations
 
@@ -25,8 +27,14 @@ def load_config(name: str, overrides: list[str] = ()) -> DictConfig:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got {bad}")
+    profile = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "profile"]
+    if profile:
+        profiles = cfg.get("profiles") or {}
+        if profile[-1] not in profiles:
+            raise ConfigError(f"profile={profile[-1]} is not one of {sorted(profiles)} (configs/{name}.yaml)")
+        cfg = OmegaConf.merge(cfg, profiles[profile[-1]], {"profile": profile[-1]})
     preset = [o for o in overrides if o.split("=", 1)[0] == "model"]
-    rest = [o for o in overrides if o.split("=", 1)[0] != "model"]
+    rest = [o for o in overrides if o.split("=", 1)[0] not in ("model", "profile")]
     for o in preset:
         cfg.model = o.split("=", 1)[1]
     if isinstance(cfg.get("model"), str):

@@ -32,7 +32,7 @@ from model.encoder import encode_references, pad_references
 from model.quantizer import MemoryQuantizer
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
-from pipelines import corpus, storage
+from pipelines import console, corpus, storage
 from pipelines.bank import (ERRORS, BankError, MemoryBank, RecordLayout, create_bank, list_shard_markers,
                             manifest_entry, read_manifest, read_shard_table, weights_sha256, write_manifest,
                             write_shard)
@@ -335,10 +335,15 @@ def encode_corpus(cfg: DictConfig) -> dict:
                                "torch_threads": int(cfg.torch_threads), "embed_batch_size": int(cfg.embed_batch_size),
                                "compile": bool(cfg.compile)},
         compute=ray.data.ActorPoolStrategy(size=int(cfg.actors)), **actor_options, **restart_options(cfg))
-    results = list(ds.iter_rows())
-
-    manifest, errors = finalize(str(cfg.bank), results)
-    index = update_index(str(cfg.bank), **index_options(cfg.index)) if manifest["live_references"] else None
+    results = []
+    with console.stage("encode memory bank") as line:
+        line.follow("encode", total=None, unit="refs")
+        for row in ds.iter_rows():
+            results.append(row)
+            line.update(json.loads(row["marker"])["rows"] if row["status"] == "written" else 0)
+        manifest, errors = finalize(str(cfg.bank), results)
+        index = update_index(str(cfg.bank), **index_options(cfg.index)) if manifest["live_references"] else None
+        line.done(f"{manifest['live_references']} references, {len(errors)} bad records")
     written = [json.loads(r["marker"]) for r in results if r["status"] == "written"]
     seconds = time.perf_counter() - t0
     new_refs = sum(m["rows"] for m in written)
@@ -365,7 +370,7 @@ def encode_corpus(cfg: DictConfig) -> dict:
 
 
 def main(cfg: DictConfig) -> int:
-    print(json.dumps(encode_corpus(cfg)))
+    console.say(json.dumps(encode_corpus(cfg)))
     return 0
 
 

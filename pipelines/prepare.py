@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from memory3.config import model_config
 from model.tokenizer import Tokenizer
-from pipelines import corpus, storage
+from pipelines import console, corpus, storage
 from pipelines.ray_runtime import ensure_ray
 
 MANIFEST, TOKENIZER = "prepare.json", "tokenizer.json"
@@ -202,7 +202,10 @@ def load_manifest(data_uri: str) -> dict:
 
 def main(cfg: DictConfig) -> int:
     """`memory3 prepare corpus=... out=...`; prints the manifest as one JSON line."""
-    print(json.dumps(prepare(cfg)))
+    with console.stage("prepare training data") as line:
+        manifest = prepare(cfg)
+        line.done(f"{manifest['sequences']} sequences, {manifest['malformed_total']} malformed records")
+    console.say(json.dumps(manifest))
     return 0
 
 

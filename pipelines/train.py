@@ -27,9 +27,9 @@ from model.checkpoint import CONFIG, TOKENIZER, WEIGHTS, save_checkpoint
 from model.config import ModelConfig
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
-from pipelines import storage
+from pipelines import console, storage
 from pipelines.prepare import arrow_filesystem, load_manifest
-from pipelines.train_loop import DS_TAG, METRICS_FILE, n_windows, train_loop_per_worker
+from pipelines.train_loop import DS_TAG, METRICS_FILE, PROGRESS_KEY, n_windows, train_loop_per_worker
 
 # Fields that change parameter shapes or what the weights compute: a checkpoint must agree on all of them.
 WEIGHT_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "head_dim", "mlp_hidden", "tie_embeddings",
@@ -338,7 +338,7 @@ def plot_loss(history: list[dict], warmup: list[dict], stage: str) -> bytes:
 
 def main(cfg: DictConfig) -> int:
     """`memory3 train ...`; prints the run summary as one JSON line."""
-    print(json.dumps(train(cfg)))
+    console.say(json.dumps(train(cfg)))
     return 0
 
 
@@ -349,31 +349,34 @@ def train(cfg: DictConfig) -> dict:
     t0 = time.time()
     plan = plan_run(cfg)
     for note in plan.notes:
-        print(f"memory3 train: {note}")
+        console.say(f"memory3 train: {note}")
     ensure_ray(cfg.get("ray_address"))
     env = worker_env(cfg)
     timings = {"validate_and_start": time.time() - t0}
-    dataset, retrieval = build_dataset(plan, cfg, env)
-    timings["dataset"] = time.time() - t0 - sum(timings.values())
-    result = make_trainer(plan, cfg, dataset, env).fit()
-    if result.error:
-        raise result.error
-    timings["fit"] = time.time() - t0 - sum(timings.values())
-    with result.checkpoint.as_directory() as d:
-        history = read_metrics(os.path.join(d, METRICS_FILE))
-        state = exported_state_dict(d, int(cfg.deepspeed.zero_stage))
-    last = history[-1] if history else {}
-    meta = {"stage": plan.stage, "steps": last.get("step"), "loss": last.get("loss"), "init": plan.init,
-            "bank": plan.bank, "data": str(cfg.data), "tokenizer_sha256": plan.tokenizer.sha256}
-    final = export_final(plan, state, meta)
-    storage.write_text(storage.join(plan.out, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in history))
-    warmup = read_metrics(storage.join(plan.init_run, METRICS_FILE)) if plan.init_run and plan.stage == "continual" \
-        else []
-    storage.write_bytes(storage.join(plan.out, "loss.png"), plot_loss(history, warmup, plan.stage))
-    summary = {"stage": plan.stage, "out": plan.out, "final": final, "checkpoint": result.checkpoint.path,
-               "steps": last.get("step"), "loss": last.get("loss"), "first_loss": history[0]["loss"] if history else None,
-               "retrieval": retrieval, "seconds": round(time.time() - t0, 2),
-               "step_seconds": sum(r["seconds"] for r in history[1:]) / max(1, len(history) - 1),
-               "phases": {k: round(v, 2) for k, v in timings.items()}, "notes": plan.notes}
+    with console.stage(f"train {plan.stage}") as line:
+        dataset, retrieval = build_dataset(plan, cfg, env)
+        timings["dataset"] = time.time() - t0 - sum(timings.values())
+        line.follow(PROGRESS_KEY, total=int(cfg.max_steps), unit="steps")
+        result = make_trainer(plan, cfg, dataset, env).fit()
+        if result.error:
+            raise result.error
+        timings["fit"] = time.time() - t0 - sum(timings.values())
+        with result.checkpoint.as_directory() as d:
+            history = read_metrics(os.path.join(d, METRICS_FILE))
+            state = exported_state_dict(d, int(cfg.deepspeed.zero_stage))
+        last = history[-1] if history else {}
+        meta = {"stage": plan.stage, "steps": last.get("step"), "loss": last.get("loss"), "init": plan.init,
+                "bank": plan.bank, "data": str(cfg.data), "tokenizer_sha256": plan.tokenizer.sha256}
+        final = export_final(plan, state, meta)
+        storage.write_text(storage.join(plan.out, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in history))
+        warmup = read_metrics(storage.join(plan.init_run, METRICS_FILE)) if plan.init_run and plan.stage == "continual" \
+            else []
+        storage.write_bytes(storage.join(plan.out, "loss.png"), plot_loss(history, warmup, plan.stage))
+        summary = {"stage": plan.stage, "out": plan.out, "final": final, "checkpoint": result.checkpoint.path,
+                   "steps": last.get("step"), "loss": last.get("loss"), "first_loss": history[0]["loss"] if history else None,
+                   "retrieval": retrieval, "seconds": round(time.time() - t0, 2),
+                   "step_seconds": sum(r["seconds"] for r in history[1:]) / max(1, len(history) - 1),
+                   "phases": {k: round(v, 2) for k, v in timings.items()}, "notes": plan.notes}
+        line.done(f"loss {summary['first_loss']:.3f} -> {summary['loss']:.3f}" if history else "no steps")
     storage.write_text(storage.join(plan.out, "train_summary.json"), json.dumps(summary, indent=2))
     return summary

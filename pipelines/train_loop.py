@@ -32,8 +32,10 @@ from torch import Tensor
 from model.config import ModelConfig
 from model.encoder import encode_references, pad_references
 from model.transformer import MemoryBatch, Transformer, cross_entropy
+from pipelines import console
 
 IGNORE = -100
+PROGRESS_KEY = "train"  # optimizer steps taken, for the driver's progress bar (pipelines/console.py)
 METRICS_FILE = "metrics.jsonl"
 DS_TAG = "ds"
 
@@ -326,6 +328,8 @@ def train_loop_per_worker(config: dict) -> None:
                 gauges["loss"].set(row["loss"])
                 gauges["tps"].set(row["tokens_per_second"])
                 gauges["steps"].inc()
+            if rank == 0:
+                console.set_progress(PROGRESS_KEY, state["step"])
             _maybe_fail(config, state["step"], rank, world)
             done = state["step"] >= config["max_steps"]
             if done or state["step"] % config["checkpoint_every"] == 0:

@@ -43,7 +43,7 @@ def load_settings(args: dict | DictConfig | None) -> DictConfig:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(args or {})))
     except ConfigKeyError as e:
         raise ValueError(f"unknown serve setting: {e.msg.splitlines()[0]}") from None
-    if not cfg.checkpoint:
+    if not cfg.get("checkpoint"):  # `???` in serve.yaml: required
         raise ValueError("serve needs a model: checkpoint=<checkpoint folder or s3:// URI>")
     if cfg.defaults.memory_mode not in ("memory", "none", "rag"):
         raise ValueError(f"defaults.memory_mode={cfg.defaults.memory_mode!r} must be memory, none or rag")

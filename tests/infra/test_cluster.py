@@ -150,8 +150,13 @@ def test_encode_job_via_ray_job_submit(cluster, encode_inputs):
     assert f"Job '{job_id}' succeeded" in state.stdout, state.stdout
     summary = json.loads(next(line for line in logs.splitlines() if line.startswith('{"bank"')))
     assert summary["encoded_references"] > 0 and summary["errors"] == 1, summary
+    # Both fractional actors were scheduled beside the read/chunk tasks (no deadlock on 1-CPU nodes). Which actor
+    # gets which part is Ray Data's choice: it promises no actor a part, so only those that got one report time.
+    actors = cluster._get_json("/api/v0/actors?limit=1000&detail=true")["data"]["result"]["result"]
+    encoders = [a for a in actors if "EncodeShards" in a.get("class_name", "")]
+    assert len(encoders) == 2, [(a.get("class_name"), a.get("state")) for a in actors]
     busy = summary["encoder_busy_seconds"]
-    assert len(busy) == 2 and all(s > 0 for s in busy.values()), busy  # parts spread over both actors
+    assert 1 <= len(busy) <= 2 and all(s > 0 for s in busy.values()), busy
 
     # The code that ran is the uploaded working directory, not this checkout's installed package.
     info = jobs.get_job_info(job_id)
