@@ -127,12 +127,14 @@ class Stage:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
-    def follow(self, key: str, total: float | None, unit: str = "") -> None:
-        """Show the board's count of `key` out of `total` from now on."""
+    def follow(self, key: str | None, total: float | None, unit: str = "") -> None:
+        """Count `unit`s out of `total` from now on: the board's count of `key`, or (key None) `update` calls."""
         self.key = key
         self.bar.reset(total=total)
         self.bar.unit = unit
         self.bar.bar_format = self.FORMATS["bar" if total else "count"]
+        if key is None:
+            return
         board = _board(create=True)
         if board is None:
             return
@@ -174,18 +176,14 @@ class Stage:
 
 
 @contextlib.contextmanager
-def stage(title: str, *, follow: str | None = None, total: float | None = None, unit: str = "") -> Iterator[Stage]:
+def stage(title: str) -> Iterator[Stage]:
     """A stage line. Nested calls (a job run by the quickstart) join the open line instead of starting another."""
     global _active
     if _active is not None:
-        if follow:
-            _active.follow(follow, total, unit)
         yield _active
         return
     _active = Stage(title)
     try:
-        if follow:
-            _active.follow(follow, total, unit)
         yield _active
     finally:
         seconds = _active.close()

@@ -337,7 +337,7 @@ def encode_corpus(cfg: DictConfig) -> dict:
         compute=ray.data.ActorPoolStrategy(size=int(cfg.actors)), **actor_options, **restart_options(cfg))
     results = []
     with console.stage("encode memory bank") as line:
-        line.follow("encode", total=None, unit="refs")
+        line.follow(None, total=None, unit="refs")
         for row in ds.iter_rows():
             results.append(row)
             line.update(json.loads(row["marker"])["rows"] if row["status"] == "written" else 0)

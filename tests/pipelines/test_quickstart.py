@@ -42,3 +42,40 @@ def test_short_quickstart_memory_beats_no_memory(tmp_path, ray_local):
     assert [r["references"] for r in results["memory"]] == [r["references"] for r in results["rag"]]
     assert all(r["references"] for r in results["memory"])
 
+
+
+def test_ctrl_c_stops_every_process_it_started_and_a_rerun_works(tmp_path):
+    """`make demo` as a person runs it: Ctrl-C in the middle of training leaves no Ray process behind, and the
+    same command run again finishes (smoke profile) with a short terminal output."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "qs"
+    cmd = [sys.executable, "-m", "memory3.cli", "quickstart", "profile=smoke", f"out={out}", "ray_address=local",
+           f"serve.port={free_port()}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log, deadline = out / "quickstart.log", time.time() + 300
+    while not (log.exists() and "Started training worker group" in log.read_text(errors="replace")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "training never started"
+        time.sleep(0.5)
+    started = psutil.Process(proc.pid).children(recursive=True)
+    assert any("raylet" in " ".join(p.cmdline()) for p in started), [p.cmdline()[:2] for p in started]
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: SIGINT to the foreground group
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    _, alive = psutil.wait_procs(started, timeout=60)
+    assert not alive, [(p.pid, p.cmdline()[:3]) for p in alive if p.is_running()]
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["stages"]) == {"start", "corpus", "warmup", "bank_warmup", "continual", "bank", "eval", "serve"}
+    lines = rerun.stdout.split("\n")  # tqdm redraws a stage's line with \r: a terminal shows one line per stage
+    assert len(lines) < 60, rerun.stdout
+    assert f"report: {out / 'report.md'}" in rerun.stdout
