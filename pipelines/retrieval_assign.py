@@ -1,6 +1,7 @@
 """Retrieved references for every training window, computed once before the continual stage (paper §3.6).
 
-Each `window`-token window of a training sequence retrieves with its own decoded tokens as the query; the first
+Each `window`-token window of a training sequence retrieves with its own decoded tokens as the query (a prompt
+record, prepare.py: with its prompt, the question without its answer, as at inference); the first
 `refs_per_window` candidates that pass the leakage filter become that window's `ref_rows` (bank rows, -1 = none).
 This runs as a Ray Data pass with an actor pool holding the Retriever, so the training workers never wait on
 embedding or FAISS: a step only encodes the references it is handed.
@@ -123,10 +124,12 @@ class ReferenceAssigner:
 
         tokens = batch.column("tokens").to_pylist()
         sources = [set(s) for s in batch.column("source_ids").to_pylist()]
+        prompts = batch.column("query").to_pylist() if "query" in batch.column_names else [""] * len(tokens)
         queries, owners = [], []  # one query per non-empty window
         for i, toks in enumerate(tokens):
             for w, (a, b) in enumerate(window_token_spans(len(toks), self.n_windows, self.cfg)):
-                text = decode_text(self.tk, toks[a:b]) if b > a else ""
+                # a prompt record retrieves with its prompt, as inference retrieves with the question alone
+                text = (prompts[i] or decode_text(self.tk, toks[a:b])) if b > a else ""
                 if text.strip():
                     queries.append(text)
                     owners.append((i, w))

@@ -87,7 +87,8 @@ class TrainBatch:
 def collate(batch: dict, seq_len: int, pad_id: int, sink_len: int, device="cpu") -> TrainBatch:
     """Ray Data numpy batch -> padded tensors. Sequences are padded to the batch's longest (a multiple of 8, at
     most seq_len): short unpacked documents then cost what they hold. Inputs are tokens[:-1], targets
-    tokens[1:]; predicting the constant sink is not a task, padding is ignored."""
+    tokens[1:]; predicting the constant sink is not a task, padding is ignored, and so is a prompt before
+    `loss_start` (prepare.py)."""
     rows = [np.asarray(t, dtype=np.int64) for t in batch["tokens"]]
     longest = max(len(t) for t in rows)
     tokens = np.full((len(rows), min(seq_len, -(-longest // 8) * 8)), pad_id, dtype=np.int64)
@@ -97,6 +98,8 @@ def collate(batch: dict, seq_len: int, pad_id: int, sink_len: int, device="cpu")
     inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
     targets[targets == pad_id] = IGNORE
     targets[:, :sink_len] = IGNORE  # target j is token j+1: the rest of the sink and the context <s> are constant
+    for i, start in enumerate(batch.get("loss_start", ())):  # a prompt record: the loss covers its answer only
+        targets[i, :max(0, int(start) - 1)] = IGNORE
     ref_rows = None
     if "ref_rows" in batch:
         ref_rows = np.stack([np.stack([np.asarray(w, dtype=np.int64) for w in seq]) for seq in batch["ref_rows"]])
