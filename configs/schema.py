@@ -308,6 +308,7 @@ class EvalConfig:
     speed_tokens: int = 32
     """Tokens generated per timed prompt."""
     seed: int = 0
+    """Sampling seed of the evaluation."""
     out: Optional[str] = None
     """Write the full report (every answer) as JSON here."""
 
@@ -322,30 +323,50 @@ class ServeDefaults:
 
 @dataclass
 class ServeLimits:
+    """Requests outside these are 4xx with an OpenAI-style error body."""
+
     max_prompt_chars: int = 32000
+    """Prompt / all chat messages / one admin document, in characters."""
     max_tokens: int = 1024
+    """The largest max_tokens a request may ask."""
     max_documents: int = 64
+    """Documents per POST /v1/memories."""
     max_body_bytes: int = 1_000_000
+    """Larger request bodies are 413s, refused before they are read."""
     snippet_chars: int = 200
+    """Characters of each reference's text shown in the `memories` field."""
 
 
 @dataclass
 class DecodingSettings:
+    """The generator deployment."""
+
     device: str = "cpu"
+    """cpu | cuda (set deployments.generator.num_gpus too)."""
     dtype: str = "float32"
+    """float32 | bfloat16 | float16."""
     max_batch_size: int = 8
     """Decode slots per generator replica."""
     retrieval_timeout_s: float = 30
+    """A window's retrieval + memory load slower than this fails its request."""
     torch_threads: int = 0
+    """torch intra-op threads per replica; 0 = Ray's default."""
     seed: Optional[int] = None
+    """Sampling seed of each replica; null = from the clock."""
 
 
 @dataclass
 class RetrievalSettings:
+    """The retriever deployment (paper §3.1)."""
+
     embedder: Optional[str] = None
+    """sentence-transformers name or folder; null = the one the bank was indexed with."""
     device: str = "cpu"
+    """Where the embedder runs."""
     max_batch_size: int = 32
+    """Queries embedded and searched together (@serve.batch)."""
     batch_wait_s: float = 0.002
+    """How long a query waits for others to batch with."""
 
 
 @dataclass
@@ -358,8 +379,12 @@ class MemorySettings:
 
 @dataclass
 class WriterSettings:
+    """The bank writer deployment (admin API; always one replica)."""
+
     device: str = "cpu"
+    """Where new documents are encoded into memories."""
     dtype: str = "float32"
+    """Model dtype for that encoding."""
     refresh_s: float = 2.0
     """Re-read the bank manifest this often, to notice offline edits."""
 
@@ -369,10 +394,15 @@ class DeploymentSettings:
     """Ray Serve options of one deployment."""
 
     num_replicas: int = 1
+    """Fixed replica count (when autoscaling_config is null)."""
     autoscaling_config: Optional[Dict[str, Any]] = None
+    """Ray Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests, ...)."""
     num_cpus: float = 0.2
+    """CPUs per replica."""
     num_gpus: float = 0
+    """GPUs per replica."""
     max_ongoing_requests: int = 64
+    """Requests a replica takes at once; the rest wait in its queue."""
 
 
 @dataclass
@@ -395,13 +425,21 @@ class ServeConfig:
     check_bank: bool = True
     """Refuse to start when the bank was written by other weights or tokenizer."""
     model_name: str = "memory3"
+    """The "model" clients send and GET /v1/models lists."""
     admin_token: Optional[str] = None
+    """Bearer token of the admin API; env MEMORY3_ADMIN_TOKEN wins; null = admin off."""
     host: str = "127.0.0.1"
+    """`memory3 serve` listen address."""
     port: int = 8000
+    """`memory3 serve` HTTP port."""
     app_name: str = "memory3"
+    """Ray Serve application name."""
     ray_address: Optional[str] = None
+    """`memory3 serve` joins this Ray cluster; null = RAY_ADDRESS, else a local Ray."""
     startup_timeout_s: float = 600
+    """`memory3 serve` gives up when /healthz is not 200 within this many seconds."""
     replica_failure_retries: int = 2
+    """A request whose generator replica dies before it produced text is retried this often."""
     defaults: ServeDefaults = field(default_factory=ServeDefaults)
     limits: ServeLimits = field(default_factory=ServeLimits)
     decoding: DecodingSettings = field(default_factory=DecodingSettings)

@@ -57,10 +57,10 @@ def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
 
 def read_corpus(uri: str) -> list[tuple["ray.data.Dataset", str]]:
     """Raw records as (dataset, format) per file kind. JSONL is read one row per line (column `text`) and parsed
-    later, so a bad line is counted rather than fatal. Files are listed like the bank's (pipelines/corpus.py)."""
+    later, so a bad line is counted rather than fatal. Files are listed like the bank's (bank/chunking.py)."""
     files = chunking.list_corpus_files(uri)
-    jsonl = [f for f in files if f.endswith(corpus.JSONL_SUFFIXES)]
-    parquet = [f for f in files if f.endswith(corpus.PARQUET_SUFFIXES)]
+    jsonl = [f for f in files if f.endswith(chunking.JSONL_SUFFIXES)]
+    parquet = [f for f in files if f.endswith(chunking.PARQUET_SUFFIXES)]
     out = []
     for paths, fmt in ((jsonl, "jsonl"), (parquet, "parquet")):
         if paths:
@@ -74,7 +74,7 @@ def read_corpus(uri: str) -> list[tuple["ray.data.Dataset", str]]:
 
 # ---------------------------------------------------------------- records -> documents
 def parse_documents(table: pa.Table, fmt: str, source_field: str) -> tuple[list[tuple[str, str]], Counter]:
-    """(source_id, text) per valid record (the bank's record rules, corpus.validate_record), plus malformed counts
+    """(source_id, text) per valid record (the bank's record rules, chunking.validate_record), plus malformed counts
     by reason. The source is the record's `source_field` when set, else its own id."""
     malformed: Counter = Counter()
     docs = []
