@@ -19,13 +19,16 @@ import time
 import numpy as np
 import torch
 
+from bank.chunking import Reference
+from bank.format import RecordLayout
+from bank.manifest import create_bank, write_shard
+from bank.reader import MemoryBank
+from bank.store import MemoryStore
 from benchmarks.model import PEAK_FLOPS, commit, device_name, profile_top_kernels, sync
 from model.config import ModelConfig
 from model.encoder import encode_references
 from model.quantizer import MemoryQuantizer
 from model.transformer import Transformer
-from pipelines.bank import MemoryBank, MemoryStore, RecordLayout, create_bank, write_shard
-from pipelines.corpus import Reference
 
 SYLLABLES = ["ka", "lo", "mer", "vin", "tas", "ro", "bel", "dun", "sa", "qui", "zor", "fen"]
 
@@ -95,9 +98,9 @@ def synthetic_references(cfg: ModelConfig, n: int, seed: int = 0) -> list[Refere
 def bench_shard_encode(cfg: ModelConfig, device: str, dtype: torch.dtype, n_refs: int, batch: int,
                        quantizer: MemoryQuantizer | None, common: dict) -> None:
     """The encoder actor's whole per-shard path: memories + VQ/bf16 packing + retrieval embeddings."""
+    from bank.embedder import Embedder
+    from bank.shard_encoder import ShardEncoder
     from model.tokenizer import Tokenizer
-    from pipelines.encode import ShardEncoder
-    from pipelines.index import Embedder
 
     with torch.device(device):
         model = Transformer(cfg).to(dtype).eval()
@@ -121,7 +124,7 @@ def random_bank(path: str, cfg: ModelConfig, n_refs: int, quantizer: MemoryQuant
     create_bank(path, config=cfg, model_sha256="0" * 64, tokenizer_sha256="0" * 64, quantizer=quantizer,
                 embedder={"model": "none", "dim": 8}, shard_documents=shard_rows)
     layout = RecordLayout.create(cfg, quantizer)
-    from pipelines.bank import manifest_entry, read_manifest, write_manifest
+    from bank.manifest import manifest_entry, read_manifest, write_manifest
 
     manifest = read_manifest(path)
     gen = torch.Generator().manual_seed(0)
@@ -190,7 +193,7 @@ def bench_fetch(cfg: ModelConfig, device: str, dtype: torch.dtype, quantizer: Me
 def bench_faiss(n: int, dim: int, queries: int, factories: list[str], common: dict) -> None:
     import faiss
 
-    from pipelines.index import build_index
+    from bank.index import build_index
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(max(n // 100, 1), dim)).astype(np.float32)

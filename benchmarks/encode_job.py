@@ -91,7 +91,7 @@ def main() -> None:
 
     import ray
 
-    from memory3.config import load_config
+    from configs import load_config
     from pipelines.encode import encode_corpus
 
     work = args.workdir or tempfile.mkdtemp(prefix="memory3-encode-job-")

@@ -97,7 +97,7 @@ def main() -> None:
     common = {"preset": args.preset, "device": device_name(dev), "dtype": str(dtype).split(".")[-1], "commit": commit()}
     T = args.seq or cfg.max_seq_len
     B = args.batch
-    W = (T - cfg.sink_len + cfg.window - 1) // cfg.window
+    W = cfg.n_windows(T)
     idx = torch.randint(5, cfg.vocab_size, (B, T), device=dev)
     pos = torch.arange(T, device=dev).expand(B, T)
     M = W * cfg.refs_per_window

@@ -50,7 +50,7 @@ def summary(values: list[float], digits: int = 4) -> dict:
 
 def build_fixture(work: Path, documents: int) -> tuple[str, str, list[str]]:
     """A random-weight tiny checkpoint, a bank of geonames references encoded by `memory3 encode`, QA prompts."""
-    from memory3.config import load_config
+    from configs import load_config
     from model.checkpoint import save_checkpoint
     from model.tokenizer import Tokenizer
     from pipelines.encode import encode_corpus

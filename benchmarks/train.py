@@ -102,7 +102,7 @@ def bench_steps(args, cfg: ModelConfig, common: dict) -> None:
 def summarize_runs(args, cfg: ModelConfig, common: dict) -> None:
     """Per-stage figures of Ray Train runs from their metrics.jsonl (steps after the first `--skip` of each
     worker group: the first steps include kernel compilation and allocator warm-up)."""
-    from pipelines import storage
+    from bank import storage
 
     rates = {}
     for path in args.runs:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf.errors import MissingMandatoryValue
 
-from memory3.config import CONFIG_DIR, ConfigError, load_config
+from configs import CONFIG_DIR, ConfigError, load_config
 from pipelines import console
 
 COMMANDS = {
@@ -24,10 +24,10 @@ COMMANDS = {
     "prepare": ("pipelines.prepare:main", "train the tokenizer and pack training sequences (Ray Data)"),
     "encode": ("pipelines.encode:main", "encode a corpus into a sparse memory bank + FAISS index (Ray Data)"),
     "index": ("pipelines.index:main", "(re)build the FAISS retrieval index of a bank"),
-    "bank": ("pipelines.bank:main", "bank maintenance: `memory3 bank verify bank=DIR`"),
+    "bank": ("pipelines.bank_admin:main", "bank maintenance: `memory3 bank verify bank=DIR`"),
     "train": ("pipelines.train:main", "two-stage pretraining on Ray Train + DeepSpeed (stage=warmup|continual)"),
     "eval": ("pipelines.evaluate:main", "accuracy and speed with explicit memory, no memory and RAG"),
-    "serve": ("serve.app:main", "OpenAI-compatible Ray Serve endpoint with explicit memory"),
+    "serve": ("memory3.serve_command:main", "OpenAI-compatible Ray Serve endpoint with explicit memory"),
     "quickstart": ("pipelines.quickstart:main", "the whole pipeline end to end on the bundled corpus"),
 }
 EXAMPLES = {  # shown when a required key is missing

@@ -5,7 +5,7 @@ import json
 
 from omegaconf import DictConfig
 
-from memory3.config import model_config
+from configs import model_config
 from model.quantizer import MemoryQuantizer
 
 
@@ -13,7 +13,7 @@ def describe(cfg: DictConfig) -> dict:
     m = model_config(cfg)
     code_bytes = MemoryQuantizer(cfg.quantizer, m.head_dim).code_size
     per_ref = m.memory_bytes(code_bytes_per_vector=code_bytes)
-    n = int(cfg.references)
+    n = cfg.references
     return {
         "parameters": m.num_params(),
         "parameters_non_embedding": m.num_params(non_embedding=True),

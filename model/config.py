@@ -45,7 +45,8 @@ class ModelConfig:
     window: int = 64
     """Context tokens per retrieval window (paper: 64)."""
     refs_per_window: int = 5
-    """Memories attended by one window (paper: 5)."""
+    """Memory slots of one window: the memories a window attends when decoding (paper: 5). Training's
+    `memory.refs_per_window` x (1 + lookback) must fit in them (checked by `memory3 train`)."""
     sink_len: int = 2
     """The constant '<s> <ref>' prefix that stands for the paper's '<s>Reference:' BOS (§3.2)."""
     selection: str = "softmax"
@@ -89,6 +90,25 @@ class ModelConfig:
     def memory_shape(self) -> tuple[int, int, int, int, int]:
         """One reference's sparse memory: (memory layers, key/value, KV heads, kept tokens, head dim)."""
         return (self.n_mem_layer, 2, self.n_kv_head, self.mem_tokens, self.head_dim)
+
+    # --- the window schedule (paper §3.1: retrieval every `window` context tokens; the sink is in window 0) ---
+    def window_of(self, index):
+        """Retrieval window of context index `index` (an int or a tensor of them)."""
+        shifted = index - self.sink_len
+        return (shifted.clamp(min=0) if hasattr(shifted, "clamp") else max(shifted, 0)) // self.window
+
+    def window_span(self, w: int) -> tuple[int, int]:
+        """[start, end) context indices of window w."""
+        start = self.sink_len + w * self.window
+        return start, start + self.window
+
+    def n_windows(self, n_positions: int) -> int:
+        """Windows that context indices 0..n_positions-1 reach (at least one)."""
+        return self.window_of(n_positions - 1) + 1
+
+    def starts_window(self, index: int) -> bool:
+        """Whether context index `index` is the first token of a window (where decoding re-retrieves)."""
+        return index >= self.sink_len and (index - self.sink_len) % self.window == 0
 
     def rope_position(self, seq_index):
         """RoPE position of context index t: the sink sits at 0..sink_len-1, then a gap of reference_len

@@ -60,14 +60,7 @@ class MemoryWindows:
         self.current = torch.zeros(batch, self.slots, c.n_mem_layer, 2, c.n_kv_head, c.mem_tokens, c.head_dim,
                                    device=dev, dtype=dtype)
         self.n_valid = torch.zeros(batch, self.slots, dtype=torch.long, device=dev)
-        self._decode_batch: MemoryBatch | None = None  # rebuilt only when a row's memories change
-
-    def window_of(self, index: int) -> int:
-        return max(index - self.cfg.sink_len, 0) // self.cfg.window
-
-    def window_span(self, w: int) -> tuple[int, int]:
-        start = self.cfg.sink_len + w * self.cfg.window
-        return start, start + self.cfg.window
+        self._decode_batch: tuple[int, MemoryBatch] | None = None  # (rows, batch): rebuilt when memories change
 
     def fetch(self, row: int, query: list[int]) -> tuple[Tensor, Tensor, list]:
         got = self.retrieve(row, query) if self.retrieve else None
@@ -84,13 +77,13 @@ class MemoryWindows:
         """Memories for prefill: each prompt window retrieves with its own tokens and is visible to itself only."""
         if self.retrieve is None:
             return None, []
-        B, W = len(prompts), self.window_of(total_len - 1) + 1
+        B, W = len(prompts), self.cfg.n_windows(total_len)
         mems = torch.zeros(B, W, *self.current.shape[1:], dtype=self.current.dtype, device=self.current.device)
         n_valid = torch.zeros(B, W, self.slots, dtype=torch.long, device=self.current.device)
         events = []
         for b, p in enumerate(prompts):
-            for w in range(self.window_of(len(p) - 1) + 1):
-                lo, hi = self.window_span(w)
+            for w in range(self.cfg.n_windows(len(p))):
+                lo, hi = self.cfg.window_span(w)
                 mems[b, w], n_valid[b, w], ids = self.fetch(b, p[max(lo, self.cfg.sink_len):hi])
                 events.append((b, w, ids))
             self.current[b], self.n_valid[b] = mems[b, w], n_valid[b, w]
@@ -103,25 +96,38 @@ class MemoryWindows:
 
     def before_token(self, row: int, index: int, sequence: list[int], prompt_len: int) -> list | None:
         """Called before decoding the token at `index`: re-retrieve when a new window starts after generated text."""
-        if self.retrieve is None or index < self.cfg.sink_len or (index - self.cfg.sink_len) % self.cfg.window:
+        if self.retrieve is None or not self.cfg.starts_window(index):
             return None
-        lo, hi = self.window_span(self.window_of(index) - 1)
+        lo, hi = self.cfg.window_span(self.cfg.window_of(index) - 1)
         if hi <= prompt_len:  # the previous window was all prompt: its memories stay (paper §3.2)
             return None
         self.current[row], self.n_valid[row], ids = self.fetch(row, sequence[lo:hi])
         self._decode_batch = None
         return ids
 
+    def take_rows(self, start: int, other: "MemoryWindows") -> None:
+        """Rows start.. take the current memories of `other` (a prefill of some rows, e.g. into free engine slots)."""
+        rows = slice(start, start + len(other.n_valid))
+        self.current[rows], self.n_valid[rows] = other.current, other.n_valid
+        self._decode_batch = None
+
+    def clear_row(self, row: int) -> None:
+        """The row reads no memory until it is given some again."""
+        self.n_valid[row] = 0
+        self._decode_batch = None
+
     def decode_memory(self, input_pos: Tensor) -> MemoryBatch | None:
-        """One token per row: every valid slot of the row's current memories is visible, whatever the position."""
+        """One token for each of the first input_pos.shape[0] rows: every valid slot of a row's current memories is
+        visible, whatever the position."""
         if self.retrieve is None:
             return None
-        if self._decode_batch is None:
-            B = input_pos.shape[0]
+        B = input_pos.shape[0]
+        if self._decode_batch is None or self._decode_batch[0] != B:
             visible = torch.ones(B, 1, self.slots, dtype=torch.bool, device=input_pos.device)
-            self._decode_batch = MemoryBatch.from_references(self.current, self.n_valid, visible,
-                                                             torch.full_like(input_pos, self.cfg.sink_len), self.cfg)
-        return self._decode_batch
+            batch = MemoryBatch.from_references(self.current[:B], self.n_valid[:B], visible,
+                                                torch.full_like(input_pos, self.cfg.sink_len), self.cfg)
+            self._decode_batch = (B, batch)
+        return self._decode_batch[1]
 
 
 def decode_step(model: Transformer, cache_len: int):
@@ -181,7 +187,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[
                 if not done[b]:
                     ids = windows.before_token(b, pos[b], sequences[b], lengths[b])
                     if ids is not None:
-                        events.append((b, windows.window_of(pos[b]), ids))
+                        events.append((b, model.cfg.window_of(pos[b]), ids))
             input_pos = torch.tensor(pos, device=dev)[:, None]
             cur = torch.tensor([s[-1] for s in sequences], device=dev)[:, None]
             last = step_fn(cur, input_pos=input_pos, memory=windows.decode_memory(input_pos))[:, -1].clone()

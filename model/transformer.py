@@ -49,7 +49,7 @@ class MemoryBatch:
         B, M, L, _, H, k, D = memories.shape
         kv = memories.permute(3, 0, 2, 4, 1, 5, 6).reshape(2, B, L, H, M * k, D)  # (2, B, L, H, M*k, D)
         token_ok = torch.arange(k, device=n_valid.device) < n_valid[..., None]  # (B, M, k)
-        window = ((input_pos - cfg.sink_len).clamp(min=0) // cfg.window).clamp(max=visible.shape[1] - 1)
+        window = cfg.window_of(input_pos).clamp(max=visible.shape[1] - 1)  # (B, T)
         slot_ok = torch.gather(visible, 1, window[..., None].expand(-1, -1, M))  # (B, T, M)
         slot_ok = slot_ok & (input_pos >= cfg.sink_len)[..., None]  # the sink precedes all memories
         mask = (slot_ok[..., None] & token_ok[:, None]).reshape(B, input_pos.shape[1], M * k)
@@ -89,6 +89,14 @@ class KVCache(nn.Module):
         shape = (batch, n_kv_head, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def rows(self, start: int, n: int) -> "KVCache":
+        """A cache over rows start..start+n of this one (views: its writes land here), so a forward can run over
+        some sequences of a batch only (continuous batching)."""
+        _, heads, _, dim = self.k.shape
+        view = KVCache(n, heads, 0, dim, self.k.dtype, self.k.device)
+        view.k, view.v = self.k[start:start + n], self.v[start:start + n]
+        return view
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(input_pos)
@@ -230,6 +238,15 @@ class Transformer(nn.Module):
         dtype = dtype or self.embed_tokens.weight.dtype
         for layer in self.layers:
             layer.self_attn.cache = KVCache(batch, self.cfg.n_kv_head, max_len, self.cfg.head_dim, dtype, self.device)
+
+    def caches(self) -> list[KVCache]:
+        """The per-layer caches in use (after `setup_caches`)."""
+        return [layer.self_attn.cache for layer in self.layers]
+
+    def use_caches(self, caches: list[KVCache]) -> None:
+        """Decode with these per-layer caches (e.g. row views of the caches of `setup_caches`)."""
+        for layer, cache in zip(self.layers, caches, strict=True):
+            layer.self_attn.cache = cache
 
     def clear_caches(self) -> None:
         for layer in self.layers:

@@ -9,96 +9,36 @@ The paper precomputes every reference's memory before inference ("warm start", �
 Each encoder actor loads the checkpoint and the embedder once, encodes a part's references with the memory
 layers (`encode_references` under no_grad), optionally vector-quantizes them with codebooks trained on a sample
 before the main pass (App. B), embeds their texts for retrieval, and writes the shard itself (atomic writes).
-A part is fixed by the corpus alone (corpus.py), so the bank is byte-identical however the work was scheduled,
+A part is fixed by the corpus alone (bank/py), so the bank is byte-identical however the work was scheduled,
 retried or interrupted; a re-run skips parts whose shard is complete and only finishes the rest.
 
-Live updates for the serve admin API are here too, in-process without Ray Data: `append_documents` and
-`delete_references`.
+Live updates for the serve admin API (in-process, without Ray) are bank/edits.py.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-import threading
 import time
 
-import numpy as np
 import torch
-from omegaconf import DictConfig
 
-from model.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_checkpoint, load_config
-from model.encoder import encode_references, pad_references
+from bank import storage
+from bank.checkpoints import load_tokenizer, local_checkpoint, parse_dtype
+from bank.chunking import Document, chunk_document, iter_file, list_corpus_files, reference_from_dict, reference_to_dict
+from bank.embedder import DEFAULT_EMBEDDER, Embedder, embedder_dim
+from bank.format import ERRORS, BankError, weights_sha256
+from bank.index import update_index
+from bank.manifest import (create_bank, list_shard_markers, manifest_entry, read_manifest, read_shard_table,
+                           write_manifest, write_shard)
+from bank.reader import MemoryBank
+from bank.shard_encoder import ShardEncoder
+from configs import typed
+from configs.schema import EncodeConfig
+from model.checkpoint import load_checkpoint, load_config
 from model.quantizer import MemoryQuantizer
 from model.tokenizer import Tokenizer
-from model.transformer import Transformer
-from pipelines import console, corpus, storage
-from pipelines.bank import (ERRORS, BankError, MemoryBank, RecordLayout, create_bank, list_shard_markers,
-                            manifest_entry, read_manifest, read_shard_table, weights_sha256, write_manifest,
-                            write_shard)
-from pipelines.index import DEFAULT_EMBEDDER, Embedder, embedder_dim, index_options, remove_rows, update_index
-
-AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-           "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED")
-
-
-# --- encoding references (shared by the Ray actors and append_documents) ---------------------------------------
-
-class ShardEncoder:
-    """References → fixed-size records (sparse memory, bf16 or VQ codes) and retrieval embeddings."""
-
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, layout: RecordLayout,
-                 quantizer: MemoryQuantizer | None, embedder: Embedder, batch_size: int = 32, compile: bool = False):
-        self.model, self.tokenizer, self.layout = model, tokenizer, layout
-        self.quantizer, self.embedder, self.batch_size = quantizer, embedder, batch_size
-        # compiled: norms, rotary and the selection fused; every batch padded to batch_size (one graph)
-        self.compile = compile
-        self.encode_fn = torch.compile(encode_references, dynamic=False) if compile else encode_references
-
-    @torch.no_grad()
-    def memories(self, refs: list[corpus.Reference]) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 CPU memories (N, L_mem, 2, Hkv, k, D) and n_valid (N,), in fixed-size batches (deterministic)."""
-        if self.model.layers[0].self_attn.cache is not None:
-            raise ValueError("the model has decoding caches set up; encode with a model outside generation")
-        cfg, device = self.model.cfg, self.model.device
-        out, valid = [], []
-        for i in range(0, len(refs), self.batch_size):
-            part = refs[i:i + self.batch_size]
-            n = len(part)
-            if self.compile:
-                part = part + part[:1] * (self.batch_size - n)
-            # always reference_len columns: a reference's stored memory must not depend on its batch-mates (a
-            # near-tie in the selection can flip with the GEMM shape), and compiled mode keeps one graph
-            tokens, lengths = pad_references([r.tokens for r in part], cfg.reference_len, self.tokenizer.pad_id,
-                                             multiple=cfg.reference_len)
-            sparse = self.encode_fn(self.model, tokens.to(device), lengths.to(device), self.tokenizer.sink_ids)
-            out.append(sparse.memories[:n].float().cpu())
-            valid.append(sparse.n_valid[:n].cpu())
-        return torch.cat(out), torch.cat(valid)
-
-    def encode(self, refs: list[corpus.Reference]) -> tuple[np.ndarray, np.ndarray]:
-        memories, n_valid = self.memories(refs)
-        records = self.layout.pack(memories, n_valid, self.quantizer)
-        return records, self.embedder.encode([r.text for r in refs])
-
-
-def local_checkpoint(uri: str) -> str:
-    """A local folder with the checkpoint: the path itself, or a cached download of an s3:// checkpoint."""
-    if not storage.is_remote(uri):
-        return str(uri)
-    import hashlib
-
-    target = os.path.join(tempfile.gettempdir(), "memory3-ckpt-" + hashlib.sha256(uri.encode()).hexdigest()[:16])
-    if not os.path.isfile(os.path.join(target, WEIGHTS)):
-        tmp = tempfile.mkdtemp(dir=tempfile.gettempdir())
-        for name in (WEIGHTS, CONFIG, TOKENIZER):
-            if storage.exists(storage.join(uri, name)):
-                storage.write_bytes(os.path.join(tmp, name), storage.read_bytes(storage.join(uri, name)))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race
-            pass
-    return target
+from pipelines.encode_parts import chunk_part_row, read_parts_row
+from pipelines.index import index_options
 
 
 def set_threads(n: int) -> None:
@@ -116,15 +56,6 @@ def choose_device(device: str, num_gpus: float) -> str:
     return device
 
 
-def choose_dtype(name: str, device: str) -> torch.dtype:
-    """auto: bf16 on a GPU (the paper's precision, §5.1), float32 on the CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
-    return getattr(torch, name)
-
-
 # --- Ray Data stages -------------------------------------------------------------------------------------------
 
 class EncodeShards:
@@ -136,7 +67,7 @@ class EncodeShards:
         from ray.util import metrics
 
         set_threads(torch_threads)
-        model, tokenizer = load_checkpoint(local_checkpoint(checkpoint), device, choose_dtype(dtype, device))
+        model, tokenizer = load_checkpoint(local_checkpoint(checkpoint), device, parse_dtype(dtype, device))
         bank = MemoryBank.open(bank_uri)
         self.bank_uri = bank_uri
         self.encoder = ShardEncoder(model, tokenizer, bank.layout, bank.quantizer,
@@ -155,7 +86,7 @@ class EncodeShards:
                                "seconds")}
         for i in range(len(batch["name"])):
             payload = json.loads(batch["payload"][i])
-            name, refs = str(batch["name"][i]), [corpus.reference_from_dict(r) for r in payload["references"]]
+            name, refs = str(batch["name"][i]), [reference_from_dict(r) for r in payload["references"]]
             status, marker, seconds = ("complete" if payload.get("skip") else "empty"), None, 0.0
             if refs:
                 t0 = time.perf_counter()
@@ -183,8 +114,8 @@ def _train_quantizer(checkpoint: str, references: list[dict], factory: str, batc
                      dtype: str, torch_threads: int) -> bytes:
     """Codebooks from the memories of a sample of references (paper App. B), as serialized FAISS bytes."""
     set_threads(torch_threads)
-    model, tokenizer = load_checkpoint(local_checkpoint(checkpoint), device, choose_dtype(dtype, device))
-    refs = [corpus.reference_from_dict(r) for r in references]
+    model, tokenizer = load_checkpoint(local_checkpoint(checkpoint), device, parse_dtype(dtype, device))
+    refs = [reference_from_dict(r) for r in references]
     memories, _ = ShardEncoder(model, tokenizer, None, None, None, batch_size).memories(refs)
     quantizer = MemoryQuantizer(factory, model.cfg.head_dim)
     vectors = memories.view(-1, model.cfg.head_dim)
@@ -196,9 +127,9 @@ def sample_references(files: list[str], tokenizer: Tokenizer, reference_len: int
     """The first n references in corpus order: deterministic, so an interrupted run retrains the same codebooks."""
     out: list[dict] = []
     for uri in files:
-        for item in corpus.iter_file(uri):
-            if isinstance(item, corpus.Document):
-                out += [corpus.reference_to_dict(r) for r in corpus.chunk_document(item, tokenizer, reference_len)]
+        for item in iter_file(uri):
+            if isinstance(item, Document):
+                out += [reference_to_dict(r) for r in chunk_document(item, tokenizer, reference_len)]
                 if len(out) >= n:
                     return out[:n]
     return out
@@ -206,19 +137,14 @@ def sample_references(files: list[str], tokenizer: Tokenizer, reference_len: int
 
 # --- the job ---------------------------------------------------------------------------------------------------
 
-def worker_env() -> dict:
-    """S3 settings of the driver, forwarded to workers (a local Ray may have started before they were set)."""
-    return {k: os.environ[k] for k in AWS_ENV if k in os.environ}
-
-
-def prepare_bank(cfg: DictConfig, files: list[str], run_options: dict) -> dict:
+def prepare_bank(cfg: EncodeConfig, files: list[str], run_options: dict) -> dict:
     """Open the bank and check it fits this checkpoint and config, or create it (training codebooks first)."""
-    ckpt = str(cfg.checkpoint)
+    ckpt = cfg.checkpoint
     model_cfg = load_config(local_checkpoint(ckpt))
-    tokenizer = Tokenizer.load(local_checkpoint(ckpt))
+    tokenizer = load_tokenizer(ckpt)
     model_sha = weights_sha256(ckpt)
     factory = cfg.quantizer or None
-    embedder_name = DEFAULT_EMBEDDER if cfg.embedder in (None, "", DEFAULT_EMBEDDER) else str(cfg.embedder)
+    embedder_name = DEFAULT_EMBEDDER if cfg.embedder in (None, "", DEFAULT_EMBEDDER) else cfg.embedder
     if storage.exists(storage.join(cfg.bank, "manifest.json")):
         bank = MemoryBank.open(cfg.bank, expect_model_sha=model_sha, expect_tokenizer_sha=tokenizer.sha256)
         m = bank.manifest
@@ -228,7 +154,7 @@ def prepare_bank(cfg: DictConfig, files: list[str], run_options: dict) -> dict:
             problems.append(f"quantizer {have!r} (config says {factory!r})")
         if m["embedder"]["model"] != embedder_name:
             problems.append(f"embedder {m['embedder']['model']!r} (config says {embedder_name!r})")
-        if m["chunking"]["shard_documents"] != int(cfg.shard_documents):
+        if m["chunking"]["shard_documents"] != cfg.shard_documents:
             problems.append(f"shard_documents={m['chunking']['shard_documents']} (config says {cfg.shard_documents})")
         if problems:
             raise BankError(f"bank {cfg.bank} was written with " + ", ".join(problems) +
@@ -236,20 +162,20 @@ def prepare_bank(cfg: DictConfig, files: list[str], run_options: dict) -> dict:
         return m
     quantizer = None
     if factory:
-        sample = sample_references(files, tokenizer, model_cfg.reference_len, int(cfg.quantizer_sample))
+        sample = sample_references(files, tokenizer, model_cfg.reference_len, cfg.quantizer_sample)
         if not sample:
             raise ValueError(f"no valid documents in {cfg.corpus} to train the quantizer on")
         import ray
 
         task = ray.remote(_train_quantizer).options(**run_options)  # same resources as an encoder actor
-        data = ray.get(task.remote(ckpt, sample, factory, int(cfg.batch_size), choose_device(cfg.device, cfg.num_gpus),
-                                   str(cfg.dtype), int(cfg.torch_threads)))
+        data = ray.get(task.remote(ckpt, sample, factory, cfg.batch_size, choose_device(cfg.device, cfg.num_gpus),
+                                   cfg.dtype, cfg.torch_threads))
         quantizer = MemoryQuantizer.from_bytes(data, factory, model_cfg.head_dim)
     dim = embedder_dim(cfg.embedder)
     return create_bank(cfg.bank, config=model_cfg, model_sha256=model_sha, tokenizer_sha256=tokenizer.sha256,
                        quantizer=quantizer, embedder={"model": embedder_name, "dim": dim},
-                       shard_documents=int(cfg.shard_documents),
-                       quantizer_sample=int(cfg.quantizer_sample) if factory else 0)
+                       shard_documents=cfg.shard_documents,
+                       quantizer_sample=cfg.quantizer_sample if factory else 0)
 
 
 def finalize(bank_uri: str, results: list[dict]) -> tuple[dict, list[dict]]:
@@ -290,59 +216,57 @@ def _error_key(e: dict) -> tuple:
     return (e.get("file", ""), e.get("line", e.get("row", -1)), e.get("doc_id", ""), e.get("reason", ""))
 
 
-def restart_options(cfg: DictConfig) -> dict:
+def restart_options(cfg: EncodeConfig) -> dict:
     """A killed encoder actor is restarted and its part retried (the part's shard comes out byte-identical).
     Ray Data already does that forever (-1); other limits go through its (deprecated) extra remote args."""
-    options = {"max_restarts": int(cfg.max_restarts), "max_task_retries": int(cfg.max_task_retries)}
+    options = {"max_restarts": cfg.max_restarts, "max_task_retries": cfg.max_task_retries}
     return {k: v for k, v in options.items() if v != -1}
 
 
-def encode_corpus(cfg: DictConfig) -> dict:
+def encode_corpus(cfg: EncodeConfig) -> dict:
     """Run the whole job; returns the summary printed by `memory3 encode`."""
     import ray
     from pipelines.ray_runtime import ensure_ray
 
     t0 = time.perf_counter()
-    for key in ("corpus", "bank", "checkpoint"):
-        if not cfg.get(key):
-            raise ValueError(f"{key}= is required: memory3 encode corpus=PATH bank=DIR checkpoint=CKPT")
-    if int(cfg.shard_documents) <= 0 or int(cfg.actors) <= 0 or int(cfg.batch_size) <= 0:
+    cfg = typed("encode", cfg)
+    if cfg.shard_documents <= 0 or cfg.actors <= 0 or cfg.batch_size <= 0:
         raise ValueError("shard_documents, actors and batch_size must be positive")
-    files = corpus.list_corpus_files(str(cfg.corpus))
-    ensure_ray(cfg.get("ray_address") or None)
-    env = worker_env() if cfg.forward_aws_env else {}
+    files = list_corpus_files(cfg.corpus)
+    ensure_ray(cfg.ray_address or None)
+    env = storage.aws_env() if cfg.forward_aws_env else {}
     runtime_env = {"env_vars": env} if env else None
-    device = choose_device(str(cfg.device), float(cfg.num_gpus))
-    actor_options = {"num_cpus": float(cfg.actor_num_cpus), "num_gpus": float(cfg.num_gpus),
+    device = choose_device(cfg.device, cfg.num_gpus)
+    actor_options = {"num_cpus": cfg.actor_num_cpus, "num_gpus": cfg.num_gpus,
                      **({"runtime_env": runtime_env} if runtime_env else {})}
     manifest = prepare_bank(cfg, files, actor_options)
     complete = frozenset(list_shard_markers(cfg.bank))
-    tokenizer_json = Tokenizer.load(local_checkpoint(str(cfg.checkpoint))).to_str()
-    task_options = {"num_cpus": float(cfg.task_num_cpus), **({"runtime_env": runtime_env} if runtime_env else {})}
+    tokenizer_json = load_tokenizer(cfg.checkpoint).to_str()
+    task_options = {"num_cpus": cfg.task_num_cpus, **({"runtime_env": runtime_env} if runtime_env else {})}
 
     ds = ray.data.from_items([{"file_index": i, "path": p} for i, p in enumerate(files)],
                              override_num_blocks=len(files))
-    ds = ds.flat_map(corpus.read_parts_row, fn_kwargs={"shard_documents": int(cfg.shard_documents)}, **task_options)
+    ds = ds.flat_map(read_parts_row, fn_kwargs={"shard_documents": cfg.shard_documents}, **task_options)
     # One part per block, so parts spread over the actors. (A repartition would be a task asking a whole CPU,
     # which never schedules when fractional encoder actors hold every node's last CPU.) This job's context only.
     ds.context.target_max_block_size = 1
-    ds = ds.map(corpus.chunk_part_row, fn_kwargs={"tokenizer_json": tokenizer_json, "complete": complete,
+    ds = ds.map(chunk_part_row, fn_kwargs={"tokenizer_json": tokenizer_json, "complete": complete,
                                        "reference_len": manifest["model"]["reference_len"]}, **task_options)
     ds = ds.map_batches(
         EncodeShards, batch_size=1,
-        fn_constructor_kwargs={"checkpoint": str(cfg.checkpoint), "bank_uri": str(cfg.bank), "embedder": cfg.embedder,
-                               "batch_size": int(cfg.batch_size), "device": device, "dtype": str(cfg.dtype),
-                               "torch_threads": int(cfg.torch_threads), "embed_batch_size": int(cfg.embed_batch_size),
-                               "compile": bool(cfg.compile)},
-        compute=ray.data.ActorPoolStrategy(size=int(cfg.actors)), **actor_options, **restart_options(cfg))
+        fn_constructor_kwargs={"checkpoint": cfg.checkpoint, "bank_uri": cfg.bank, "embedder": cfg.embedder,
+                               "batch_size": cfg.batch_size, "device": device, "dtype": cfg.dtype,
+                               "torch_threads": cfg.torch_threads, "embed_batch_size": cfg.embed_batch_size,
+                               "compile": cfg.compile},
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors), **actor_options, **restart_options(cfg))
     results = []
     with console.stage("encode memory bank") as line:
         line.follow(None, total=None, unit="refs")
         for row in ds.iter_rows():
             results.append(row)
             line.update(json.loads(row["marker"])["rows"] if row["status"] == "written" else 0)
-        manifest, errors = finalize(str(cfg.bank), results)
-        index = update_index(str(cfg.bank), **index_options(cfg.index)) if manifest["live_references"] else None
+        manifest, errors = finalize(cfg.bank, results)
+        index = update_index(cfg.bank, **index_options(cfg.index)) if manifest["live_references"] else None
         line.done(f"{manifest['live_references']} references, {len(errors)} bad records")
     written = [json.loads(r["marker"]) for r in results if r["status"] == "written"]
     seconds = time.perf_counter() - t0
@@ -352,13 +276,13 @@ def encode_corpus(cfg: DictConfig) -> dict:
         busy[r["actor"]] = busy.get(r["actor"], 0.0) + float(r["seconds"])
     tokens = sum(m["tokens"] for m in written)
     return {
-        "bank": str(cfg.bank), "corpus": str(cfg.corpus), "files": len(files),
+        "bank": cfg.bank, "corpus": cfg.corpus, "files": len(files),
         "references": manifest["references"], "live_references": manifest["live_references"],
         "documents": manifest["documents"], "shards": len(manifest["shards"]),
         "encoded_references": new_refs, "encoded_tokens": tokens, "written_shards": len(written),
         "skipped_shards": sum(r["status"] == "complete" for r in results),
         "bytes_written": sum(m["mem_bytes"] + m["meta_bytes"] for m in written),
-        "errors": len(errors), "errors_file": storage.join(str(cfg.bank), ERRORS),
+        "errors": len(errors), "errors_file": storage.join(cfg.bank, ERRORS),
         "record_bytes": manifest["record"]["record_bytes"], "codec": manifest["record"]["codec"],
         "seconds": round(seconds, 3), "references_per_second": round(new_refs / seconds, 2),
         "tokens_per_second": round(tokens / seconds, 1),
@@ -369,78 +293,6 @@ def encode_corpus(cfg: DictConfig) -> dict:
     }
 
 
-def main(cfg: DictConfig) -> int:
+def main(cfg: EncodeConfig) -> int:
     console.say(json.dumps(encode_corpus(cfg)))
     return 0
-
-
-# --- live updates (serve admin API) ----------------------------------------------------------------------------
-
-_WRITE_LOCKS: dict[str, threading.Lock] = {}
-
-
-def _write_lock(bank_uri: str) -> threading.Lock:
-    return _WRITE_LOCKS.setdefault(str(bank_uri), threading.Lock())
-
-
-def append_documents(bank_uri: str, documents: list[dict], model: Transformer, tokenizer: Tokenizer,
-                     embedder: Embedder) -> list[str]:
-    """Encode new documents {"id", "text", ...} in-process and add them as new shards + index rows, without
-    touching existing shards. Returns the new reference ids. One writer per bank at a time (threads of one process
-    are serialised); open MemoryBank / Retriever objects must be reopened to see the new rows."""
-    with _write_lock(bank_uri):
-        bank = MemoryBank.open(bank_uri, expect_tokenizer_sha=tokenizer.sha256)
-        manifest = bank.manifest
-        if model.cfg.to_dict() != manifest["model"]:
-            raise BankError(f"bank {bank_uri} was written by a different model shape; re-encode it")
-        if embedder.dim != manifest["embedder"]["dim"] or embedder.name != manifest["embedder"]["model"]:
-            raise BankError(f"bank {bank_uri} uses embedder {manifest['embedder']}, got {embedder.spec()}")
-        docs, errors = corpus.documents_from_dicts(documents)
-        if errors:
-            raise ValueError(f"{len(errors)} invalid document(s), nothing appended: " +
-                             "; ".join(f"#{e['row']}: {e['reason']}" for e in errors[:5]))
-        known = set(bank.doc_ids())
-        clash = [d.id for d in docs if d.id in known]
-        if clash:
-            raise ValueError(f"document id(s) already in the bank: {clash[:5]}; delete their references first")
-        encoder = ShardEncoder(model, tokenizer, bank.layout, bank.quantizer, embedder)
-        per_shard = manifest["chunking"]["shard_documents"]
-        new_ids: list[str] = []
-        for start in range(0, len(docs), per_shard):
-            group = docs[start:start + per_shard]
-            refs = corpus.chunk_documents(group, tokenizer, bank.config.reference_len)
-            part = corpus.Part("api", -1, len(manifest["shards"]), group, [])
-            records, embeddings = encoder.encode(refs)
-            manifest["shards"].append(manifest_entry(write_shard(bank_uri, part.shard_name, refs, records, embeddings)))
-            new_ids += [r.id for r in refs]
-        write_manifest(bank_uri, manifest)
-        index = manifest.get("index") or {"factory": "Flat", "nprobe": 16}  # a bank without one gets exact search
-        if new_ids:
-            update_index(bank_uri, index["factory"], index["nprobe"])
-        return new_ids
-
-
-def delete_references(bank_uri: str, ids: list[str]) -> int:
-    """Tombstone references by id in the manifest and drop them from the index; returns how many were newly
-    deleted. Unknown ids are an error (nothing is changed). Shard bytes stay: rows keep their numbers."""
-    with _write_lock(bank_uri):
-        bank = MemoryBank.open(bank_uri)
-        unknown = []
-        rows = []
-        for ref_id in ids:
-            try:
-                rows.append(bank.row_of(ref_id))
-            except KeyError:
-                unknown.append(ref_id)
-        if unknown:
-            raise ValueError(f"unknown reference id(s) in {bank_uri}: {unknown[:5]}")
-        new = sorted(set(r for r in rows if not bank.is_deleted(r)))
-        if not new:
-            return 0
-        manifest = bank.manifest
-        manifest["tombstones"] = manifest["tombstones"] + new
-        if manifest.get("index"):
-            remove_rows(bank_uri, manifest, new)  # commits the manifest with the new index
-        else:
-            write_manifest(bank_uri, manifest)
-        return len(new)

@@ -1,6 +1,6 @@
 """`memory3 eval`: does the model answer from explicit memory? Exact match and answer log-likelihood in three
 modes on the same retrieved references (paper §7): explicit memory, no memory, and RAG (the reference texts
-prepended to the prompt), plus decode tokens/s and time to first token per mode.
+prepended to the prompt with the served endpoint's template, model/prompts.py), plus decode tokens/s and time to first token per mode.
 
 Entities of the `memory_only` group exist only in the bank, never in training text: their accuracy with memory vs
 without measures knowledge moved out of the weights.
@@ -12,13 +12,19 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from omegaconf import DictConfig
 
+from bank import storage
+from bank.format import weights_sha256
+from bank.index import Retriever
+from bank.reader import MemoryBank
+from bank.store import MemoryStore
+from configs import typed
+from configs.schema import EvalConfig
 from model.checkpoint import load_checkpoint
 from model.generate import Retrieved, generate
+from model.prompts import rag_prompt
 from model.tokenizer import Tokenizer
 from model.transformer import MemoryBatch, Transformer
-from pipelines import storage
 
 MODES = ("memory", "none", "rag")
 
@@ -35,9 +41,9 @@ def first_line(text: str) -> str:
 class MemorySource:
     """Retrieval + memory loading in-process: the same path serving takes, without the HTTP hop."""
 
-    retriever: object  # pipelines.index.Retriever
-    store: object  # pipelines.bank.MemoryStore
-    bank: object  # pipelines.bank.MemoryBank
+    retriever: Retriever
+    store: MemoryStore
+    bank: MemoryBank
     k: int
     searches: int = field(default=0)
 
@@ -56,17 +62,9 @@ class MemorySource:
 def open_memory_source(bank_uri: str, k: int, cache_size: int = 4096, device: str = "cpu",
                        dtype: torch.dtype = torch.float32, expect_model_sha: str | None = None,
                        expect_tokenizer_sha: str | None = None) -> MemorySource:
-    from pipelines.bank import MemoryBank, MemoryStore
-    from pipelines.index import Retriever
-
     bank = MemoryBank.open(bank_uri, expect_model_sha=expect_model_sha, expect_tokenizer_sha=expect_tokenizer_sha)
     return MemorySource(Retriever.open(bank_uri), MemoryStore(bank, cache_size=cache_size, device=device, dtype=dtype),
                         bank, k)
-
-
-def rag_prompt(reference_texts: list[str], prompt: str) -> str:
-    """Reference texts before the question, the layout the warmup data's reference+QA lines teach."""
-    return "\n".join(reference_texts + [prompt])
 
 
 def answer_logprob(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], answer: str,
@@ -77,7 +75,7 @@ def answer_logprob(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[in
     memory = None
     if retrieved is not None and len(retrieved.n_valid):
         T = ids.shape[1]
-        W = (T - 1 - model.cfg.sink_len) // model.cfg.window + 1
+        W = model.cfg.n_windows(T)
         M = len(retrieved.n_valid)
         memory = MemoryBatch.from_references(retrieved.memories[None].to(model.device),
                                              retrieved.n_valid[None].to(model.device),
@@ -164,12 +162,11 @@ def read_jsonl(uri: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: EvalConfig) -> dict:
+    cfg = typed("eval", cfg)
     model, tokenizer = load_checkpoint(cfg.checkpoint)
     if tokenizer is None:
         raise ValueError(f"checkpoint {cfg.checkpoint} has no tokenizer.json")
-    from pipelines.bank import weights_sha256
-
     source = open_memory_source(cfg.bank, k=cfg.refs or model.cfg.refs_per_window,
                                 expect_model_sha=weights_sha256(cfg.checkpoint), expect_tokenizer_sha=tokenizer.sha256)
     qa = read_jsonl(cfg.qa)
@@ -198,7 +195,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(cfg: DictConfig) -> None:
+def main(cfg: EvalConfig) -> None:
     report = run(cfg)
     print(format_table(report))
     summary = {k: v for k, v in report.items() if k != "results"}

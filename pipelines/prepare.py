@@ -23,11 +23,12 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
-from omegaconf import DictConfig
 
-from memory3.config import model_config
+from bank import chunking, storage
+from configs import model_config, typed
+from configs.schema import PrepareConfig
 from model.tokenizer import Tokenizer
-from pipelines import console, corpus, storage
+from pipelines import console
 from pipelines.ray_runtime import ensure_ray
 
 MANIFEST, TOKENIZER = "prepare.json", "tokenizer.json"
@@ -59,10 +60,10 @@ def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
 
 def read_corpus(uri: str) -> list[tuple["ray.data.Dataset", str]]:
     """Raw records as (dataset, format) per file kind. JSONL is read one row per line (column `text`) and parsed
-    later, so a bad line is counted rather than fatal. Files are listed like the bank's (pipelines/corpus.py)."""
-    files = corpus.list_corpus_files(uri)
-    jsonl = [f for f in files if f.endswith(corpus.JSONL_SUFFIXES)]
-    parquet = [f for f in files if f.endswith(corpus.PARQUET_SUFFIXES)]
+    later, so a bad line is counted rather than fatal. Files are listed like the bank's (bank/chunking.py)."""
+    files = chunking.list_corpus_files(uri)
+    jsonl = [f for f in files if f.endswith(chunking.JSONL_SUFFIXES)]
+    parquet = [f for f in files if f.endswith(chunking.PARQUET_SUFFIXES)]
     out = []
     for paths, fmt in ((jsonl, "jsonl"), (parquet, "parquet")):
         if paths:
@@ -76,7 +77,7 @@ def read_corpus(uri: str) -> list[tuple["ray.data.Dataset", str]]:
 
 # ---------------------------------------------------------------- records -> documents
 def parse_documents(table: pa.Table, fmt: str, source_field: str) -> tuple[list[tuple[str, str, str]], Counter]:
-    """(source_id, text, prompt) per valid record (the bank's record rules, corpus.validate_record), plus malformed
+    """(source_id, text, prompt) per valid record (the bank's record rules, chunking.validate_record), plus malformed
     counts by reason. The source is the record's `source_field` when set, else its own id.
 
     A record may carry `prompt`, a prefix of its text (a question, with reference texts before it or not): then the
@@ -92,7 +93,7 @@ def parse_documents(table: pa.Table, fmt: str, source_field: str) -> tuple[list[
             except (json.JSONDecodeError, TypeError):
                 malformed["invalid JSON"] += 1
                 continue
-        doc = corpus.validate_record(row)
+        doc = chunking.validate_record(row)
         if isinstance(doc, str):
             malformed[doc] += 1
             continue
@@ -224,7 +225,7 @@ def load_manifest(data_uri: str) -> dict:
     return manifest
 
 
-def main(cfg: DictConfig) -> int:
+def main(cfg: PrepareConfig) -> int:
     """`memory3 prepare corpus=... out=...`; prints the manifest as one JSON line."""
     with console.stage("prepare training data") as line:
         manifest = prepare(cfg)
@@ -233,25 +234,26 @@ def main(cfg: DictConfig) -> int:
     return 0
 
 
-def prepare(cfg: DictConfig) -> dict:
+def prepare(cfg: PrepareConfig) -> dict:
     """Run the job; returns the manifest written to out/prepare.json."""
-    if not cfg.get("corpus") or not cfg.get("out"):
+    cfg = typed("prepare", cfg)
+    if not cfg.corpus or not cfg.out:
         raise ValueError("prepare needs corpus=<jsonl|parquet file or folder> and out=<folder>")
     t0 = time.time()
     mcfg = model_config(cfg)
-    corpus_uri, out = str(cfg.corpus), str(cfg.out)
-    ensure_ray(cfg.get("ray_address"))
+    corpus_uri, out = cfg.corpus, cfg.out
+    ensure_ray(cfg.ray_address)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same corpus -> same files
     raw = read_corpus(corpus_uri)
 
-    if cfg.get("tokenizer"):
-        tokenizer = Tokenizer.from_str(storage.read_text(str(cfg.tokenizer)))
+    if cfg.tokenizer:
+        tokenizer = Tokenizer.from_str(storage.read_text(cfg.tokenizer))
     else:
-        vocab = int(cfg.vocab_size or mcfg.vocab_size)
+        vocab = cfg.vocab_size or mcfg.vocab_size
         texts = [ds.map_batches(valid_texts, batch_format="pyarrow", fn_kwargs={"fmt": fmt}, num_cpus=cfg.num_cpus)
                  for ds, fmt in raw]
         texts = texts[0].union(*texts[1:]) if len(texts) > 1 else texts[0]
-        sample = (row["doc"] for row in texts.limit(int(cfg.tokenizer_docs)).iter_rows())
+        sample = (row["doc"] for row in texts.limit(cfg.tokenizer_docs).iter_rows())
         tokenizer = Tokenizer.train(sample, vocab)
     if tokenizer.vocab_size > mcfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
@@ -259,9 +261,9 @@ def prepare(cfg: DictConfig) -> dict:
 
     stats = PrepareStats.remote()
     parts = [ds.map_batches(
-        build_sequences, batch_size=int(cfg.batch_docs), batch_format="pyarrow", num_cpus=cfg.num_cpus,
-        fn_kwargs={"fmt": fmt, "source_field": str(cfg.source_field), "tokenizer_json": tokenizer.to_str(),
-                   "seq_len": mcfg.max_seq_len, "pack": bool(cfg.pack), "stats": stats}) for ds, fmt in raw]
+        build_sequences, batch_size=cfg.batch_docs, batch_format="pyarrow", num_cpus=cfg.num_cpus,
+        fn_kwargs={"fmt": fmt, "source_field": cfg.source_field, "tokenizer_json": tokenizer.to_str(),
+                   "seq_len": mcfg.max_seq_len, "pack": cfg.pack, "stats": stats}) for ds, fmt in raw]
     sequences = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     run_dir = f"sequences-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     fs, path = arrow_filesystem(storage.join(out, run_dir))
@@ -277,7 +279,7 @@ def prepare(cfg: DictConfig) -> dict:
         if storage.exists(storage.join(out, MANIFEST)) else None
     storage.write_text(storage.join(out, TOKENIZER), tokenizer.to_str())
     manifest = {
-        "corpus": corpus_uri, "data_dir": run_dir, "pack": bool(cfg.pack),
+        "corpus": corpus_uri, "data_dir": run_dir, "pack": cfg.pack,
         "seq_len": mcfg.max_seq_len, "sink_len": len(tokenizer.sink_ids),
         "tokenizer_sha256": tokenizer.sha256, "tokenizer_vocab_size": tokenizer.vocab_size,
         "documents": counts.get("documents", 0), "sequences": counts["sequences"], "tokens": counts["tokens"],

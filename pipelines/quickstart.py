@@ -16,8 +16,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from memory3.config import load_config
-from pipelines import console, storage
+from bank import storage
+from configs import load_config
+from pipelines import console
 
 
 def sub_config(name: str, values: dict) -> DictConfig:
@@ -59,10 +60,10 @@ def probes(cfg: DictConfig, checkpoint: str, bank: Path, update_refs: list[dict]
            qa: list[dict], refs: dict) -> dict:
     """Knowledge update: documents added after training are answered. Counterfactual: an edited fact in memory
     changes the answer."""
+    from bank.edits import append_documents, delete_references
+    from bank.embedder import Embedder
     from model.checkpoint import load_checkpoint
-    from pipelines.encode import append_documents, delete_references
     from pipelines.evaluate import evaluate, open_memory_source
-    from pipelines.index import Embedder
 
     probe_bank = bank.with_name(bank.name + "_probes")  # probes edit a copy: bank/ stays what training produced
     shutil.rmtree(probe_bank, ignore_errors=True)

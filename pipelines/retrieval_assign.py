@@ -77,13 +77,13 @@ def leakage(train: Sequence[int], source_ids: set[str], record: dict, threshold:
 
 # ---------------------------------------------------------------- windows
 def window_token_spans(n_tokens: int, n_windows: int, cfg: ModelConfig) -> list[tuple[int, int]]:
-    """[start, end) token index of each window of a sequence with n_tokens tokens (the same windows as
-    MemoryBatch.from_references: context index sink_len + w*window ...; the last token is only a target)."""
+    """[start, end) token index of each window of a sequence with n_tokens tokens (`ModelConfig.window_span`,
+    cut at the inputs: the last token is only a target)."""
     inputs = n_tokens - 1
     spans = []
     for w in range(n_windows):
-        start = cfg.sink_len + w * cfg.window
-        spans.append((start, max(start, min(start + cfg.window, inputs))))
+        start, end = cfg.window_span(w)
+        spans.append((start, max(start, min(end, inputs))))
     return spans
 
 
@@ -109,8 +109,9 @@ class ReferenceAssigner:
 
     def __init__(self, bank_uri: str, tokenizer_json: str, model: dict, n_windows: int, refs_per_window: int,
                  candidates: int, overlap_threshold: float, embedder: str | None = None):
-        from pipelines.bank import MemoryBank
-        from pipelines.index import Embedder, Retriever
+        from bank.embedder import Embedder
+        from bank.index import Retriever
+        from bank.reader import MemoryBank
 
         self.bank = MemoryBank.open(bank_uri)
         self.retriever = Retriever.open(bank_uri, embedder=Embedder(embedder) if embedder else None)

@@ -20,14 +20,16 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from memory3.config import model_config
+from bank import storage
+from configs import model_config, typed
+from configs.schema import TrainConfig, TrainMemorySettings
 from model.checkpoint import CONFIG, TOKENIZER, WEIGHTS, save_checkpoint
 from model.config import ModelConfig
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
-from pipelines import console, storage
+from pipelines import console
 from pipelines.prepare import arrow_filesystem, load_manifest
 from pipelines.train_loop import DS_TAG, METRICS_FILE, PROGRESS_KEY, n_windows, train_loop_per_worker
 
@@ -77,15 +79,14 @@ def check_same_weights_shape(init_cfg: ModelConfig, cfg: ModelConfig, init: str)
         raise ValueError(f"init checkpoint {init} has another model shape ({detail}); pass the matching model=...")
 
 
-def plan_run(cfg: DictConfig) -> TrainPlan:
+def plan_run(cfg: TrainConfig) -> TrainPlan:
     """Validate the request; raises ValueError/FileNotFoundError with a clear message before any training."""
+    cfg = typed("train", cfg)
     stage = cfg.stage
     if stage not in ("warmup", "continual"):
         raise ValueError(f"stage={stage!r} must be warmup or continual")
-    if not cfg.get("data") or not cfg.get("out"):
-        raise ValueError("train needs data=<prepared folder> and out=<folder>")
     mcfg = model_config(cfg)
-    data = str(cfg.data)
+    data = cfg.data
     manifest = load_manifest(data)
     tokenizer = Tokenizer.from_str(storage.read_text(storage.join(data, "tokenizer.json")))
     if tokenizer.sha256 != manifest["tokenizer_sha256"]:
@@ -100,19 +101,19 @@ def plan_run(cfg: DictConfig) -> TrainPlan:
         raise ValueError(f"data sequences start with a {manifest['sink_len']}-token sink, model sink_len="
                          f"{mcfg.sink_len}")
     ds = cfg.deepspeed
-    per_step = int(cfg.scaling.num_workers) * int(ds.micro_batch)
+    per_step = cfg.scaling.num_workers * ds.micro_batch
     if manifest["sequences"] < per_step:
         raise ValueError(f"{manifest['sequences']} sequences cannot fill one micro-batch on every worker "
                          f"(num_workers * micro_batch = {per_step})")
     for key in ("max_steps", "checkpoint_every", "report_every"):
-        if int(cfg[key]) < 1:
+        if cfg[key] < 1:
             raise ValueError(f"{key}={cfg[key]} must be >= 1")
-    out = str(cfg.out)
+    out = cfg.out
     plan = TrainPlan(stage, out, mcfg, manifest, storage.join(data, manifest["data_dir"]), tokenizer,
-                     resume=bool(cfg.resume))
+                     resume=cfg.resume)
 
-    if cfg.get("init"):
-        plan.init, plan.init_run = resolve_init(str(cfg.init))
+    if cfg.init:
+        plan.init, plan.init_run = resolve_init(cfg.init)
         init_cfg = ModelConfig.from_dict(json.loads(storage.read_text(storage.join(plan.init, CONFIG)))["model"])
         check_same_weights_shape(init_cfg, mcfg, plan.init)
         tok_uri = storage.join(plan.init, TOKENIZER)
@@ -126,16 +127,17 @@ def plan_run(cfg: DictConfig) -> TrainPlan:
         if not plan.init:
             raise ValueError("stage=continual needs init=<warmup checkpoint> (training with memory from scratch "
                              "teaches the model to ignore memory, paper §3.6)")
-        if not cfg.get("bank"):
+        if not cfg.bank:
             raise ValueError("stage=continual needs bank=<memory bank uri>")
-        plan.bank = str(cfg.bank)
+        plan.bank = cfg.bank
+        check_memory_slots(mcfg, cfg.memory)
         check_bank(plan)
-    elif cfg.get("bank"):
+    elif cfg.bank:
         raise ValueError("bank= is read by stage=continual only; the warmup stage trains without memory")
 
-    plan.storage_path = str(cfg.storage_path or out)
-    plan.run_dir = storage.join(plan.storage_path, str(cfg.run_name))
-    newest = newest_checkpoint(plan.run_dir, int(cfg.scaling.num_workers))
+    plan.storage_path = cfg.storage_path or out
+    plan.run_dir = storage.join(plan.storage_path, cfg.run_name)
+    newest = newest_checkpoint(plan.run_dir, cfg.scaling.num_workers)
     if storage.exists(storage.join(plan.run_dir, SNAPSHOT)) or newest:
         if not plan.resume:
             raise ValueError(f"{plan.run_dir} already holds a run: pass resume=true to continue it, or another out")
@@ -143,6 +145,19 @@ def plan_run(cfg: DictConfig) -> TrainPlan:
     elif plan.resume:
         plan.notes.append(f"resume=true but {plan.run_dir} holds no checkpoint yet: starting from step 0")
     return plan
+
+
+def check_memory_slots(model: ModelConfig, memory: TrainMemorySettings) -> None:
+    """A training window reads its own references and those of `lookback` earlier windows (paper §3.6: 1 x (1 + 4)
+    = 5); decoding gives a window the model's refs_per_window slots. Training must not teach more memories per
+    window than decoding can give it."""
+    windows = n_windows(model.max_seq_len, model)
+    reads = memory.refs_per_window * min(1 + memory.lookback, windows)
+    if reads > model.refs_per_window:
+        raise ValueError(f"memory.refs_per_window={memory.refs_per_window} x (1 + memory.lookback={memory.lookback}, "
+                         f"at most {windows} windows) = {reads} memories per training window > the model's "
+                         f"refs_per_window={model.refs_per_window} decode slots; lower memory.refs_per_window or "
+                         f"memory.lookback, or raise model.refs_per_window")
 
 
 def newest_checkpoint(run_dir: str, world_size: int) -> str | None:
@@ -162,7 +177,7 @@ def check_bank(plan: TrainPlan) -> None:
     """The bank must exist, be written with the data's tokenizer, and hold references the model can encode."""
     if not storage.exists(plan.bank):
         raise FileNotFoundError(f"memory bank {plan.bank} does not exist (build it with `memory3 encode`)")
-    from pipelines.bank import MemoryBank
+    from bank.reader import MemoryBank
 
     bank = MemoryBank.open(plan.bank, expect_tokenizer_sha=plan.tokenizer.sha256)
     if bank.config.reference_len > plan.model.reference_len:
@@ -172,15 +187,16 @@ def check_bank(plan: TrainPlan) -> None:
         raise ValueError(f"memory bank {plan.bank} is empty")
 
 
-def worker_env(cfg: DictConfig) -> dict:
-    env = {k: os.environ[k] for k in cfg.propagate_env if k in os.environ}
+def worker_env(cfg: TrainConfig) -> dict:
+    """The driver's S3 settings plus what CPU workers need, for the train workers' runtime_env."""
+    env = storage.aws_env()
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
 
-def build_dataset(plan: TrainPlan, cfg: DictConfig, env: dict):
+def build_dataset(plan: TrainPlan, cfg: TrainConfig, env: dict):
     """Training rows as a Ray Dataset, in a deterministic order so a resumed or restarted run sees the same one.
 
     warmup: the prepared Parquet. continual: the prepared rows plus `ref_rows`, computed once by the retrieval
@@ -195,17 +211,17 @@ def build_dataset(plan: TrainPlan, cfg: DictConfig, env: dict):
     fs, path = arrow_filesystem(uri)
     # Global order: a seeded block order here plus each worker's seeded local shuffle buffer every epoch
     # (train_loop); a full random_shuffle would move every row through the object store on every run.
-    return ray.data.read_parquet(path, filesystem=fs).randomize_block_order(seed=int(cfg.seed)), info
+    return ray.data.read_parquet(path, filesystem=fs).randomize_block_order(seed=cfg.seed), info
 
 
-def precompute_retrieval(plan: TrainPlan, cfg: DictConfig, env: dict) -> tuple[str, dict]:
+def precompute_retrieval(plan: TrainPlan, cfg: TrainConfig, env: dict) -> tuple[str, dict]:
     """Run (or reuse) the retrieval pass; returns the folder of assigned rows and its statistics."""
     import hashlib
 
     import ray
 
+    from bank.reader import MemoryBank
     from pipelines import retrieval_assign
-    from pipelines.bank import MemoryBank
 
     mem = cfg.memory
     windows = n_windows(plan.model.max_seq_len, plan.model)
@@ -225,10 +241,10 @@ def precompute_retrieval(plan: TrainPlan, cfg: DictConfig, env: dict) -> tuple[s
     t0 = time.perf_counter()
     assigned = retrieval_assign.assign_references(
         ray.data.read_parquet(path, filesystem=fs), bank_uri=plan.bank, tokenizer_json=plan.tokenizer.to_str(),
-        cfg=plan.model, n_windows=windows, refs_per_window=int(mem.refs_per_window),
-        candidates=int(mem.candidates), overlap_threshold=float(mem.overlap_threshold), embedder=mem.embedder,
-        actors=int(mem.retrieval_actors), cpus_per_actor=float(mem.retrieval_cpus),
-        batch_size=int(mem.retrieval_batch), env_vars=env)
+        cfg=plan.model, n_windows=windows, refs_per_window=mem.refs_per_window,
+        candidates=mem.candidates, overlap_threshold=mem.overlap_threshold, embedder=mem.embedder,
+        actors=mem.retrieval_actors, cpus_per_actor=mem.retrieval_cpus, batch_size=mem.retrieval_batch,
+        env_vars=env)
     out_fs, out_path = arrow_filesystem(folder)
     assigned.write_parquet(out_path, filesystem=out_fs)
     seconds = time.perf_counter() - t0
@@ -239,38 +255,38 @@ def precompute_retrieval(plan: TrainPlan, cfg: DictConfig, env: dict) -> tuple[s
     return folder, {**stats, "reused": False}
 
 
-def loop_config(plan: TrainPlan, cfg: DictConfig) -> dict:
+def loop_config(plan: TrainPlan, cfg: TrainConfig) -> dict:
     c = OmegaConf.to_container(cfg, resolve=True)
     return {
         "stage": plan.stage, "model": plan.model.to_dict(), "init": plan.init, "bank": plan.bank,
-        "seed": int(cfg.seed), "max_steps": int(cfg.max_steps), "checkpoint_every": int(cfg.checkpoint_every),
-        "report_every": int(cfg.report_every), "shuffle_buffer": int(cfg.shuffle_buffer),
+        "seed": cfg.seed, "max_steps": cfg.max_steps, "checkpoint_every": cfg.checkpoint_every,
+        "report_every": cfg.report_every, "shuffle_buffer": cfg.shuffle_buffer,
         "seq_len": plan.model.max_seq_len, "pad_id": plan.tokenizer.pad_id, "sink_ids": plan.tokenizer.sink_ids,
         "deepspeed": c["deepspeed"], "optim": c["optim"], "memory": c["memory"],
-        "use_gpu": bool(cfg.scaling.use_gpu), "threads": max(1, int(cfg.scaling.cpus_per_worker)),
+        "use_gpu": cfg.scaling.use_gpu, "threads": max(1, int(cfg.scaling.cpus_per_worker)),
         "fail_at_step": cfg.fail_at_step, "fail_marker_dir": plan.out, "resume_from": plan.resume_from,
     }
 
 
-def make_trainer(plan: TrainPlan, cfg: DictConfig, dataset, env: dict):
+def make_trainer(plan: TrainPlan, cfg: TrainConfig, dataset, env: dict):
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     sc = cfg.scaling
-    resources = {"CPU": float(sc.cpus_per_worker)}
+    resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = 1
     fs, path = arrow_filesystem(plan.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(plan, cfg),
-        scaling_config=ScalingConfig(num_workers=int(sc.num_workers), use_gpu=bool(sc.use_gpu),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
-        run_config=RunConfig(name=str(cfg.run_name), storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=int(cfg.max_failures)),
-                             checkpoint_config=CheckpointConfig(num_to_keep=int(cfg.keep_checkpoints)),
+        run_config=RunConfig(name=cfg.run_name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              worker_runtime_env={"env_vars": env}),
         datasets={"train": dataset},
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
@@ -336,37 +352,38 @@ def plot_loss(history: list[dict], warmup: list[dict], stage: str) -> bytes:
     return buf.getvalue()
 
 
-def main(cfg: DictConfig) -> int:
+def main(cfg: TrainConfig) -> int:
     """`memory3 train ...`; prints the run summary as one JSON line."""
     console.say(json.dumps(train(cfg)))
     return 0
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: TrainConfig) -> dict:
     """Run a stage end to end; returns the summary also written to <out>/train_summary.json."""
     from pipelines.ray_runtime import ensure_ray
 
     t0 = time.time()
+    cfg = typed("train", cfg)
     plan = plan_run(cfg)
     for note in plan.notes:
         console.say(f"memory3 train: {note}")
-    ensure_ray(cfg.get("ray_address"))
+    ensure_ray(cfg.ray_address)
     env = worker_env(cfg)
     timings = {"validate_and_start": time.time() - t0}
     with console.stage(f"train {plan.stage}") as line:
         dataset, retrieval = build_dataset(plan, cfg, env)
         timings["dataset"] = time.time() - t0 - sum(timings.values())
-        line.follow(PROGRESS_KEY, total=int(cfg.max_steps), unit="steps")
+        line.follow(PROGRESS_KEY, total=cfg.max_steps, unit="steps")
         result = make_trainer(plan, cfg, dataset, env).fit()
         if result.error:
             raise result.error
         timings["fit"] = time.time() - t0 - sum(timings.values())
         with result.checkpoint.as_directory() as d:
             history = read_metrics(os.path.join(d, METRICS_FILE))
-            state = exported_state_dict(d, int(cfg.deepspeed.zero_stage))
+            state = exported_state_dict(d, cfg.deepspeed.zero_stage)
         last = history[-1] if history else {}
         meta = {"stage": plan.stage, "steps": last.get("step"), "loss": last.get("loss"), "init": plan.init,
-                "bank": plan.bank, "data": str(cfg.data), "tokenizer_sha256": plan.tokenizer.sha256}
+                "bank": plan.bank, "data": cfg.data, "tokenizer_sha256": plan.tokenizer.sha256}
         final = export_final(plan, state, meta)
         storage.write_text(storage.join(plan.out, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in history))
         warmup = read_metrics(storage.join(plan.init_run, METRICS_FILE)) if plan.init_run and plan.stage == "continual" \

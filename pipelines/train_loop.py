@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import random
 import shutil
@@ -107,8 +106,8 @@ def collate(batch: dict, seq_len: int, pad_id: int, sink_len: int, device="cpu")
 
 
 def n_windows(seq_len: int, cfg: ModelConfig) -> int:
-    """Windows of a training sequence: its seq_len - 1 input positions after the sink (paper §3.6: 2048 -> 32)."""
-    return math.ceil((seq_len - 1 - cfg.sink_len) / cfg.window)
+    """Windows of a training sequence: its seq_len - 1 input positions (paper §3.6: 2048 -> 32)."""
+    return cfg.n_windows(seq_len - 1)
 
 
 def memory_slots(ref_rows: np.ndarray, lookback: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -200,8 +199,8 @@ def load_init_weights(model: Transformer, uri: str) -> None:
     """Weights of an exported checkpoint (model.checkpoint layout; local or s3://) into `model`."""
     from safetensors.torch import load as load_safetensors
 
+    from bank import storage
     from model.checkpoint import WEIGHTS
-    from pipelines import storage
 
     state = load_safetensors(storage.read_bytes(storage.join(uri, WEIGHTS)))
     if model.cfg.tie_embeddings:
@@ -213,7 +212,7 @@ def _maybe_fail(config: dict, step: int, rank: int, world: int) -> None:
     """Test hook for FailureConfig: one worker dies once at `fail_at_step` (a marker file makes it once)."""
     if config.get("fail_at_step") is None or step != int(config["fail_at_step"]) or rank != min(1, world - 1):
         return
-    from pipelines import storage
+    from bank import storage
 
     marker = storage.join(config["fail_marker_dir"], f".fail_at_step_{step}")
     if not storage.exists(marker):
@@ -272,7 +271,7 @@ def train_loop_per_worker(config: dict) -> None:
     references = None
     continual = config["stage"] == "continual"
     if continual:
-        from pipelines.bank import MemoryBank
+        from bank.reader import MemoryBank
 
         bank = MemoryBank.open(config["bank"])
         references = ReferenceTokens(bank.records, mcfg.reference_len, config["pad_id"])

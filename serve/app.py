@@ -1,4 +1,4 @@
-"""The serving application: `build_app(args)` composes the deployments; `main(cfg)` is `memory3 serve`.
+"""The serving application: `build_app(args)` composes the deployments (`memory3 serve` is memory3/serve_command.py).
 
     Ingress (FastAPI) ──> Generator (model + continuous batching) ──> Retriever (embedder + FAISS)
         │                       └───────────────────────────────────> MemoryStore (bank rows -> memories, LRU)
@@ -6,44 +6,34 @@
         └──> BankWriter (admin API, live bank version)
 
 Each deployment takes its own replicas / autoscaling and resources from the config's `deployments` section.
-`serve run infra/serve.yaml` and KubeRay's RayService import `serve.app:build_app` with `args`; `memory3 serve`
-starts Ray and Serve on this box, listens on 127.0.0.1, waits for /healthz, and runs until Ctrl-C or SIGTERM.
+`serve run infra/serve.yaml` and KubeRay's RayService import `serve.app:build_app` with `args`.
 """
 from __future__ import annotations
 
-import json
 import os
-import signal
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError
-from ray import serve
 from ray.serve import Application
 
-from memory3.config import CONFIG_DIR
-from pipelines import storage
+from bank import storage
+from bank.checkpoints import load_tokenizer, local_checkpoint
+from bank.format import weights_sha256
+from bank.reader import MemoryBank
+from configs import defaults, merged
 from serve.bank_writer import BankWriter
 from serve.generator import Generator
 from serve.ingress import Ingress
-from serve.loading import load_tokenizer, local_checkpoint
 from serve.memory_store import MemoryStoreDeployment
 from serve.retriever import RetrieverDeployment
 
 
 def load_settings(args: dict | DictConfig | None) -> DictConfig:
-    """configs/serve.yaml with `args` merged over it; unknown keys are errors."""
-    cfg = OmegaConf.load(CONFIG_DIR / "serve.yaml")
-    OmegaConf.set_struct(cfg, True)
-    try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(args or {})))
-    except ConfigKeyError as e:
-        raise ValueError(f"unknown serve setting: {e.msg.splitlines()[0]}") from None
-    if not cfg.get("checkpoint"):  # `???` in serve.yaml: required
+    """configs/serve.yaml with `args` merged over it; unknown keys and wrong types are errors (ValueError)."""
+    cfg = merged("serve", defaults("serve"), OmegaConf.create(dict(args or {})))
+    if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
         raise ValueError("serve needs a model: checkpoint=<checkpoint folder or s3:// URI>")
     if cfg.defaults.memory_mode not in ("memory", "none", "rag"):
         raise ValueError(f"defaults.memory_mode={cfg.defaults.memory_mode!r} must be memory, none or rag")
@@ -58,19 +48,17 @@ def load_settings(args: dict | DictConfig | None) -> DictConfig:
 
 def deployment_options(d: DictConfig) -> dict:
     """Ray Serve `.options()` from one entry of the config's `deployments` section."""
-    options = {"ray_actor_options": {"num_cpus": float(d.num_cpus), "num_gpus": float(d.num_gpus)},
-               "max_ongoing_requests": int(d.max_ongoing_requests)}
+    options = {"ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+               "max_ongoing_requests": d.max_ongoing_requests}
     if d.autoscaling_config:
         options["autoscaling_config"] = OmegaConf.to_container(d.autoscaling_config, resolve=True)
     else:
-        options["num_replicas"] = int(d.num_replicas)
+        options["num_replicas"] = d.num_replicas
     return options
 
 
 def check_bank_matches(checkpoint: str, bank: str) -> None:
     """A bank is readable only by the weights and tokenizer that wrote it (paper App. A, Remark 9)."""
-    from pipelines.bank import MemoryBank, weights_sha256
-
     MemoryBank.open(bank, expect_model_sha=weights_sha256(checkpoint),
                     expect_tokenizer_sha=load_tokenizer(checkpoint).sha256)
 
@@ -123,31 +111,3 @@ def wait_healthy(url: str, timeout_s: float) -> None:
             last = str(e)
         time.sleep(0.5)
     raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:.0f}s (last: {last})")
-
-
-def main(cfg: DictConfig) -> int:
-    """`memory3 serve checkpoint=DIR [bank=DIR] [port=8000]`: serve until Ctrl-C / SIGTERM."""
-    from pipelines.ray_runtime import ensure_ray
-
-    args = OmegaConf.to_container(cfg, resolve=True)
-    args.pop("action", None)
-    app = build_app(args)  # bad settings fail here, before Ray starts
-    ensure_ray(cfg.ray_address)
-    serve.start(http_options={"host": cfg.host, "port": int(cfg.port)})
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
-        signal.signal(sig, lambda *_: stop.set())
-    url = f"http://{cfg.host}:{cfg.port}"
-    try:
-        serve.run(app, name=cfg.app_name, route_prefix="/")
-        wait_healthy(url, float(cfg.startup_timeout_s))
-        print(json.dumps({"serving": url, "model": cfg.model_name, "bank": cfg.bank}), flush=True)
-        while not stop.wait(1.0):
-            pass
-        print("memory3 serve: shutting down", file=sys.stderr, flush=True)
-    finally:
-        if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
-            serve.delete(cfg.app_name)  # a shared cluster: remove only our application
-        else:
-            serve.shutdown()
-    return 0

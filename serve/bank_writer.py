@@ -13,9 +13,10 @@ import time
 
 from ray import serve
 
-from pipelines.bank import MemoryBank, read_manifest
+from bank.checkpoints import load_model
+from bank.manifest import read_manifest
+from bank.reader import MemoryBank
 from serve.bank_version import BankVersion
-from serve.loading import load_model
 
 
 @serve.deployment(name="BankWriter", num_replicas=1)
@@ -23,7 +24,7 @@ class BankWriter:
     def __init__(self, bank: str, checkpoint: str, writer: dict, embedder: str | None):
         self.uri, self.checkpoint = bank, checkpoint
         self.device, self.dtype = writer["device"], writer["dtype"]
-        self.refresh_s = float(writer["refresh_s"])
+        self.refresh_s = writer["refresh_s"]
         self.embedder_name = embedder
         self.lock = asyncio.Lock()
         self.model = self.tokenizer = self.embedder = None
@@ -40,7 +41,7 @@ class BankWriter:
         return str(self.version)
 
     def _load_encoder(self) -> None:
-        from pipelines.index import Embedder
+        from bank.embedder import Embedder
 
         self.model, self.tokenizer = load_model(self.checkpoint, self.device, self.dtype)
         name = self.embedder_name or read_manifest(self.uri)["embedder"]["model"]
@@ -48,7 +49,7 @@ class BankWriter:
 
     async def add(self, documents: list[dict]) -> dict:
         """{"ids": new reference ids, "bank_version"} or {"error", "status"} for documents the bank refuses."""
-        from pipelines.encode import append_documents
+        from bank.edits import append_documents
 
         async with self.lock:
             if self.model is None:
@@ -63,7 +64,7 @@ class BankWriter:
 
     async def delete(self, ref_id: str) -> dict:
         """{"deleted": True, "bank_version"} or {"error", "status": 404} for an unknown or already deleted id."""
-        from pipelines.encode import delete_references
+        from bank.edits import delete_references
 
         async with self.lock:
             bank = await asyncio.to_thread(MemoryBank.open, self.uri)

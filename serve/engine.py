@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from model.generate import MemoryWindows, Retrieved, sample
-from model.transformer import KVCache, MemoryBatch, Transformer
+from model.transformer import KVCache, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,13 @@ class _Slot:
     generated: int = 0
 
 
-def _install(model: Transformer, caches: list[KVCache]) -> None:
-    for layer, cache in zip(model.layers, caches):
-        layer.self_attn.cache = cache
-
-
 class DecodeEngine:
     def __init__(self, model: Transformer, max_batch: int = 8, seed: int | None = None, idle_wait_s: float = 0.5):
         cfg = model.cfg
         self.model, self.cfg, self.max_batch, self.idle_wait_s = model, cfg, max_batch, idle_wait_s
         self.device = model.device
         model.setup_caches(max_batch, cfg.max_seq_len)
-        self.decode_caches = [layer.self_attn.cache for layer in model.layers]
+        self.decode_caches = model.caches()
         model.clear_caches()
         self._views: dict[tuple[int, int], list[KVCache]] = {}
         self.windows = MemoryWindows(model, self._retrieve_for_slot, max_batch)
@@ -169,12 +164,10 @@ class DecodeEngine:
         windows = MemoryWindows(self.model, retrieve, n)
         memory, events = windows.prompt_memory(prompts, P)
         idx = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=self.device)  # (n, P), right-padded
-        _install(self.model, self._cache_views(start, n))
+        self.model.use_caches(self._cache_views(start, n))
         logits = self.model(idx, memory=memory)  # (n, P, V)
-        rows = slice(start, start + n)
-        self.windows.current[rows] = windows.current
-        self.windows.n_valid[rows] = windows.n_valid
-        self.last_logits[rows] = logits[torch.arange(n, device=self.device),
+        self.windows.take_rows(start, windows)
+        self.last_logits[start:start + n] = logits[torch.arange(n, device=self.device),
                                         torch.tensor(lengths, device=self.device) - 1].float()
         for i, request in enumerate(requests):
             self.temperature[start + i], self.top_p[start + i] = request.temperature, request.top_p
@@ -217,18 +210,14 @@ class DecodeEngine:
                 self._finish(i, error=f"retrieval failed: {e}")
                 continue
             if ids is not None:
-                slot.request.emit({"type": "retrieval", "window": self.windows.window_of(index), "ids": list(ids)})
+                slot.request.emit({"type": "retrieval", "window": self.cfg.window_of(index), "ids": list(ids)})
         if not any(self.slots):
             return
         n = self._rows()
         cur = torch.tensor([[s.sequence[-1] if s else 0] for s in self.slots[:n]], device=self.device)  # (n, 1)
         pos = torch.tensor([[len(s.sequence) - 1 if s else 0] for s in self.slots[:n]], device=self.device)
-        memory = None
-        if bool(self.windows.n_valid[:n].any()):
-            visible = torch.ones(n, 1, self.windows.slots, dtype=torch.bool, device=self.device)
-            memory = MemoryBatch.from_references(self.windows.current[:n], self.windows.n_valid[:n], visible, pos,
-                                                 self.cfg)
-        _install(self.model, self._cache_views(0, n))
+        memory = self.windows.decode_memory(pos) if bool(self.windows.n_valid[:n].any()) else None
+        self.model.use_caches(self._cache_views(0, n))
         self.last_logits[:n] = self.model(cur, input_pos=pos, memory=memory)[:, -1].float()  # (n, V); free rows unused
 
     def _rows(self) -> int:
@@ -239,19 +228,13 @@ class DecodeEngine:
         """Caches whose buffers are rows start..start+n of the decode caches (views: writes land in place), so a
         forward runs over just those rows."""
         if (start, n) not in self._views:
-            views = []
-            for cache in self.decode_caches:
-                _, heads, _, dim = cache.k.shape
-                view = KVCache(n, heads, 0, dim, cache.k.dtype, self.device)
-                view.k, view.v = cache.k[start:start + n], cache.v[start:start + n]
-                views.append(view)
-            self._views[(start, n)] = views
+            self._views[(start, n)] = [cache.rows(start, n) for cache in self.decode_caches]
         return self._views[(start, n)]
 
     def _finish(self, i: int, reason: str | None = None, cancelled: bool = False, error: str | None = None) -> None:
         request = self.slots[i].request
         self.slots[i] = None
-        self.windows.n_valid[i] = 0
+        self.windows.clear_row(i)
         if cancelled:
             self.counts["cancelled"] += 1
         elif error is not None:

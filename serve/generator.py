@@ -15,9 +15,9 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from bank.checkpoints import load_model
 from model.generate import Retrieved
 from serve.engine import DecodeEngine, DecodeRequest
-from serve.loading import load_model
 
 
 @serve.deployment(name="Generator")
@@ -25,11 +25,11 @@ class Generator:
     def __init__(self, checkpoint: str, decoding: dict, retriever: DeploymentHandle | None = None,
                  memory_store: DeploymentHandle | None = None):
         if decoding.get("torch_threads"):
-            torch.set_num_threads(int(decoding["torch_threads"]))
+            torch.set_num_threads(decoding["torch_threads"])
         self.model, self.tokenizer = load_model(checkpoint, decoding["device"], decoding["dtype"])
-        self.engine = DecodeEngine(self.model, max_batch=int(decoding["max_batch_size"]), seed=decoding.get("seed"))
+        self.engine = DecodeEngine(self.model, max_batch=decoding["max_batch_size"], seed=decoding.get("seed"))
         self.retriever, self.memory_store = retriever, memory_store
-        self.timeout_s = float(decoding["retrieval_timeout_s"])
+        self.timeout_s = decoding["retrieval_timeout_s"]
         self.top_k = self.model.cfg.refs_per_window
 
     async def generate(self, job: dict) -> AsyncIterator[list[dict]]:

@@ -24,10 +24,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.util.metrics import Counter, Histogram
 
+from bank.checkpoints import load_tokenizer, local_checkpoint
 from model.checkpoint import load_config
+from model.prompts import CHAT_STOP, chat_query, rag_prompt, render_chat
 from serve.errors import APIError, install_error_handlers
-from serve.loading import load_tokenizer, local_checkpoint
-from serve.prompts import CHAT_STOP, chat_query, rag_prompt, render_chat
 from serve.schema import (AddMemoriesRequest, AddMemoriesResponse, ChatCompletionRequest, ChatCompletionResponse,
                           CompletionRequest, CompletionResponse, DeleteMemoryResponse, ErrorResponse, Health,
                           ModelList, SamplingFields)
@@ -158,7 +158,7 @@ class Ingress:
         self.has_bank = retriever is not None
         self.created = int(time.time())
         app.state.admin_token = os.environ.get("MEMORY3_ADMIN_TOKEN") or settings.get("admin_token") or None
-        app.state.max_body_bytes = int(self.limits["max_body_bytes"])
+        app.state.max_body_bytes = self.limits["max_body_bytes"]
         for request_schema in ("CompletionRequest", "ChatCompletionRequest"):  # document the one model served
             app.openapi()["components"]["schemas"][request_schema]["properties"]["model"]["enum"] = [self.model_name]
         self.requests = Counter("memory3_serve_requests_total", description="Completion requests served.",
@@ -228,7 +228,7 @@ class Ingress:
         if mode != "none" and not self.has_bank:
             raise APIError(400, f"memory_mode {mode!r} needs a memory bank; this server has none (use 'none')",
                            param="memory_mode", code="no_memory_bank")
-        max_tokens = body.max_tokens or int(self.defaults["max_tokens"])
+        max_tokens = body.max_tokens or self.defaults["max_tokens"]
         if max_tokens > self.limits["max_tokens"]:
             raise APIError(400, f"max_tokens={max_tokens} exceeds the limit of {self.limits['max_tokens']}",
                            param="max_tokens", code="max_tokens_too_large")
@@ -254,7 +254,7 @@ class Ingress:
         budget = self.model_cfg.max_seq_len - max_tokens
         while hits and len(self.tokenizer.context_ids(rag_prompt([h["text"] for h in hits], text))) > budget:
             hits = hits[:-1]
-        job.add_memories(hits, None, int(self.limits["snippet_chars"]))
+        job.add_memories(hits, None, self.limits["snippet_chars"])
         return rag_prompt([h["text"] for h in hits], text)
 
     async def _decode(self, job: Job) -> AsyncIterator[tuple[str, str | None]]:
@@ -262,7 +262,7 @@ class Ingress:
         before this request produced any text is retried on another (or its restarted) replica; after that the
         request fails with a 503 and the endpoint carries on."""
         memories = dict(job.memories)  # RAG references chosen before decoding survive a retry
-        for attempt in range(int(self.settings["replica_failure_retries"]) + 1):
+        for attempt in range(self.settings["replica_failure_retries"] + 1):
             produced = False
             try:
                 async for piece in self._decode_once(job):
@@ -270,7 +270,7 @@ class Ingress:
                     yield piece
                 return
             except _ReplicaFailed as e:
-                if produced or attempt == int(self.settings["replica_failure_retries"]):
+                if produced or attempt == self.settings["replica_failure_retries"]:
                     raise APIError(503, f"generation failed ({e}); retry the request",
                                    code="replica_unavailable") from None
                 job.memories, job.completion_tokens = dict(memories), 0
@@ -288,7 +288,7 @@ class Ingress:
                     if kind == "token":
                         new_ids.append(event["token"])
                     elif kind == "retrieval":
-                        job.add_memories(event["memories"], event["window"], int(self.limits["snippet_chars"]))
+                        job.add_memories(event["memories"], event["window"], self.limits["snippet_chars"])
                     elif kind == "finish":
                         finish = event["reason"]
                     elif kind == "error":

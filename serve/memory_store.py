@@ -12,17 +12,18 @@ from ray import serve
 from ray.util.metrics import Counter
 from torch import Tensor
 
-from pipelines.bank import MemoryBank, MemoryStore
+from bank.checkpoints import parse_dtype
+from bank.reader import MemoryBank
+from bank.store import MemoryStore
 from serve.bank_version import BankVersion
-from serve.loading import DTYPES
 
 
 @serve.deployment(name="MemoryStore")
 class MemoryStoreDeployment:
     def __init__(self, bank: str, memory: dict):
         self.uri = bank
-        self.cache_size = int(memory["cache_size"])
-        self.dtype = DTYPES[memory["dtype"]]
+        self.cache_size = memory["cache_size"]
+        self.dtype = parse_dtype(memory["dtype"])
         self.lock = threading.Lock()
         self.fetches = Counter("memory3_serve_memory_fetches_total",
                                description="Memories (bank rows) fetched for decoding.")

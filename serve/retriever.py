@@ -10,8 +10,9 @@ import asyncio
 
 from ray import serve
 
-from pipelines.bank import MemoryBank
-from pipelines.index import Embedder, Retriever
+from bank.embedder import Embedder
+from bank.index import Retriever
+from bank.reader import MemoryBank
 from serve.bank_version import BankVersion
 
 
@@ -21,8 +22,8 @@ class RetrieverDeployment:
         self.uri = bank
         self.embedder = Embedder(retrieval.get("embedder"), device=retrieval.get("device", "cpu"))
         self._open()
-        self._search_batch.set_max_batch_size(int(retrieval["max_batch_size"]))
-        self._search_batch.set_batch_wait_timeout_s(float(retrieval["batch_wait_s"]))
+        self._search_batch.set_max_batch_size(retrieval["max_batch_size"])
+        self._search_batch.set_batch_wait_timeout_s(retrieval["batch_wait_s"])
 
     def _open(self) -> None:
         bank = MemoryBank.open(self.uri)

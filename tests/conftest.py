@@ -10,6 +10,9 @@ import time
 
 import pytest
 
+# tests/bank/test_bank.py holds the tiny-checkpoint and document helpers that tests/pipelines imports too
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bank"))
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # one-box tests: no token dance between processes
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from memory3 import cli
-from memory3.config import CONFIG_DIR
+from configs import CONFIG_DIR
 
 REQUIRED = {"prepare": ["corpus", "out"], "encode": ["bank", "checkpoint", "corpus"], "index": ["bank"],
             "bank": ["bank"], "train": ["data", "out"], "eval": ["bank", "checkpoint", "qa"],

@@ -132,8 +132,8 @@ def test_crd_validation_catches_a_misspelled_field():
 
 
 def test_rayjob_entrypoints_use_real_commands_and_config_keys():
+    from configs import load_config
     from memory3.cli import COMMANDS
-    from memory3.config import load_config
 
     seen = set()
     for name, doc in manifests():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from memory3.config import load_config
+from configs import load_config
 from memory3.info import describe
 from model.config import ModelConfig
 from model.encoder import encode_references

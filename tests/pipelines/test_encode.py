@@ -22,12 +22,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from bank import storage
+from bank.format import BankError
+from bank.index import Retriever
+from bank.reader import MemoryBank
+from bank.store import MemoryStore
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.transformer import Transformer
-from pipelines import storage
-from pipelines.bank import BankError, MemoryBank, MemoryStore
 from pipelines.encode import encode_corpus
-from pipelines.index import Retriever
 from test_bank import _one_thread, direct_memories, embedder, make_documents, tiny_checkpoint  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
@@ -300,12 +302,12 @@ def test_killing_the_driver_then_rerunning_changes_no_byte(reference_bank, corpu
 
 def test_compiled_encoder_matches_eager_with_a_padded_last_batch(tiny_checkpoint):
     """compile=true pads every batch to batch_size (one graph, no recompiles); the padding rows must not leak."""
-    from pipelines import corpus
-    from pipelines.encode import ShardEncoder
+    from bank import chunking
+    from bank.shard_encoder import ShardEncoder
 
     model, tokenizer = load_checkpoint(tiny_checkpoint)
-    docs = [corpus.Document(d["id"], d["text"], {}) for d in make_documents(7)]
-    refs = corpus.chunk_documents(docs, tokenizer, model.cfg.reference_len)
+    docs = [chunking.Document(d["id"], d["text"], {}) for d in make_documents(7)]
+    refs = chunking.chunk_documents(docs, tokenizer, model.cfg.reference_len)
     assert len(refs) % 4 != 0  # a short last batch
     eager, eager_valid = ShardEncoder(model, tokenizer, None, None, None, batch_size=4).memories(refs)
     compiled, compiled_valid = ShardEncoder(model, tokenizer, None, None, None, batch_size=4, compile=True).memories(refs)

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from memory3.config import load_config
+from bank import storage
+from configs import load_config
 from model.tokenizer import Tokenizer
-from pipelines import storage
 from pipelines.prepare import MANIFEST, decode_text, pack_sequences, prepare
 
 SEQ_LEN = 48

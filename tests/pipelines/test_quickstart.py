@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from memory3.config import load_config
+from configs import load_config
 
 pytestmark = pytest.mark.slow
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from memory3.config import load_config
+from bank import storage
+from configs import load_config
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.encoder import encode_references
 from model.tokenizer import Tokenizer
 from model.transformer import MemoryBatch, Transformer
-from pipelines import storage
 from pipelines.geo_corpus import build_geo_corpus
 from pipelines.prepare import prepare
 from pipelines.retrieval_assign import lcs_length, overlap, select_references
@@ -269,8 +269,8 @@ def test_no_training_sequence_receives_a_reference_from_its_own_document(continu
     """Checked on the rows the continual run trained on (its precomputed retrieval folder)."""
     import pyarrow.parquet as pq
 
-    from pipelines.bank import MemoryBank
-    from pipelines.index import Retriever
+    from bank.index import Retriever
+    from bank.reader import MemoryBank
 
     folder = continual[1]["retrieval"]["folder"]
     rows = pq.read_table(folder).to_pylist()

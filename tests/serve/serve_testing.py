@@ -29,10 +29,12 @@ def city_documents() -> list[dict]:
 
 def build_bank(path: str, checkpoint: str, documents: list[dict]) -> str:
     """A real bank written by the bank code: an empty bank, the documents encoded and appended, a Flat index."""
+    from bank.edits import append_documents
+    from bank.embedder import Embedder
+    from bank.format import weights_sha256
+    from bank.index import update_index
+    from bank.manifest import create_bank
     from model.checkpoint import load_checkpoint
-    from pipelines.bank import create_bank, weights_sha256
-    from pipelines.encode import append_documents
-    from pipelines.index import Embedder, update_index
 
     model, tokenizer = load_checkpoint(checkpoint)
     embedder = Embedder()

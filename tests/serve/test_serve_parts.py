@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
+from model.prompts import CHAT_STOP, chat_query, rag_prompt, render_chat
 from model.tokenizer import Tokenizer
 from serve.app import deployment_options, load_settings
 from serve.bank_version import BankVersion
-from serve.prompts import CHAT_STOP, chat_query, rag_prompt, render_chat
 from serve.text_stream import TextStream
 from serve_testing import city_documents
 

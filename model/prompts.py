@@ -1,4 +1,5 @@
-"""Model input text for the three memory modes and for chat messages (the templates docs/serving.md documents).
+"""Model input text for the three memory modes and for chat messages (the templates docs/serving.md documents);
+the server and `memory3 eval` both use them, so the RAG baseline the report measures is the RAG mode served.
 
 Chat template (plain text, one line per message, the model continues after the final "Assistant:"):
 

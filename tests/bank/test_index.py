@@ -1,4 +1,4 @@
-"""Retrieval (pipelines/index.py) and live updates (append_documents / delete_references): real FAISS, real
+"""Retrieval (bank/index.py) and live edits (bank/edits.py): real FAISS, real
 embedder, banks written in-process."""
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from bank.edits import append_documents, delete_references
+from bank.index import Retriever, build_index, index_rows, update_index
+from bank.manifest import read_manifest
+from bank.reader import MemoryBank
 from model.checkpoint import load_checkpoint
-from pipelines.bank import MemoryBank, read_manifest
-from pipelines.encode import append_documents, delete_references
-from pipelines.index import Retriever, build_index, index_rows, update_index
 from test_bank import _one_thread, build_bank, embedder, make_documents, tiny_checkpoint  # noqa: F401 (fixtures)
 
 

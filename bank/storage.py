@@ -1,4 +1,4 @@
-"""Local paths and s3:// URIs behind one small API, used by every job (corpus, bank, checkpoints).
+"""Local paths and s3:// URIs behind one small API, used by the bank, the jobs and the server.
 
 fsspec (s3fs for S3) does the work. S3 endpoints come from the standard AWS environment (`AWS_ENDPOINT_URL`,
 credentials), which pyarrow and Ray Data read too, so one setting points every reader at e.g. a MinIO or moto
@@ -12,6 +12,15 @@ import uuid
 from pathlib import Path
 
 import fsspec
+
+AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+           "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED")
+"""The S3 settings a Ray worker needs from its driver (a local Ray may have started before they were set)."""
+
+
+def aws_env() -> dict[str, str]:
+    """The driver's AWS_* settings that are set, to forward to Ray workers' runtime_env."""
+    return {k: os.environ[k] for k in AWS_ENV if k in os.environ}
 
 
 def is_remote(uri: str) -> bool:

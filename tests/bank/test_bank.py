@@ -1,4 +1,5 @@
-"""The bank format and its read path (pipelines/bank.py): records, manifest, MemoryStore, verify — no Ray.
+"""The bank format and its read path (bank/format.py, manifest.py, reader.py, store.py): records, manifest,
+MemoryStore, verify — no Ray.
 
 Also home of the tiny-checkpoint and document helpers that test_index.py and test_encode.py import.
 """
@@ -15,14 +16,17 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
+from bank import chunking, storage
+from bank.format import BankError, weights_sha256
+from bank.manifest import create_bank
+from bank.reader import MemoryBank
+from bank.store import MemoryStore
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.encoder import encode_references
 from model.quantizer import MemoryQuantizer
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
-from pipelines import corpus, storage
-from pipelines.bank import BankError, MemoryBank, MemoryStore, create_bank, weights_sha256
 
 SYLLABLES = ["ka", "lo", "mer", "vin", "tas", "ro", "bel", "dun", "sa", "qui", "zor", "fen", "lu", "dra", "mi", "pol"]
 COUNTRIES = ["Peru", "Kenya", "Norway", "Japan", "Chile", "Ghana", "Laos", "Malta", "Oman", "Chad"]
@@ -68,7 +72,7 @@ _EMBEDDER: dict = {}
 
 @pytest.fixture(scope="session")
 def embedder():
-    from pipelines.index import Embedder
+    from bank.embedder import Embedder
 
     if "e" not in _EMBEDDER:
         _EMBEDDER["e"] = Embedder()
@@ -92,14 +96,15 @@ def build_bank(uri: str, checkpoint: Path, documents: list[dict], embedder, quan
                shard_documents: int = 8) -> str:
     """A bank written in-process (create_bank + append_documents, which also builds the index): the serve admin
     API's path."""
-    from pipelines.encode import ShardEncoder, append_documents
+    from bank.edits import append_documents
+    from bank.shard_encoder import ShardEncoder
 
     model, tokenizer = load_checkpoint(checkpoint)
     with single_thread():
         q = None
         if quantizer:
-            docs, _ = corpus.documents_from_dicts(documents)
-            refs = corpus.chunk_documents(docs, tokenizer, model.cfg.reference_len)
+            docs, _ = chunking.documents_from_dicts(documents)
+            refs = chunking.chunk_documents(docs, tokenizer, model.cfg.reference_len)
             memories, _ = ShardEncoder(model, tokenizer, None, None, None).memories(refs)
             q = MemoryQuantizer(quantizer, model.cfg.head_dim)
             q.train(memories.view(-1, model.cfg.head_dim))

@@ -1,4 +1,4 @@
-"""Corpus reading, validation and chunking (pipelines/corpus.py): no Ray, no model."""
+"""Corpus reading, validation and chunking (bank/chunking.py): no Ray, no model."""
 from __future__ import annotations
 
 import gzip
@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bank import chunking, storage
 from model.tokenizer import Tokenizer
-from pipelines import corpus, storage
 
 TEXTS = [
     "Velmora is a city in Peru. It lies on the Rimac river and has a population of 81234 people. "
@@ -45,8 +45,8 @@ def test_jsonl_validation_counts_every_malformed_record(tmp_path):
         {"id": "a", "text": "again"},                  # 10: duplicate id
         {"id": 7, "text": TEXTS[1]},                   # 11: integer id is fine
     ])
-    items = list(corpus.iter_file(path))
-    docs = [i for i in items if isinstance(i, corpus.Document)]
+    items = list(chunking.iter_file(path))
+    docs = [i for i in items if isinstance(i, chunking.Document)]
     errors = [i for i in items if isinstance(i, dict)]
     assert [d.id for d in docs] == ["a", "7"]
     assert docs[0].metadata == {"country": "Peru"}
@@ -60,47 +60,47 @@ def test_jsonl_validation_counts_every_malformed_record(tmp_path):
 
 def test_empty_and_unreadable_files_are_reported_not_raised(tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
-    assert list(corpus.iter_file(empty)) == [{"file": empty, "line": 0, "reason": "empty file"}]
+    assert list(chunking.iter_file(empty)) == [{"file": empty, "line": 0, "reason": "empty file"}]
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 this is not parquet")
-    (err,) = list(corpus.iter_file(str(broken)))
+    (err,) = list(chunking.iter_file(str(broken)))
     assert err["row"] == 0 and "cannot read Parquet" in err["reason"]
     nocol = tmp_path / "nocol.parquet"
     pq.write_table(pa.table({"id": ["x"], "body": ["y"]}), nocol)
-    (err,) = list(corpus.iter_file(str(nocol)))
+    (err,) = list(chunking.iter_file(str(nocol)))
     assert "missing column" in err["reason"] and "text" in err["reason"]
     # a file of only errors still yields one Part, so the job reports its errors
-    (part,) = list(corpus.iter_parts(empty, 0, 4))
+    (part,) = list(chunking.iter_parts(empty, 0, 4))
     assert part.documents == [] and len(part.errors) == 1
 
 
 def test_parquet_and_gzip_read_like_jsonl(tmp_path):
     pq.write_table(pa.table({"id": ["p1", "p2", None], "text": [TEXTS[0], TEXTS[1], "orphan"],
                              "lang": ["en", "sv", "en"]}), tmp_path / "docs.parquet")
-    items = list(corpus.iter_file(str(tmp_path / "docs.parquet")))
-    assert [i.id for i in items if isinstance(i, corpus.Document)] == ["p1", "p2"]
+    items = list(chunking.iter_file(str(tmp_path / "docs.parquet")))
+    assert [i.id for i in items if isinstance(i, chunking.Document)] == ["p1", "p2"]
     assert items[0].metadata == {"lang": "en"}
     assert items[2] == {"file": str(tmp_path / "docs.parquet"), "row": 2, "reason": "missing 'id'"}
     with gzip.open(tmp_path / "z.jsonl.gz", "wt") as f:
         f.write(json.dumps({"id": "g", "text": TEXTS[2]}) + "\n")
-    assert [d.id for d in corpus.iter_file(str(tmp_path / "z.jsonl.gz"))] == ["g"]
-    files = corpus.list_corpus_files(str(tmp_path))
+    assert [d.id for d in chunking.iter_file(str(tmp_path / "z.jsonl.gz"))] == ["g"]
+    files = chunking.list_corpus_files(str(tmp_path))
     assert [f.rsplit("/", 1)[-1] for f in files] == ["docs.parquet", "z.jsonl.gz"]
 
 
 def test_listing_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        corpus.list_corpus_files(str(tmp_path / "nope"))
+        chunking.list_corpus_files(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="no JSONL or Parquet"):
-        corpus.list_corpus_files(str(tmp_path))
+        chunking.list_corpus_files(str(tmp_path))
     (tmp_path / "x.csv").write_text("id,text\n")
     with pytest.raises(ValueError, match="neither JSONL"):
-        corpus.list_corpus_files(str(tmp_path / "x.csv"))
+        chunking.list_corpus_files(str(tmp_path / "x.csv"))
 
 
 def test_chunks_are_bounded_stable_and_cover_the_text(tokenizer):
-    long_doc = corpus.Document("doc/1", " ".join(TEXTS[:2]) * 3 + " naïve café 東京 — über", {"k": 1})
-    refs = corpus.chunk_document(long_doc, tokenizer, reference_len=24)
+    long_doc = chunking.Document("doc/1", " ".join(TEXTS[:2]) * 3 + " naïve café 東京 — über", {"k": 1})
+    refs = chunking.chunk_document(long_doc, tokenizer, reference_len=24)
     assert len(refs) > 3
     assert [r.id for r in refs] == [f"doc/1#{i}" for i in range(len(refs))]
     assert all(r.doc_id == "doc/1" and r.metadata == {"k": 1} for r in refs)
@@ -111,30 +111,30 @@ def test_chunks_are_bounded_stable_and_cover_the_text(tokenizer):
         assert tokenizer.decode(r.tokens).strip() == r.text
     # cuts prefer sentence ends: most chunks end with a full stop
     assert sum(r.text.endswith(".") for r in refs[:-1]) >= len(refs[:-1]) // 2
-    again = corpus.chunk_document(long_doc, tokenizer, reference_len=24)
+    again = chunking.chunk_document(long_doc, tokenizer, reference_len=24)
     assert [(r.id, r.tokens, r.text) for r in again] == [(r.id, r.tokens, r.text) for r in refs]
 
 
 def test_parts_are_deterministic_and_content_addressed(tmp_path):
     path = write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": f"Document number {i}."} for i in range(10)]
                        + [{"id": "bad"}])
-    parts = list(corpus.iter_parts(path, 3, shard_documents=4))
+    parts = list(chunking.iter_parts(path, 3, shard_documents=4))
     assert [len(p.documents) for p in parts] == [4, 4, 2]
     assert [p.index for p in parts] == [0, 1, 2] and all(p.file_index == 3 for p in parts)
     assert parts[-1].errors and parts[-1].errors[0]["reason"] == "missing 'text'"
     names = [p.shard_name for p in parts]
-    assert names == [p.shard_name for p in corpus.iter_parts(path, 3, 4)]
+    assert names == [p.shard_name for p in chunking.iter_parts(path, 3, 4)]
     assert names[0].startswith("docs-00000-") and len(set(names)) == 3
     # changing one document changes that part's name only
     lines = open(path).read().splitlines()
     lines[5] = json.dumps({"id": "d5", "text": "Changed."})
     write_jsonl(tmp_path / "docs.jsonl", [json.loads(x) for x in lines])
-    changed = [p.shard_name for p in corpus.iter_parts(path, 3, 4)]
+    changed = [p.shard_name for p in chunking.iter_parts(path, 3, 4)]
     assert changed[0] == names[0] and changed[1] != names[1] and changed[2] == names[2]
 
 
 def test_documents_from_dicts_validates_api_input():
-    docs, errors = corpus.documents_from_dicts([{"id": "x", "text": "ok"}, {"id": "y", "text": None},
+    docs, errors = chunking.documents_from_dicts([{"id": "x", "text": "ok"}, {"id": "y", "text": None},
                                                 {"id": "x", "text": "dup"}])
     assert [d.id for d in docs] == ["x"]
     assert [(e["row"], e["reason"]) for e in errors] == [(1, "missing 'text'"), (2, "duplicate document id 'x'")]
@@ -143,7 +143,7 @@ def test_documents_from_dicts_validates_api_input():
 def test_reads_corpus_from_s3(s3_bucket, tmp_path):
     local = write_jsonl(tmp_path / "docs.jsonl", [{"id": "s1", "text": TEXTS[0]}, b"oops\n"])
     storage.write_bytes(f"{s3_bucket}/corpus/docs.jsonl", open(local, "rb").read())
-    files = corpus.list_corpus_files(f"{s3_bucket}/corpus")
+    files = chunking.list_corpus_files(f"{s3_bucket}/corpus")
     assert files == [f"{s3_bucket}/corpus/docs.jsonl"]
-    items = list(corpus.iter_file(files[0]))
+    items = list(chunking.iter_file(files[0]))
     assert items[0].id == "s1" and items[1]["line"] == 2 and items[1]["file"] == files[0]

