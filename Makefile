@@ -29,10 +29,10 @@ test-gpu: $(VENV)/.installed-test  ## the GPU tests (on a CUDA machine)
 	$(VENV)/bin/python -m pytest -m gpu -q $(PYTEST_ARGS)
 
 cluster-up: $(VENV)/.installed  ## a local multi-node Ray cluster (head + worker), dashboard on 127.0.0.1:8265
-	$(VENV)/bin/python -m pipelines.cluster up
+	$(VENV)/bin/python -m memory3.cluster up
 
 cluster-down:  ## stops only the cluster cluster-up started
-	$(VENV)/bin/python -m pipelines.cluster down
+	$(VENV)/bin/python -m memory3.cluster down
 
 clean:
 	rm -rf $(VENV) runs

@@ -28,7 +28,7 @@ COMMANDS = {
     "train": ("pipelines.train:main", "two-stage pretraining on Ray Train + DeepSpeed (stage=warmup|continual)"),
     "eval": ("pipelines.evaluate:main", "accuracy and speed with explicit memory, no memory and RAG"),
     "serve": ("memory3.serve_command:main", "OpenAI-compatible Ray Serve endpoint with explicit memory"),
-    "quickstart": ("pipelines.quickstart:main", "the whole pipeline end to end on the bundled corpus"),
+    "quickstart": ("memory3.quickstart:main", "the whole pipeline end to end on the bundled corpus"),
 }
 EXAMPLES = {  # shown when a required key is missing
     "info": "memory3 info model=2.4b",

@@ -13,9 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LAYER = {"model": 0, "configs": 1, "bank": 2, "pipelines": 3, "serve": 3, "memory3": 4}
 
-# TEMPORARY: the quickstart and the local dev cluster are CLI code still living in pipelines/ (they move to
-# memory3/); until then they may import serve/.
-ALLOWED_UPWARD = {"pipelines.quickstart", "pipelines.cluster"}
+ALLOWED_UPWARD: set[str] = set()  # none: the quickstart and the local dev cluster are CLI code in memory3/
 
 
 def module_name(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""A real 2-node Ray cluster on this box (pipelines/cluster.py): separate `ray start` processes, a `ray job submit`
+"""A real 2-node Ray cluster on this box (memory3/cluster.py): separate `ray start` processes, a `ray job submit`
 of `memory3 encode` shipped as the working directory, the bank checked by `memory3 bank verify`, and the encoding
 throughput read from the nodes' Prometheus endpoints while the job runs.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cluster import LocalCluster
+from memory3.cluster import LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))

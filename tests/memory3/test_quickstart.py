@@ -18,7 +18,7 @@ def free_port() -> int:
 
 
 def test_short_quickstart_memory_beats_no_memory(tmp_path, ray_local):
-    from pipelines.quickstart import main
+    from memory3.quickstart import main
 
     overrides = [f"out={tmp_path / 'qs'}", f"serve.port={free_port()}",
                  "corpus.n_trained=300", "corpus.n_continual=400", "corpus.n_memory_only=80",

@@ -1,4 +1,4 @@
-"""A multi-node Ray cluster on one machine, for development and tests: `python -m pipelines.cluster up|down|status`.
+"""A multi-node Ray cluster on one machine, for development and tests: `python -m memory3.cluster up|down|status`.
 
 Every node is its own `ray start --block` process (one head, N workers), so jobs submitted with `ray job submit`
 cross real node boundaries: the driver runs on the head, tasks and actors spread over the nodes, objects travel
@@ -118,7 +118,7 @@ class LocalCluster:
     def up(self, timeout: float = 180.0) -> "LocalCluster":
         """Start the head, then the workers; return once every node is alive and the job API answers."""
         if self.state_path.exists() and any(_is_ours(pid, self.temp_dir) for pid in self.read_state().pids):
-            raise RuntimeError(f"a cluster already runs in {self.temp_dir}: `python -m pipelines.cluster down` first")
+            raise RuntimeError(f"a cluster already runs in {self.temp_dir}: `python -m memory3.cluster down` first")
         n = self.workers + 1
         self.metrics_ports = self.metrics_ports or [free_port() for _ in range(n)]
         self.agent_ports = self.agent_ports or [free_port() for _ in range(n)]
@@ -245,7 +245,7 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     defaults = LocalCluster()
-    parser = argparse.ArgumentParser(prog="python -m pipelines.cluster", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m memory3.cluster", description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--temp-dir", default=defaults.temp_dir, help="Ray's session/log/socket root for this cluster")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="worker nodes besides the head")
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
           f"  submit:  ray job submit --address {cluster.dashboard_url} "
           f"--runtime-env infra/runtime_env.local.yaml -- memory3 encode ...\n"
           f"  metrics: {' '.join(cluster.metrics_urls)}\n"
-          f"  stop:    python -m pipelines.cluster down --temp-dir {cluster.temp_dir}")
+          f"  stop:    python -m memory3.cluster down --temp-dir {cluster.temp_dir}")
     return 0
 
 
