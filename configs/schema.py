@@ -304,7 +304,10 @@ class EvalConfig:
     groups: Optional[List[str]] = None
     """Which qa groups to score (default: all)."""
     limit_per_group: int = 200
-    """Questions per group (0 = all)."""
+    """Questions per group and kind of fact (0 = all)."""
+    leakage_threshold: float = 0.6667
+    """Drop a retrieved reference whose overlap (paper eq. 6) with the question exceeds this (paper §6: 2/3);
+    1 turns the filter off."""
     refs: Optional[int] = None
     """References per window (default: the model's refs_per_window)."""
     batch_size: int = 16

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from omegaconf.errors import MissingMandatoryValue
@@ -95,7 +96,13 @@ def main(argv: list[str] | None = None) -> int:
             result = getattr(importlib.import_module(module), func)(cfg)
         else:
             with console.capture_output(log, verbose=verbose):
-                result = getattr(importlib.import_module(module), func)(cfg)
+                try:
+                    result = getattr(importlib.import_module(module), func)(cfg)
+                except BaseException as e:  # the traceback goes to the log; Ray stops before the terminal is back
+                    if not isinstance(e, (MissingMandatoryValue, ValueError, FileNotFoundError, KeyboardInterrupt)):
+                        traceback.print_exc()
+                    stop_ray()
+                    raise
     except MissingMandatoryValue as e:  # a required key read deeper in (e.g. inside a nested section)
         print(missing_message(name, [e.full_key]), file=sys.stderr)
         return 2
@@ -106,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memory3 {name}: interrupted; stopping the local Ray it started", file=sys.stderr)
         stop_ray()
         return 130
+    except Exception as e:
+        if log is None or verbose:
+            raise
+        print(f"memory3 {name}: failed: {type(e).__name__}: {e}\n  the full traceback is in the log", file=sys.stderr)
+        return 1
     finally:
         if log is not None and not verbose:
             print(f"log: {log}", file=sys.stderr)

@@ -27,6 +27,9 @@ def sub_config(name: str, values: dict) -> DictConfig:
     return OmegaConf.merge(cfg, OmegaConf.create(values))
 
 
+GROUPS = ("memory_only", "continual", "trained")  # the evaluated city groups (pipelines/geo_corpus.py)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     storage.write_text(str(path), "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -56,10 +59,10 @@ def encode_bank(cfg: DictConfig, corpus: Path, bank: Path, checkpoint: str) -> d
                                                **OmegaConf.to_container(cfg.encode)}))
 
 
-def probes(cfg: DictConfig, checkpoint: str, bank: Path, update_refs: list[dict], update_qa: list[dict],
+def probes(cfg: DictConfig, checkpoint: str, bank: Path, held_refs: list[dict], held_qa: list[dict],
            qa: list[dict], refs: dict) -> dict:
-    """Knowledge update: documents added after training are answered. Counterfactual: an edited fact in memory
-    changes the answer."""
+    """Knowledge update: documents added after training through the live add path (what POST /v1/memories runs)
+    are answered. Counterfactual: a fact of a city the weights know, edited in memory, changes the answer."""
     from bank.edits import append_documents, delete_references
     from bank.embedder import Embedder
     from model.checkpoint import load_checkpoint
@@ -71,52 +74,66 @@ def probes(cfg: DictConfig, checkpoint: str, bank: Path, update_refs: list[dict]
     bank = probe_bank
     model, tokenizer = load_checkpoint(checkpoint)
     embedder = Embedder()
-    append_documents(str(bank), [{"id": r["id"], "text": r["text"]} for r in update_refs], model, tokenizer, embedder)
-    source = open_memory_source(str(bank), k=model.cfg.refs_per_window)
-    update = evaluate(model, tokenizer, update_qa, source, modes=["memory", "none"])
+    append_documents(str(bank), [{"id": r["id"], "text": r["text"]} for r in held_refs], model, tokenizer, embedder)
+    source = open_memory_source(str(bank), k=model.cfg.refs_per_window, leakage_filter=tokenizer)
+    update = evaluate(model, tokenizer, held_qa, source, modes=["memory", "none"])
 
-    # counterfactual: swap each probed city's country for another city's country in its reference text
-    picked = [q for q in qa if q["group"] == "memory_only"][: cfg.probes.counterfactual]
-    countries = sorted({q["answer"] for q in qa})
+    # counterfactual: cities whose facts the warmup taught; their bank reference now names another country
+    picked = [q for q in qa if q["group"] == "trained" and q.get("fact", "country") == "country"]
+    picked = picked[: cfg.probes.counterfactual]
+    countries = sorted({r["answer"] for r in refs.values() if r["id"].startswith("city:")})
     edited, edited_qa = [], []
     for i, q in enumerate(picked):
         fake = countries[(countries.index(q["answer"]) + 7 + i) % len(countries)]
-        text = refs[q["doc_id"]]["text"].replace(q["answer"], fake)
-        edited.append({"id": f"edit:{q['doc_id']}", "text": text})
-        edited_qa.append({**q, "answer": fake, "group": "counterfactual"})
+        edited.append({"id": f"edit:{q['doc_id']}", "text": refs[q["doc_id"]]["text"].replace(q["answer"], fake)})
+        edited_qa.append({**q, "answer": fake, "true_answer": q["answer"], "group": "counterfactual"})
     delete_references(str(bank), [f"{q['doc_id']}#0" for q in picked])
     append_documents(str(bank), edited, model, tokenizer, embedder)
-    source = open_memory_source(str(bank), k=model.cfg.refs_per_window)
-    counter = evaluate(model, tokenizer, edited_qa, source, modes=["memory"])
-    return {"knowledge_update": update["accuracy"], "counterfactual": counter["accuracy"],
+    source = open_memory_source(str(bank), k=model.cfg.refs_per_window, leakage_filter=tokenizer)
+    counter = evaluate(model, tokenizer, edited_qa, source, modes=["memory", "none"])
+    kept = [r for r, q in zip(counter["results"]["memory"], edited_qa)
+            if r["output"].strip().lower() == q["true_answer"].lower()]
+    return {"knowledge_update": update["accuracy"], "knowledge_update_by_fact": update["accuracy_by_fact"],
+            "counterfactual": counter["accuracy"], "counterfactual_kept_weights": round(len(kept) / max(1, len(picked)), 4),
             "counterfactual_examples": counter["results"]["memory"][:3]}
 
 
-def ask_over_http(cfg: DictConfig, checkpoint: str, bank: Path, questions: list[dict]) -> list[dict]:
-    """Start the Ray Serve app on 127.0.0.1 and ask through the OpenAI-compatible API, as a user would."""
+def ask_over_http(cfg: DictConfig, checkpoint: str, bank: Path, questions: list[dict], added: dict,
+                  added_qa: list[dict]) -> dict:
+    """Start the Ray Serve app on 127.0.0.1 and use it as a person would: ask memory-only questions through the
+    OpenAI-compatible API, then add a document live (POST /v1/memories) and ask about it."""
+    import secrets
+
     import httpx
     from ray import serve
 
     from serve.app import build_app, wait_healthy
 
-    app = build_app({"checkpoint": checkpoint, "bank": str(bank), "port": cfg.serve.port})
+    token = secrets.token_hex(16)
+    app = build_app({"checkpoint": checkpoint, "bank": str(bank), "port": cfg.serve.port, "admin_token": token})
     serve.start(http_options={"host": "127.0.0.1", "port": int(cfg.serve.port)})
     url = f"http://127.0.0.1:{cfg.serve.port}"
-    answers = []
+
+    def ask(q: dict) -> dict:
+        r = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": "memory3", "prompt": q["prompt"], "max_tokens": 8, "temperature": 0, "stop": ["\n"]})
+        r.raise_for_status()
+        body = r.json()
+        return {"question": q["question"], "expected": q["answer"], "answer": body["choices"][0]["text"].strip(),
+                "memories": [m.get("id") for m in body.get("memories", [])]}
+
     try:
         serve.run(app, name="memory3-quickstart", route_prefix="/")
         wait_healthy(url, 300)
-        for q in questions:
-            r = httpx.post(f"{url}/v1/completions", timeout=120, json={
-                "model": "memory3", "prompt": q["prompt"], "max_tokens": 8, "temperature": 0, "stop": ["\n"]})
-            r.raise_for_status()
-            body = r.json()
-            answers.append({"question": q["question"], "expected": q["answer"],
-                            "answer": body["choices"][0]["text"].strip(),
-                            "memories": [m.get("id") for m in body.get("memories", [])]})
+        answers = [ask(q) for q in questions]
+        before = [ask(q) for q in added_qa]
+        r = httpx.post(f"{url}/v1/memories", timeout=300, headers={"Authorization": f"Bearer {token}"},
+                       json={"documents": [{"id": added["id"], "text": added["text"]}]})
+        r.raise_for_status()
+        after = [ask(q) for q in added_qa]
     finally:
         serve.shutdown()  # the quickstart started Serve: leave nothing running
-    return answers
+    return {"answers": answers, "added_document": added["id"], "before_add": before, "after_add": after}
 
 
 def plot_report(out: Path, report: dict) -> list[str]:
@@ -136,7 +153,7 @@ def plot_report(out: Path, report: dict) -> list[str]:
     ax.set_xticks([m + width * (len(groups) - 1) / 2 for m in range(len(modes))], modes)
     ax.set_ylabel("exact match")
     ax.set_ylim(0, 1)
-    ax.set_title("Which country is <city> in?")
+    ax.set_title("Exact match by city group (all kinds of fact)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
@@ -152,21 +169,44 @@ def plot_report(out: Path, report: dict) -> list[str]:
     return made
 
 
+def fact_table(report: dict) -> str:
+    """Exact match on memory-only cities by kind of fact, per mode, with the probes beside them."""
+    by_fact, probe = report["accuracy_by_fact"], report["probes"]
+    facts = list(by_fact["memory"]["memory_only"])
+    lines = ["| memory-only cities | " + " | ".join(facts) + " |", "|---|" + "---|" * len(facts)]
+    for mode, groups in by_fact.items():
+        lines.append(f"| {mode} | " + " | ".join(f"{groups['memory_only'][f]:.3f}" for f in facts) + " |")
+    update = probe["knowledge_update_by_fact"]["memory"]["memory_only"]
+    lines.append("| memory, facts added after training | " +
+                 " | ".join(f"{update[f]:.3f}" if f in update else "–" for f in facts) + " |")
+    return "\n".join(lines)
+
+
 def report_markdown(report: dict) -> str:
     from pipelines.evaluate import format_table
 
-    acc = report["accuracy"]
+    acc, probe, http = report["accuracy"], report["probes"], report["http"]
     lines = ["# memory3 quickstart report", "",
              f"Model: `{report['model']}` preset, {report['parameters']:,} parameters; bank of "
-             f"{report['bank']['references']} references. Total time {report['seconds']:.0f} s.", "",
-             "Exact match on *Which country is <city> in?*: `memory_only` cities exist only in the memory bank, "
-             "`continual` cities' facts were only ever seen through memory, `trained` cities were in the warmup text.",
-             "", format_table(report), "",
-             f"Knowledge update (documents added after training): {report['probes']['knowledge_update']}", "",
-             f"Counterfactual (edited fact in memory; answer should follow memory): {report['probes']['counterfactual']}",
-             "", "## Answers over HTTP (Ray Serve, OpenAI-compatible)", ""]
-    for a in report["http_answers"]:
+             f"{report['bank']['references']} references. Total time {report['seconds']:.0f} s "
+             f"({', '.join(f'{k} {v:.0f} s' for k, v in report['stages'].items())}).", "",
+             "Exact match, every mode on the same retrieved references (retrieval over the whole bank, as served): "
+             "`memory_only` cities exist only in the memory bank, `continual` cities' facts were only ever seen "
+             "through memory, `trained` cities were in the warmup text.",
+             "", format_table(report), "", "By kind of fact:", "", fact_table(report), "",
+             f"Knowledge update (documents added after training through the live add path): "
+             f"{probe['knowledge_update']['memory']['memory_only']:.3f} with memory, "
+             f"{probe['knowledge_update']['none']['memory_only']:.3f} without.", "",
+             f"Counterfactual (a trained city's country edited in memory): memory followed "
+             f"{probe['counterfactual']['memory']['counterfactual']:.3f}, the weights' answer "
+             f"{probe['counterfactual_kept_weights']:.3f}.", "",
+             "## Over HTTP (Ray Serve, OpenAI-compatible)", ""]
+    for a in http["answers"]:
         lines.append(f"- {a['question']} → **{a['answer']}** (expected {a['expected']}; memories {a['memories']})")
+    lines += ["", f"Added `{http['added_document']}` with POST /v1/memories, then asked about it:", ""]
+    for before, after in zip(http["before_add"], http["after_add"]):
+        lines.append(f"- {after['question']} → before **{before['answer']}**, after **{after['answer']}** "
+                     f"(expected {after['expected']})")
     lines += ["", "Plots: loss.png (training), accuracy.png, speed.png.", "",
               f"Memory vs no memory on memory-only cities: {acc['memory'].get('memory_only')} vs "
               f"{acc['none'].get('memory_only')}; RAG {acc.get('rag', {}).get('memory_only')}."]
@@ -197,7 +237,7 @@ class Stages:
 
 
 def main(cfg: DictConfig) -> int:
-    from pipelines.evaluate import measure_speed, evaluate, format_table, open_memory_source
+    from pipelines.evaluate import format_table
     from pipelines.geo_corpus import build_geo_corpus
     from pipelines.prepare import prepare
     from pipelines.ray_runtime import ensure_ray
@@ -223,8 +263,9 @@ def main(cfg: DictConfig) -> int:
         refs = {r["id"]: r for r in read_jsonl(corpus / "references.jsonl")}
         qa = read_jsonl(corpus / "qa.jsonl")
         # hold some memory-only cities out of the bank: they are added after training (knowledge-update probe)
-        held = [q for q in qa if q["group"] == "memory_only"][-cfg.probes.knowledge_update:]
-        held_ids = {q["doc_id"] for q in held}
+        memory_only = list(dict.fromkeys(q["doc_id"] for q in qa if q["group"] == "memory_only"))
+        held_ids = set(memory_only[-cfg.probes.knowledge_update:])
+        held = [q for q in qa if q["doc_id"] in held_ids]
         write_jsonl(out / "bank_corpus.jsonl", [r for r in refs.values() if r["id"] not in held_ids])
         eval_qa = [q for q in qa if q["doc_id"] not in held_ids]
         model_values = OmegaConf.to_container(cfg.model)
@@ -258,33 +299,35 @@ def main(cfg: DictConfig) -> int:
         bank_summary = encode_bank(cfg, out / "bank_corpus.jsonl", bank, checkpoint)
 
     with stage("eval", "evaluation: explicit memory vs no memory vs RAG, knowledge edits") as line:
-        from model.checkpoint import load_checkpoint
+        from pipelines.evaluate import run as run_eval
 
-        model, tokenizer = load_checkpoint(checkpoint)
-        source = open_memory_source(str(bank), k=model.cfg.refs_per_window)
-        picked = []
-        for g in ("memory_only", "continual", "trained"):
-            picked += [q for q in eval_qa if q["group"] == g][: cfg.eval.limit_per_group]
-        result = evaluate(model, tokenizer, picked, source, batch_size=cfg.eval.batch_size)
-        speed = measure_speed(model, tokenizer, picked, source, n_prompts=cfg.eval.speed_prompts,
-                              new_tokens=cfg.eval.speed_tokens)
+        write_jsonl(out / "eval_qa.jsonl", eval_qa)
+        result = run_eval(sub_config("eval", {"checkpoint": checkpoint, "bank": str(bank),
+                                              "qa": str(out / "eval_qa.jsonl"), "groups": list(GROUPS),
+                                              **OmegaConf.to_container(cfg.eval)}))
         probe = probes(cfg, checkpoint, bank, [refs[i] for i in sorted(held_ids)], held, qa, refs)
         acc = result["accuracy"]
         line.done(f"memory-only EM: memory {acc['memory']['memory_only']:.2f}, none {acc['none']['memory_only']:.2f},"
                   f" RAG {acc['rag']['memory_only']:.2f}")
 
-    with stage("serve", "Ray Serve endpoint, questions over HTTP") as line:
+    with stage("serve", "Ray Serve endpoint: questions over HTTP, a document added live") as line:
         asked = [q for q in eval_qa if q["group"] == "memory_only"][: cfg.serve.questions]
-        answers = ask_over_http(cfg, checkpoint, bank, asked)
-        line.done(f"{sum(a['answer'] == a['expected'] for a in answers)}/{len(answers)} answered right")
+        added = refs[held[0]["doc_id"]]
+        http = ask_over_http(cfg, checkpoint, bank, asked, added, [q for q in held if q["doc_id"] == added["id"]])
+        right = sum(a["answer"] == a["expected"] for a in http["answers"])
+        line.done(f"{right}/{len(http['answers'])} answered right; after adding {added['entity']}: "
+                  f"{sum(a['answer'] == a['expected'] for a in http['after_add'])}/{len(http['after_add'])}")
+
+    from model.config import ModelConfig
 
     report = {
-        "model": cfg.model_preset, "parameters": model.cfg.num_params(), "profile": cfg.get("profile"),
-        "accuracy": result["accuracy"], "speed": speed, "probes": probe, "http_answers": answers,
+        "model": cfg.model_preset, "parameters": ModelConfig.from_dict(OmegaConf.to_container(cfg.model)).num_params(),
+        "profile": cfg.get("profile"), "accuracy": result["accuracy"], "accuracy_by_fact": result["accuracy_by_fact"],
+        "speed": result["speed"], "probes": probe, "http": http,
         "training": {"warmup": {k: warm[k] for k in ("steps", "first_loss", "loss", "seconds")},
                      "continual": {k: cont[k] for k in ("steps", "first_loss", "loss", "seconds")}},
         "bank": {"references": bank_summary.get("references"), "uri": str(bank)},
-        "n_questions": {g: sum(1 for q in picked if q["group"] == g) for g in ("memory_only", "continual", "trained")},
+        "n_questions": result["n_questions"],
         "stages": stage.seconds,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
@@ -293,7 +336,7 @@ def main(cfg: DictConfig) -> int:
     storage.write_text(str(out / "report.json"), json.dumps(report, indent=2))
     storage.write_text(str(out / "results.json"), json.dumps(result["results"]))
     storage.write_text(str(out / "report.md"), report_markdown(report))
-    console.say("\n" + format_table(report) + "\n")
+    console.say("\n" + format_table(report) + "\n\n" + fact_table(report) + "\n")
     console.say(f"knowledge update {probe['knowledge_update']['memory']['memory_only']:.2f}, counterfactual "
                 f"followed {probe['counterfactual']['memory']['counterfactual']:.2f}; "
                 f"total {report['seconds'] / 60:.1f} min")

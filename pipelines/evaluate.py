@@ -25,8 +25,10 @@ from model.generate import Retrieved, generate
 from model.prompts import rag_prompt
 from model.tokenizer import Tokenizer
 from model.transformer import MemoryBatch, Transformer
+from pipelines.retrieval_assign import overlap
 
 MODES = ("memory", "none", "rag")
+LEAKAGE_SPARE = 4  # extra candidates fetched so the leakage filter still leaves k references
 
 
 def normalise(text: str) -> str:
@@ -46,10 +48,26 @@ class MemorySource:
     bank: MemoryBank
     k: int
     searches: int = field(default=0)
+    tokenizer: Tokenizer | None = None  # set: the evaluation leakage filter is on
+    leakage_threshold: float = 2 / 3
+    dropped: int = field(default=0)
 
     def search(self, texts: list[str]) -> list[list[int]]:
+        """The top k references per text. With a tokenizer, a reference whose overlap (paper eq. 6) with the
+        question exceeds `leakage_threshold` is dropped first (paper §6: evaluation discards > 2/3: a reference
+        that contains the question is its answer key, not knowledge)."""
         self.searches += len(texts)
-        return self.retriever.search(texts, self.k)
+        if self.tokenizer is None:
+            return self.retriever.search(texts, self.k)
+        hits = self.retriever.search(texts, self.k + LEAKAGE_SPARE)
+        records = dict(zip(rows := sorted({r for h in hits for r in h}), self.bank.records(rows)))
+        kept = []
+        for text, cands in zip(texts, hits):
+            question = self.tokenizer.encode(text)
+            ok = [r for r in cands if overlap(question, records[r]["tokens"]) <= self.leakage_threshold]
+            self.dropped += len(cands) - len(ok)
+            kept.append(ok[: self.k])
+        return kept
 
     def load(self, rows: list[int]) -> Retrieved:
         memories, n_valid = self.store.fetch(rows)
@@ -61,10 +79,12 @@ class MemorySource:
 
 def open_memory_source(bank_uri: str, k: int, cache_size: int = 4096, device: str = "cpu",
                        dtype: torch.dtype = torch.float32, expect_model_sha: str | None = None,
-                       expect_tokenizer_sha: str | None = None) -> MemorySource:
+                       expect_tokenizer_sha: str | None = None, leakage_filter: Tokenizer | None = None,
+                       leakage_threshold: float = 2 / 3) -> MemorySource:
+    """leakage_filter: the model's tokenizer to apply the paper's evaluation leakage filter with (None: off)."""
     bank = MemoryBank.open(bank_uri, expect_model_sha=expect_model_sha, expect_tokenizer_sha=expect_tokenizer_sha)
     return MemorySource(Retriever.open(bank_uri), MemoryStore(bank, cache_size=cache_size, device=device, dtype=dtype),
-                        bank, k)
+                        bank, k, tokenizer=leakage_filter, leakage_threshold=leakage_threshold)
 
 
 def answer_logprob(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], answer: str,
@@ -112,24 +132,47 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, qa: list[dict], source: M
             for j, i in enumerate(part):
                 answer = first_line(tokenizer.decode(out[j]))
                 results[mode].append({
-                    "id": qa[i].get("id"), "group": qa[i].get("group"), "answer": qa[i]["answer"], "output": answer,
+                    "id": qa[i].get("id"), "group": qa[i].get("group"), "fact": qa[i].get("fact", "country"),
+                    "answer": qa[i]["answer"], "output": answer,
                     "correct": normalise(answer) == normalise(qa[i]["answer"]),
                     "logprob": answer_logprob(model, tokenizer, ids[j], qa[i]["answer"], loaded.get(i)),
                     "references": [source.bank.reference_ids()[r] for r in rows[i]],
                 })
-    return {"results": results, "accuracy": accuracy_table(results)}
+    return {"results": results, "accuracy": accuracy_table(results), "accuracy_by_fact": accuracy_by_fact(results)}
+
+
+def exact_match(rows: list[dict]) -> float:
+    return round(sum(r["correct"] for r in rows) / max(1, len(rows)), 4)
 
 
 def accuracy_table(results: dict) -> dict:
+    """{mode: {group: exact match over all its questions, group_answer_logprob: mean log p(answer)}}."""
     table = {}
     for mode, rs in results.items():
         groups = sorted({r["group"] for r in rs})
-        table[mode] = {g: round(sum(r["correct"] for r in rs if r["group"] == g) /
-                                max(1, sum(1 for r in rs if r["group"] == g)), 4) for g in groups}
+        table[mode] = {g: exact_match([r for r in rs if r["group"] == g]) for g in groups}
         for g in groups:
             lps = [r["logprob"] for r in rs if r["group"] == g]
             table[mode][f"{g}_answer_logprob"] = round(sum(lps) / max(1, len(lps)), 3)
     return table
+
+
+def accuracy_by_fact(results: dict) -> dict:
+    """{mode: {group: {fact: exact match}}}: which kinds of fact the model reads (country, continent, ...)."""
+    return {mode: {g: {f: exact_match([r for r in rs if r["group"] == g and r["fact"] == f])
+                       for f in sorted({r["fact"] for r in rs if r["group"] == g})}
+                   for g in sorted({r["group"] for r in rs})}
+            for mode, rs in results.items()}
+
+
+def pick_questions(qa: list[dict], groups: list[str], limit: int) -> list[dict]:
+    """Up to `limit` questions (0: all) of each (group, fact), in file order: the quickstart and `memory3 eval`
+    score the same questions."""
+    picked = []
+    for g in groups:
+        for fact in dict.fromkeys(q.get("fact", "country") for q in qa if q["group"] == g):
+            picked += [q for q in qa if q["group"] == g and q.get("fact", "country") == fact][: limit or None]
+    return picked
 
 
 def measure_speed(model: Transformer, tokenizer: Tokenizer, qa: list[dict], source: MemorySource,
@@ -168,12 +211,12 @@ def run(cfg: EvalConfig) -> dict:
     if tokenizer is None:
         raise ValueError(f"checkpoint {cfg.checkpoint} has no tokenizer.json")
     source = open_memory_source(cfg.bank, k=cfg.refs or model.cfg.refs_per_window,
-                                expect_model_sha=weights_sha256(cfg.checkpoint), expect_tokenizer_sha=tokenizer.sha256)
+                                expect_model_sha=weights_sha256(cfg.checkpoint), expect_tokenizer_sha=tokenizer.sha256,
+                                leakage_filter=tokenizer if cfg.leakage_threshold < 1 else None,
+                                leakage_threshold=cfg.leakage_threshold)
     qa = read_jsonl(cfg.qa)
     groups = list(cfg.groups) if cfg.groups else sorted({q["group"] for q in qa})
-    picked = []
-    for g in groups:
-        picked += [q for q in qa if q["group"] == g][: cfg.limit_per_group or None]
+    picked = pick_questions(qa, groups, cfg.limit_per_group)
     torch.manual_seed(cfg.seed)
     report = evaluate(model, tokenizer, picked, source, modes=list(cfg.modes), batch_size=cfg.batch_size,
                       max_new_tokens=cfg.max_new_tokens)
