@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI, Path, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPBearer
 from ray import serve
@@ -33,7 +33,7 @@ from serve.errors import APIError, install_error_handlers
 from serve.logprobs import TokenLogprobs, chat_logprobs, completion_logprobs
 from serve.schema import (AddMemoriesRequest, AddMemoriesResponse, ChatCompletionRequest, ChatCompletionResponse,
                           CompletionRequest, CompletionResponse, DeleteMemoryResponse, ErrorResponse, Health,
-                          ModelList, SamplingFields)
+                          MemoryMode, ModelList, SamplingFields)
 from serve.text_stream import TextStream
 
 app = FastAPI(
@@ -151,6 +151,20 @@ def _memory_union(jobs: list[Job]) -> list[dict]:
     return list(union.values())
 
 
+MODE_QUERY = Query(None, description="memory_mode for clients that cannot add a body field (e.g. lm-eval's "
+                                     "base_url); the body's memory_mode, if given, must agree.")
+
+
+def _with_query_mode(body: SamplingFields, mode: str | None) -> SamplingFields:
+    """The URL's `?memory_mode=` fills in the body's; evaluation harnesses can only vary the URL per run."""
+    if mode is None:
+        return body
+    if body.memory_mode is not None and body.memory_mode != mode:
+        raise APIError(400, f"memory_mode is {body.memory_mode!r} in the body but {mode!r} in the URL",
+                       param="memory_mode", code="conflicting_memory_mode")
+    return body.model_copy(update={"memory_mode": mode})
+
+
 def _unsupported(param: str, message: str) -> APIError:
     return APIError(400, message, param=param, code="unsupported_parameter")
 
@@ -217,7 +231,8 @@ class Ingress:
     # --- completions -------------------------------------------------------------------------------------------
     @app.post("/v1/completions", response_model=CompletionResponse,
               responses={200: {"content": SSE}, **_errors(400, 404, 413, 503)})
-    async def completions(self, body: CompletionRequest):
+    async def completions(self, body: CompletionRequest, memory_mode: MemoryMode | None = MODE_QUERY):
+        body = _with_query_mode(body, memory_mode)
         prompts = body.prompt_list()
         if body.stream and (len(prompts) > 1 or body.echo or body.logprobs is not None):
             raise _unsupported("stream", "streaming supports one prompt without echo or logprobs; send stream: "
@@ -252,7 +267,8 @@ class Ingress:
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
               responses={200: {"content": SSE}, **_errors(400, 404, 413, 503)})
-    async def chat_completions(self, body: ChatCompletionRequest):
+    async def chat_completions(self, body: ChatCompletionRequest, memory_mode: MemoryMode | None = MODE_QUERY):
+        body = _with_query_mode(body, memory_mode)
         messages = [m.model_dump() for m in body.messages]
         if body.max_tokens is None and body.max_completion_tokens is not None:
             body = body.model_copy(update={"max_tokens": body.max_completion_tokens})

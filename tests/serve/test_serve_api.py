@@ -18,8 +18,8 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
                                                response_schema_conformance, status_code_conformance)
 
-from serve_testing import CITIES, city_documents, free_port
-from serve.app import build_app, serve_running, wait_healthy
+from serve_testing import CITIES, city_documents, serving
+from serve.app import wait_healthy
 
 APP, MODEL, TOKEN = "memory3-test", "memory3", "test-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -46,18 +46,12 @@ class Server:
 def server(ray_local, tiny_checkpoint, tiny_bank, tmp_path_factory):
     bank = str(tmp_path_factory.mktemp("api") / "bank")
     shutil.copytree(tiny_bank, bank)  # the admin tests edit it
-    port = free_port()
-    assert not serve_running(), "an earlier test left Ray Serve running: it would keep its own HTTP port"
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"checkpoint": tiny_checkpoint, "bank": bank, "admin_token": TOKEN, "model_name": MODEL,
             "limits": LIMITS, "decoding": {"max_batch_size": 8, "seed": 0}, "writer": {"refresh_s": 0.5}}
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, 180)
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-    with httpx.Client(base_url=url, timeout=120) as http:
-        yield Server(url, client, http)
-    serve.shutdown()
+    with serving(APP, args) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        with httpx.Client(base_url=url, timeout=120) as http:
+            yield Server(url, client, http)
 
 
 def memory_ids(response) -> list[str]:
@@ -170,6 +164,10 @@ def test_echo_logprobs_depend_on_the_memory_mode(server):
                                     memory_mode=mode)["choices"][0]["logprobs"]["token_logprobs"]
               for mode in ("memory", "none")}
     assert len(scores["memory"]) == len(scores["none"]) and scores["memory"] != pytest.approx(scores["none"])
+    by_url = server.http.post("/v1/completions?memory_mode=none", json=_body(
+        prompt=PROMPT + " Osaka is in Japan.", max_tokens=0, echo=True, logprobs=0)).json()  # lm-eval's way
+    assert by_url["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(scores["none"])
+    assert by_url["memories"] == []
 
 
 def test_a_list_of_prompts_answers_each_in_order(server):
@@ -250,6 +248,10 @@ BAD_REQUESTS = [  # (name, method, path, json body or raw bytes, status, param)
     ("stream a prompt list", "POST", "/v1/completions", _body(prompt=["a", "b"], stream=True), 400, "stream"),
     ("stream logprobs", "POST", "/v1/completions", _body(logprobs=1, stream=True), 400, "stream"),
     ("float seed", "POST", "/v1/completions", _body(seed=1.5), 400, "seed"),
+    ("memory_mode body vs URL", "POST", "/v1/completions?memory_mode=none", _body(memory_mode="memory"), 400,
+     "memory_mode"),
+    ("unknown URL memory_mode", "POST", "/v1/chat/completions?memory_mode=both",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, 400, "memory_mode"),
     ("string for int", "POST", "/v1/completions", _body(max_tokens="2"), 400, "max_tokens"),
     ("bool for int", "POST", "/v1/completions", _body(max_tokens=True), 400, "max_tokens"),
     ("missing prompt", "POST", "/v1/completions", {"model": MODEL}, 400, "prompt"),
