@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from bank import storage
-from model.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_checkpoint
+from model.checkpoint import CONFIG, TOKENIZER, TOKENIZER_FILES, WEIGHTS, load_checkpoint
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 
@@ -43,7 +43,7 @@ def local_checkpoint(uri: str) -> Path:
         fs, path = storage.filesystem(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent))
-        for name in (WEIGHTS, CONFIG, TOKENIZER):
+        for name in (WEIGHTS, CONFIG, *TOKENIZER_FILES):
             remote = f"{path.rstrip('/')}/{name}"
             if fs.exists(remote):
                 fs.get(remote, str(tmp / name))

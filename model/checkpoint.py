@@ -1,7 +1,9 @@
 """Checkpoint I/O: safetensors weights + config.json + tokenizer.json in one folder, written atomically.
 
 Weight names follow Hugging Face Llama (minus its `model.` prefix), so `load_hf_llama` maps a Llama-family
-checkpoint in by renaming only.
+checkpoint in by renaming only. Beside tokenizer.json sit tokenizer_config.json and special_tokens_map.json, so
+`transformers.AutoTokenizer.from_pretrained(checkpoint)` loads the same tokenizer (evaluation harnesses need it to
+split context from continuation); they are written by hand, keeping this package free of `transformers`.
 """
 from __future__ import annotations
 
@@ -15,10 +17,24 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
-from model.tokenizer import Tokenizer
+from model.tokenizer import SPECIAL_TOKENS, Tokenizer
 from model.transformer import Transformer
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP = "tokenizer_config.json", "special_tokens_map.json"
+TOKENIZER_FILES = (TOKENIZER, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP)
+
+
+def hf_tokenizer_files(tokenizer: Tokenizer, max_len: int) -> dict[str, dict]:
+    """The Hugging Face side files for tokenizer.json: a fast tokenizer with our special tokens, no BOS added
+    (the model's sink is added by `Tokenizer.context_ids`, not by the tokenizer), and decoding that keeps spaces
+    as they are (so decode(encode(text)) == text, as with `Tokenizer`)."""
+    pad, unk, bos, eos, ref = SPECIAL_TOKENS
+    special = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": pad,
+               "additional_special_tokens": [ref]}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
+              "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False, **special}
+    return {TOKENIZER_CONFIG: config, SPECIAL_TOKENS_MAP: special}
 
 
 def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer | None = None,
@@ -34,6 +50,8 @@ def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer |
     (tmp / CONFIG).write_text(json.dumps({"model": model.cfg.to_dict(), "meta": meta or {}}, indent=2))
     if tokenizer is not None:
         tokenizer.save(tmp / TOKENIZER)
+        for name, data in hf_tokenizer_files(tokenizer, model.cfg.max_seq_len).items():
+            (tmp / name).write_text(json.dumps(data, indent=2))
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)

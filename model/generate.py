@@ -49,6 +49,14 @@ def sample(logits: Tensor, temperature: Tensor, top_p: Tensor, generator: torch.
     return torch.where(temperature > 0, sampled, greedy)
 
 
+def token_logprobs(logits: Tensor, chosen: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """What OpenAI's `logprobs` report: the model's own distribution (before temperature and top-p). logits (N, V),
+    chosen (N,) -> the chosen tokens' logprobs (N,), the k most likely tokens' logprobs (N, k) and ids (N, k)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = logp.topk(k, dim=-1)
+    return logp.gather(-1, chosen[:, None]).squeeze(-1), top.values, top.indices
+
+
 class MemoryWindows:
     """Per-row bookkeeping of which window's memories each sequence currently reads."""
 

@@ -9,10 +9,14 @@ memories, written straight into those cache rows); then every slot decodes in on
 finishes, is cancelled or fails, and its slot is reused at once (Orca/vLLM-style iteration-level scheduling).
 A request whose prefill fails (e.g. its retrieval) is isolated by prefilling the others one by one.
 
+Logprobs come from the logits the sampler draws from (decode) and from the prefill forward (prompt tokens, each
+window with its own memories): no second forward, so a greedy token is always the argmax of its reported logprobs.
+
 Pure PyTorch plus one thread: the Ray Serve replica (serve/generator.py) feeds it and reads its events.
 Events, delivered by `request.emit` from the engine thread:
     {"type": "retrieval", "window": w, "ids": [...]}      memories read from window w on
-    {"type": "token", "token": id}
+    {"type": "prompt_logprobs", "logprobs": [...], "top": [[[id, logprob], ...], ...]}   prompt tokens 1.. (if asked)
+    {"type": "token", "token": id}                        + "logprob", "top" when the request asks for logprobs
     {"type": "finish", "reason": "stop" | "length"}
     {"type": "error", "message": str}
 """
@@ -27,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from model.generate import MemoryWindows, Retrieved, sample
+from model.generate import MemoryWindows, Retrieved, sample, token_logprobs
 from model.transformer import KVCache, Transformer
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,14 @@ class DecodeRequest:
     retrieve: Callable[[list[int]], Retrieved | None] | None = None
     """retrieve(query_token_ids) for this request's windows; None decodes without memory."""
     emit: Callable[[dict], None] = lambda event: None
+    seed: int | None = None
+    """Sampling seed of this request alone (OpenAI `seed`): the same seed draws the same tokens whatever else is
+    in the batch. None: the engine's shared generator."""
+    logprobs: int | None = None
+    """Report every token's logprob and its `logprobs` most likely alternatives; None reports nothing."""
+    prompt_logprobs: bool = False
+    """Report the prompt's own token logprobs (OpenAI `echo`), from the prefill forward. With max_new_tokens=0
+    the request ends after prefill: scoring a text costs one forward."""
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -55,6 +67,7 @@ class _Slot:
     request: DecodeRequest
     sequence: list[int]
     generated: int = 0
+    generator: torch.Generator | None = None  # the request's own, when it has a seed
 
 
 class DecodeEngine:
@@ -83,7 +96,7 @@ class DecodeEngine:
     # --- API (any thread) ---
     def submit(self, request: DecodeRequest) -> None:
         total = len(request.prompt) + request.max_new_tokens
-        if not request.prompt or request.max_new_tokens < 1 or total > self.cfg.max_seq_len:
+        if not request.prompt or request.max_new_tokens < 0 or total > self.cfg.max_seq_len:
             raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) "
                              f"must be in 1..max_seq_len={self.cfg.max_seq_len}")
         with self.wakeup:
@@ -171,10 +184,21 @@ class DecodeEngine:
                                         torch.tensor(lengths, device=self.device) - 1].float()
         for i, request in enumerate(requests):
             self.temperature[start + i], self.top_p[start + i] = request.temperature, request.top_p
-            self.slots[start + i] = _Slot(request, list(request.prompt))
+            generator = None
+            if request.seed is not None:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(request.seed)
+            self.slots[start + i] = _Slot(request, list(request.prompt), generator=generator)
         for row, window, ids in events:
             if requests[row].retrieve:
                 requests[row].emit({"type": "retrieval", "window": window, "ids": list(ids)})
+        for i, request in enumerate(requests):
+            if request.prompt_logprobs:  # position t's logits score token t + 1 (the sink's first token has none)
+                targets = torch.tensor(request.prompt[1:], device=self.device)
+                logprob, top = self._logprobs(logits[i, :lengths[i] - 1], targets, request.logprobs or 0)
+                request.emit({"type": "prompt_logprobs", "logprobs": logprob, "top": top})
+            if request.max_new_tokens == 0:
+                self._finish(start + i, reason="length")
 
     def _retrieve_for_slot(self, slot: int, query: list[int]) -> Retrieved | None:
         return self.slots[slot].request.retrieve(query)
@@ -182,7 +206,18 @@ class DecodeEngine:
     def _step(self) -> None:
         """Sample one token for every slot, re-retrieve where a window starts, then one batched forward."""
         n = self._rows()
-        tokens = sample(self.last_logits[:n], self.temperature[:n], self.top_p[:n], self.generator).tolist()
+        chosen = sample(self.last_logits[:n], self.temperature[:n], self.top_p[:n], self.generator)
+        for i, slot in enumerate(self.slots[:n]):
+            if slot is not None and slot.generator is not None:  # a seeded request draws from its own generator
+                chosen[i] = sample(self.last_logits[i:i + 1], self.temperature[i:i + 1], self.top_p[i:i + 1],
+                                   slot.generator)[0]
+        tokens = chosen.tolist()
+        reported = {}  # row -> (logprob, top) for the rows that asked
+        asking = [i for i, s in enumerate(self.slots[:n]) if s is not None and s.request.logprobs is not None]
+        if asking:
+            k = max(self.slots[i].request.logprobs for i in asking)
+            logprob, top = self._logprobs(self.last_logits[asking], chosen[asking], k)
+            reported = {i: (logprob[j], top[j][:self.slots[i].request.logprobs]) for j, i in enumerate(asking)}
         self.counts["steps"] += 1
         for i in range(n):
             slot = self.slots[i]
@@ -195,7 +230,10 @@ class DecodeEngine:
             slot.sequence.append(token)
             slot.generated += 1
             self.counts["tokens"] += 1
-            slot.request.emit({"type": "token", "token": token})
+            event = {"type": "token", "token": token}
+            if i in reported:
+                event["logprob"], event["top"] = reported[i]
+            slot.request.emit(event)
             if token in slot.request.stop_ids:
                 self._finish(i, reason="stop")
             elif slot.generated >= slot.request.max_new_tokens:
@@ -219,6 +257,13 @@ class DecodeEngine:
         memory = self.windows.decode_memory(pos) if bool(self.windows.n_valid[:n].any()) else None
         self.model.use_caches(self._cache_views(0, n))
         self.last_logits[:n] = self.model(cur, input_pos=pos, memory=memory)[:, -1].float()  # (n, V); free rows unused
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[list[float], list[list]]:
+        """logits (N, V) -> each chosen token's logprob and its top-k [[id, logprob], ...], as plain lists."""
+        logprob, top_values, top_ids = token_logprobs(logits, chosen, k)
+        return logprob.tolist(), [list(map(list, zip(ids, values)))
+                                  for ids, values in zip(top_ids.tolist(), top_values.tolist())]
 
     def _rows(self) -> int:
         """Decode only up to the highest occupied slot (slots are filled lowest first)."""

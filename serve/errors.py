@@ -41,9 +41,10 @@ class APIError(Exception):
 
 
 def _field_path(error: dict) -> str | None:
-    """The field path, without FastAPI's "body" root and pydantic's union-member tags ("str", "list[...]")."""
+    """The field path, without FastAPI's "body" or "query" root and pydantic's union-member tags ("str",
+    "list[...]")."""
     parts = [str(p) for p in error.get("loc", ())
-             if p != "body" and p not in UNION_TAGS and "[" not in str(p) and "-" not in str(p)]
+             if p not in ("body", "query") and p not in UNION_TAGS and "[" not in str(p) and "-" not in str(p)]
     return ".".join(parts) or None
 
 

@@ -33,7 +33,8 @@ class Generator:
         self.top_k = self.model.cfg.refs_per_window
 
     async def generate(self, job: dict) -> AsyncIterator[list[dict]]:
-        """job: prompt (token ids), max_tokens, temperature, top_p, memory (bool), bank_version (str | None).
+        """job: prompt (token ids), max_tokens, temperature, top_p, memory (bool), bank_version (str | None), and
+        optionally seed, logprobs (top-k) and prompt_logprobs (bool): see DecodeRequest.
         Yields lists of engine events; retrieval events gain `memories` [{"id", "text"}]. Ends after the
         request's finish or error event. Cancelling the stream (client gone, stop string) frees the slot."""
         loop = asyncio.get_running_loop()
@@ -48,7 +49,8 @@ class Generator:
         request = DecodeRequest(
             prompt=list(job["prompt"]), max_new_tokens=int(job["max_tokens"]), temperature=float(job["temperature"]),
             top_p=float(job["top_p"]), stop_ids=frozenset([self.tokenizer.eos_id]), retrieve=retrieve,
-            emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+            emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event), seed=job.get("seed"),
+            logprobs=job.get("logprobs"), prompt_logprobs=bool(job.get("prompt_logprobs")))
         try:
             self.engine.submit(request)
         except ValueError as e:

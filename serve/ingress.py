@@ -3,6 +3,8 @@
 The ingress owns text: it validates requests (serve/schema.py), renders chat and RAG prompts (serve/prompts.py),
 tokenizes, checks the context budget, and turns the generator's token events back into text with stop strings
 (serve/text_stream.py). The generator only sees token ids. Every answer carries `memories`: the references read.
+A list of prompts becomes one generator call each, all at once, so the engine batches them; logprobs (and the
+prompt's own, for `echo`) come from the engine's decode path and are named by serve/logprobs.py.
 
 Memory modes (request field `memory_mode`): "memory" — explicit memory, retrieved per 64-token window by the
 generator (paper §3.1); "none" — plain decoding; "rag" — references retrieved once with the prompt and prepended
@@ -17,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI, Path, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPBearer
 from ray import serve
@@ -28,9 +30,10 @@ from bank.checkpoints import load_tokenizer, local_checkpoint
 from model.checkpoint import load_config
 from model.prompts import CHAT_STOP, chat_query, rag_prompt, render_chat
 from serve.errors import APIError, install_error_handlers
+from serve.logprobs import TokenLogprobs, chat_logprobs, completion_logprobs
 from serve.schema import (AddMemoriesRequest, AddMemoriesResponse, ChatCompletionRequest, ChatCompletionResponse,
                           CompletionRequest, CompletionResponse, DeleteMemoryResponse, ErrorResponse, Health,
-                          ModelList, SamplingFields)
+                          MemoryMode, ModelList, SamplingFields)
 from serve.text_stream import TextStream
 
 app = FastAPI(
@@ -96,13 +99,24 @@ class Job:
     stream: bool
     include_usage: bool
     chat: bool
+    seed: int | None = None
+    logprobs: int | None = None  # top-k alternatives per token; None: no logprobs
+    echo_tokens: int = 0  # score this many last prompt tokens (the user's prompt): `echo` with `logprobs`
     memories: dict = field(default_factory=dict)  # id -> {"id", "text", "windows"}, in order of first use
     completion_tokens: int = 0
+    prompt_scored: TokenLogprobs = field(default_factory=TokenLogprobs)
+    generated: TokenLogprobs = field(default_factory=TokenLogprobs)
     started: float = field(default_factory=time.perf_counter)
 
     def engine_args(self) -> dict:
         return {"prompt": self.prompt_ids, "max_tokens": self.max_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "memory": self.mode == "memory", "bank_version": self.bank_version}
+                "top_p": self.top_p, "memory": self.mode == "memory", "bank_version": self.bank_version,
+                "seed": self.seed, "logprobs": self.logprobs, "prompt_logprobs": self.echo_tokens > 0}
+
+    def restart(self, memories: dict) -> None:
+        """Back to the state before decoding, for a retry on another replica."""
+        self.memories, self.completion_tokens = dict(memories), 0
+        self.prompt_scored, self.generated = TokenLogprobs(), TokenLogprobs()
 
     def add_memories(self, refs: list[dict], window: int | None, snippet_chars: int) -> None:
         for ref in refs:
@@ -123,9 +137,36 @@ async def _resolve(response):
     return await response
 
 
-def _usage(job: Job) -> dict:
-    return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": job.completion_tokens,
-            "total_tokens": len(job.prompt_ids) + job.completion_tokens}
+def _usage(*jobs: Job) -> dict:
+    prompt, completion = sum(len(j.prompt_ids) for j in jobs), sum(j.completion_tokens for j in jobs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _memory_union(jobs: list[Job]) -> list[dict]:
+    """The references any of the jobs read, in prompt order then order of first use."""
+    union: dict[str, dict] = {}
+    for job in jobs:
+        for ref in job.memory_list():
+            union.setdefault(ref["id"], ref)
+    return list(union.values())
+
+
+MODE_QUERY = Query(None, description="memory_mode for clients that cannot add a body field (e.g. lm-eval's "
+                                     "base_url); the body's memory_mode, if given, must agree.")
+
+
+def _with_query_mode(body: SamplingFields, mode: str | None) -> SamplingFields:
+    """The URL's `?memory_mode=` fills in the body's; evaluation harnesses can only vary the URL per run."""
+    if mode is None:
+        return body
+    if body.memory_mode is not None and body.memory_mode != mode:
+        raise APIError(400, f"memory_mode is {body.memory_mode!r} in the body but {mode!r} in the URL",
+                       param="memory_mode", code="conflicting_memory_mode")
+    return body.model_copy(update={"memory_mode": mode})
+
+
+def _unsupported(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param, code="unsupported_parameter")
 
 
 def _openapi_without_422() -> dict:
@@ -190,29 +231,60 @@ class Ingress:
     # --- completions -------------------------------------------------------------------------------------------
     @app.post("/v1/completions", response_model=CompletionResponse,
               responses={200: {"content": SSE}, **_errors(400, 404, 413, 503)})
-    async def completions(self, body: CompletionRequest):
-        job = await self._prepare(body, body.prompt, body.prompt, "prompt", chat=False)
+    async def completions(self, body: CompletionRequest, memory_mode: MemoryMode | None = MODE_QUERY):
+        body = _with_query_mode(body, memory_mode)
+        prompts = body.prompt_list()
+        if body.stream and (len(prompts) > 1 or body.echo or body.logprobs is not None):
+            raise _unsupported("stream", "streaming supports one prompt without echo or logprobs; send stream: "
+                                         "false for a list of prompts, echo or logprobs")
+        jobs = await asyncio.gather(*(self._prepare(body, p, p, "prompt", chat=False) for p in prompts))
+        for prompt, job in zip(prompts, jobs):
+            job.logprobs = body.logprobs
+            if body.echo and body.logprobs is not None:
+                job.echo_tokens = self._echo_length(job, prompt)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if job.stream:
-            return StreamingResponse(self._sse(job, rid, created), media_type="text/event-stream")
-        text, finish = await self._collect(job)
+        if body.stream:
+            return StreamingResponse(self._sse(jobs[0], rid, created), media_type="text/event-stream")
+        outcomes = await asyncio.gather(*(self._collect(job) for job in jobs))
+        choices = []
+        for index, (prompt, job, (text, finish)) in enumerate(zip(prompts, jobs, outcomes)):
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(self.tokenizer, job.prompt_scored + job.generated,
+                                               0 if body.echo else len(prompt))
+            choices.append({"index": index, "text": prompt + text if body.echo else text, "logprobs": logprobs,
+                            "finish_reason": finish})
         return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-                "usage": _usage(job), "memories": job.memory_list()}
+                "choices": choices, "usage": _usage(*jobs), "memories": _memory_union(jobs)}
+
+    def _echo_length(self, job: Job, prompt: str) -> int:
+        """How many of the model's prompt tokens are the user's prompt (after the sink and any RAG references)."""
+        ids = self.tokenizer.encode(prompt)
+        if job.prompt_ids[-len(ids):] != ids:  # a RAG prompt that starts with whitespace merges into the references
+            raise APIError(400, "echo with logprobs in memory_mode 'rag' needs a prompt that does not start with "
+                                "whitespace", param="prompt", code="unsupported_parameter")
+        return len(ids)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
               responses={200: {"content": SSE}, **_errors(400, 404, 413, 503)})
-    async def chat_completions(self, body: ChatCompletionRequest):
+    async def chat_completions(self, body: ChatCompletionRequest, memory_mode: MemoryMode | None = MODE_QUERY):
+        body = _with_query_mode(body, memory_mode)
         messages = [m.model_dump() for m in body.messages]
         if body.max_tokens is None and body.max_completion_tokens is not None:
             body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        if body.stream and body.logprobs:
+            raise _unsupported("stream", "streaming does not report logprobs; send stream: false")
         job = await self._prepare(body, render_chat(messages), chat_query(messages), "messages", chat=True)
+        job.logprobs = (body.top_logprobs or 0) if body.logprobs else None
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if job.stream:
             return StreamingResponse(self._sse(job, rid, created), media_type="text/event-stream")
         text, finish = await self._collect(job)
+        logprobs = chat_logprobs(self.tokenizer, job.generated) if body.logprobs else None
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                              "finish_reason": finish}],
                 "usage": _usage(job), "memories": job.memory_list()}
 
@@ -228,12 +300,12 @@ class Ingress:
         if mode != "none" and not self.has_bank:
             raise APIError(400, f"memory_mode {mode!r} needs a memory bank; this server has none (use 'none')",
                            param="memory_mode", code="no_memory_bank")
-        max_tokens = body.max_tokens or self.defaults["max_tokens"]
+        max_tokens = self.defaults["max_tokens"] if body.max_tokens is None else body.max_tokens
         if max_tokens > self.limits["max_tokens"]:
             raise APIError(400, f"max_tokens={max_tokens} exceeds the limit of {self.limits['max_tokens']}",
                            param="max_tokens", code="max_tokens_too_large")
         job = Job([], max_tokens, body.temperature, body.top_p, stops + (CHAT_STOP if chat else []), mode, None,
-                  body.stream, bool(body.stream_options and body.stream_options.include_usage), chat)
+                  body.stream, bool(body.stream_options and body.stream_options.include_usage), chat, body.seed)
         if mode != "none":
             job.bank_version = await self.writer.current_version.remote()
         if mode == "rag":
@@ -273,7 +345,7 @@ class Ingress:
                 if produced or attempt == self.settings["replica_failure_retries"]:
                     raise APIError(503, f"generation failed ({e}); retry the request",
                                    code="replica_unavailable") from None
-                job.memories, job.completion_tokens = dict(memories), 0
+                job.restart(memories)
 
     async def _decode_once(self, job: Job) -> AsyncIterator[tuple[str, str | None]]:
         """One attempt; cancels the generator's stream when the caller stops early (stop string, client gone)."""
@@ -287,6 +359,11 @@ class Ingress:
                     kind = event["type"]
                     if kind == "token":
                         new_ids.append(event["token"])
+                        if "logprob" in event and event["token"] != self.tokenizer.eos_id:
+                            job.generated.add(event["token"], event["logprob"], event["top"])
+                    elif kind == "prompt_logprobs":
+                        scored = TokenLogprobs(job.prompt_ids[1:], event["logprobs"], event["top"])
+                        job.prompt_scored = scored.tail(job.echo_tokens)
                     elif kind == "retrieval":
                         job.add_memories(event["memories"], event["window"], self.limits["snippet_chars"])
                     elif kind == "finish":

@@ -1,7 +1,9 @@
 """HTTP request/response models: the OpenAI completions and chat API, plus memory3's documented extras.
 
 Requests are strict (`extra="forbid"`, no type coercion): a misspelt or unsupported OpenAI option is a 400 that
-names the field, never silently ignored. The only extra request field is `memory_mode`; the only extra response
+names the field, never silently ignored. The OpenAI fields that evaluation harnesses and serving clients send are
+supported with OpenAI's meaning: `seed`, `logprobs` (completions: top-k; chat: `logprobs` + `top_logprobs`), `echo`
+with `max_tokens: 0` (scoring a text), and a list of prompts (one choice each). The only extra request field is `memory_mode`; the only extra response
 field is `memories` (the references the answer read). Limits that depend on the deployment (prompt length in
 tokens, the model's context) are checked by the ingress; the bounds here are absolute ceilings that also appear in
 the OpenAPI schema.
@@ -19,6 +21,8 @@ MAX_PROMPT_CHARS = 200_000  # absolute ceiling; `limits.max_prompt_chars` in con
 MAX_TOKENS = 32_768
 MAX_STOP = 4
 MAX_STOP_CHARS = 64
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_LOGPROBS, MAX_TOP_LOGPROBS = 5, 20  # OpenAI's limits: completions' `logprobs`, chat's `top_logprobs`
 
 
 class StrictModel(BaseModel):
@@ -51,6 +55,9 @@ class SamplingFields(StrictModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    seed: int | None = Field(None, ge=-2**63, lt=2**64,
+                             description="Sampling seed of this request: the same seed and input give the same "
+                                         "tokens, whatever else the server is decoding.")
     user: str | None = Field(None, max_length=256)
     memory_mode: MemoryMode | None = Field(
         None, description="memory3 extra. 'memory' (default with a bank): explicit memory read in the memory "
@@ -61,8 +68,20 @@ class SamplingFields(StrictModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
+        description=f"A string, or up to {MAX_PROMPTS} strings answered as choices in order (`index`).")
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS,
+                                   description="Tokens to generate (default: config); 0 with `echo` scores the prompt.")
+    echo: bool = Field(False, description="The choice's text (and logprobs) start with the prompt.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="Report each token's logprob and this many most likely alternatives.")
+
+    def prompt_list(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
 class ChatMessage(StrictModel):
@@ -74,6 +93,9 @@ class ChatMessage(StrictModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="Alias of max_tokens.")
+    logprobs: bool = Field(False, description="Report each generated token's logprob.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="With `logprobs`: this many most likely alternatives per token.")
 
 
 class MemoryRef(Loose):
@@ -90,10 +112,17 @@ class Usage(Loose):
     total_tokens: int
 
 
+class CompletionLogprobs(Loose):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(Loose):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -112,10 +141,24 @@ class AssistantMessage(Loose):
     content: str
 
 
+class TokenLogprob(Loose):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TokenLogprob):
+    top_logprobs: list[TokenLogprob]
+
+
+class ChatLogprobs(Loose):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(Loose):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
 
 

@@ -54,3 +54,19 @@ def test_tokenizer_roundtrip_and_specials(tmp_path):
     assert ids[:3] == [tok.bos_id, tok.ref_id, tok.bos_id]
     tok.save(tmp_path / "tokenizer.json")
     assert Tokenizer.load(tmp_path).sha256 == tok.sha256
+
+
+def test_autotokenizer_loads_the_checkpoint_tokenizer(tmp_path, make_model):
+    """Evaluation harnesses load the tokenizer with AutoTokenizer: it must encode and decode exactly as ours."""
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer.train(["Lyon is a city in France. Ça va? 東京 is big.\n\nNew line"] * 20, vocab_size=300)
+    save_checkpoint(tmp_path / "ckpt", make_model(), tok)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    for text in ["Lyon is a city in France.", " Which country is  Lyon in?\n\n Answer:", "Ça va? 東京 ünïcode"]:
+        ids = tok.encode(text)
+        assert hf(text, add_special_tokens=False).input_ids == ids
+        assert hf(text).input_ids == ids  # no BOS of its own: the model's sink comes from Tokenizer.context_ids
+        assert hf.decode(ids) == tok.decode(ids) == text
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert hf.decode([tok.eos_id] + tok.encode("ab"), skip_special_tokens=True) == tok.decode([tok.eos_id] +
+                                                                                              tok.encode("ab"))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import socket
+from contextlib import contextmanager
+from typing import Iterator
 
 
 CITIES = [("Lyon", "France", "Central European"), ("Osaka", "Japan", "Japan Standard"),
@@ -43,3 +45,22 @@ def build_bank(path: str, checkpoint: str, documents: list[dict]) -> str:
     append_documents(path, documents, model, tokenizer, embedder)
     update_index(path, factory="Flat")
     return path
+
+
+@contextmanager
+def serving(app_name: str, args: dict, timeout_s: float = 180) -> Iterator[str]:
+    """The serving application on a free 127.0.0.1 port, healthy; yields its URL and shuts Serve down after."""
+    from ray import serve
+
+    from serve.app import build_app, serve_running, wait_healthy
+
+    port = free_port()
+    assert not serve_running(), "an earlier test left Ray Serve running: it would keep its own HTTP port"
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(args), name=app_name, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, timeout_s)
+        yield url
+    finally:
+        serve.shutdown()

@@ -18,8 +18,8 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
                                                response_schema_conformance, status_code_conformance)
 
-from serve_testing import CITIES, city_documents, free_port
-from serve.app import build_app, serve_running, wait_healthy
+from serve_testing import CITIES, city_documents, serving
+from serve.app import wait_healthy
 
 APP, MODEL, TOKEN = "memory3-test", "memory3", "test-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -46,18 +46,12 @@ class Server:
 def server(ray_local, tiny_checkpoint, tiny_bank, tmp_path_factory):
     bank = str(tmp_path_factory.mktemp("api") / "bank")
     shutil.copytree(tiny_bank, bank)  # the admin tests edit it
-    port = free_port()
-    assert not serve_running(), "an earlier test left Ray Serve running: it would keep its own HTTP port"
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"checkpoint": tiny_checkpoint, "bank": bank, "admin_token": TOKEN, "model_name": MODEL,
             "limits": LIMITS, "decoding": {"max_batch_size": 8, "seed": 0}, "writer": {"refresh_s": 0.5}}
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, 180)
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-    with httpx.Client(base_url=url, timeout=120) as http:
-        yield Server(url, client, http)
-    serve.shutdown()
+    with serving(APP, args) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        with httpx.Client(base_url=url, timeout=120) as http:
+            yield Server(url, client, http)
 
 
 def memory_ids(response) -> list[str]:
@@ -115,6 +109,77 @@ def test_memory_modes_and_decode_time_retrieval(server):
     assert none["memories"] == [] and none["choices"][0]["text"] != memory["choices"][0]["text"]
     assert memory_ids(rag)[0] == "city-1#0" and all(m["windows"] == [] for m in rag["memories"])
     assert rag["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 20  # reference texts in the prompt
+
+
+def test_seed_reproduces_sampling(server):
+    first, again, other = (server.complete(prompt=PROMPT, max_tokens=16, temperature=1.0, memory_mode="none",
+                                           seed=seed)["choices"][0]["text"] for seed in (5, 5, 6))
+    assert first == again and first != other
+
+
+@pytest.mark.parametrize("mode", ["memory", "none"])
+def test_greedy_tokens_are_the_argmax_of_their_logprobs(server, mode):
+    r = server.complete(prompt=PROMPT, max_tokens=12, temperature=0, logprobs=3, memory_mode=mode, stop=["zz"])
+    choice = r["choices"][0]
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == choice["text"] and len(lp["tokens"]) == r["usage"]["completion_tokens"]
+    assert lp["text_offset"][0] == len(PROMPT)
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        best = max(top, key=top.get)
+        assert len(top) <= 3 and best == token and top[best] == pytest.approx(logprob)
+
+    chat = server.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Which country is Osaka in?"}], max_tokens=6,
+        temperature=0, logprobs=True, top_logprobs=2, extra_body={"memory_mode": mode})
+    content = chat.choices[0].logprobs.content
+    assert "".join(t.token for t in content).lstrip() == chat.choices[0].message.content
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in content)
+
+
+@pytest.mark.parametrize("mode", ["memory", "none"])
+def test_echo_scores_the_prompt_as_decoding_saw_it(server, mode):
+    """`echo` + `max_tokens: 0` + `logprobs` (how harnesses score log-likelihood): the prompt's token logprobs.
+    Scoring prompt + greedy continuation gives the continuation the logprobs decoding reported (the continuation
+    stays in the prompt's 64-token window, whose memories then come from the same text)."""
+    decoded = server.complete(prompt=PROMPT, max_tokens=6, temperature=0, logprobs=1, memory_mode=mode)["choices"][0]
+    text = PROMPT + decoded["text"]
+    scored = server.complete(prompt=text, max_tokens=0, echo=True, logprobs=1, memory_mode=mode)
+    choice = scored["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == text and "".join(lp["tokens"]) == text and lp["text_offset"][0] == 0
+    assert scored["usage"]["completion_tokens"] == 0 and choice["finish_reason"] == "length"
+    n = len(decoded["logprobs"]["tokens"])
+    assert lp["tokens"][-n:] == decoded["logprobs"]["tokens"]
+    if mode == "none":
+        assert lp["token_logprobs"][-n:] == pytest.approx(decoded["logprobs"]["token_logprobs"], abs=1e-4)
+    assert all(v <= 0 for v in lp["token_logprobs"]) and all(len(t) == 1 for t in lp["top_logprobs"])
+    # lm-eval's request: echo with one generated token, whose logprob comes last
+    harness = server.complete(prompt=text, max_tokens=1, temperature=0, echo=True, logprobs=1, seed=1234,
+                              memory_mode=mode)["choices"][0]["logprobs"]
+    assert harness["token_logprobs"][:-1] == pytest.approx(lp["token_logprobs"], abs=1e-4)
+
+
+def test_echo_logprobs_depend_on_the_memory_mode(server):
+    scores = {mode: server.complete(prompt=PROMPT + " Osaka is in Japan.", max_tokens=0, echo=True, logprobs=0,
+                                    memory_mode=mode)["choices"][0]["logprobs"]["token_logprobs"]
+              for mode in ("memory", "none")}
+    assert len(scores["memory"]) == len(scores["none"]) and scores["memory"] != pytest.approx(scores["none"])
+    by_url = server.http.post("/v1/completions?memory_mode=none", json=_body(
+        prompt=PROMPT + " Osaka is in Japan.", max_tokens=0, echo=True, logprobs=0)).json()  # lm-eval's way
+    assert by_url["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(scores["none"])
+    assert by_url["memories"] == []
+
+
+def test_a_list_of_prompts_answers_each_in_order(server):
+    prompts = [f"{city} is a city in" for city, _, _ in CITIES[:3]] + [PROMPT]
+    batch = server.complete(prompt=prompts, max_tokens=5, temperature=0, logprobs=0)
+    singles = [server.complete(prompt=p, max_tokens=5, temperature=0, logprobs=0) for p in prompts]
+    assert [c["index"] for c in batch["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in batch["choices"]] == [s["choices"][0]["text"] for s in singles]
+    assert batch["usage"]["total_tokens"] == sum(s["usage"]["total_tokens"] for s in singles)
+    assert set(memory_ids(batch)) == {i for s in singles for i in memory_ids(s)}
+    echoed = server.complete(prompt=prompts[:2], max_tokens=0, echo=True)
+    assert [c["text"] for c in echoed["choices"]] == prompts[:2] and echoed["choices"][0]["logprobs"] is None
 
 
 def test_stop_strings_cut_the_text_streaming_or_not(server):
@@ -177,15 +242,31 @@ def _body(**extra):
 BAD_REQUESTS = [  # (name, method, path, json body or raw bytes, status, param)
     ("invalid json", "POST", "/v1/completions", b'{"model": "memory3", "prompt": ', 400, None),
     ("not an object", "POST", "/v1/completions", [1, 2], 400, None),
-    ("unknown field", "POST", "/v1/completions", _body(logprobs=2), 400, "logprobs"),
+    ("unknown field", "POST", "/v1/completions", _body(best_of=2), 400, "best_of"),
+    ("logprobs over OpenAI's 5", "POST", "/v1/completions", _body(logprobs=6), 400, "logprobs"),
+    ("token-id prompt", "POST", "/v1/completions", _body(prompt=[[1, 2]]), 400, "prompt"),
+    ("stream a prompt list", "POST", "/v1/completions", _body(prompt=["a", "b"], stream=True), 400, "stream"),
+    ("stream logprobs", "POST", "/v1/completions", _body(logprobs=1, stream=True), 400, "stream"),
+    ("float seed", "POST", "/v1/completions", _body(seed=1.5), 400, "seed"),
+    ("memory_mode body vs URL", "POST", "/v1/completions?memory_mode=none", _body(memory_mode="memory"), 400,
+     "memory_mode"),
+    ("unknown URL memory_mode", "POST", "/v1/chat/completions?memory_mode=both",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, 400, "memory_mode"),
     ("string for int", "POST", "/v1/completions", _body(max_tokens="2"), 400, "max_tokens"),
     ("bool for int", "POST", "/v1/completions", _body(max_tokens=True), 400, "max_tokens"),
     ("missing prompt", "POST", "/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("empty prompt", "POST", "/v1/completions", _body(prompt=""), 400, "prompt"),
-    ("list prompt", "POST", "/v1/completions", _body(prompt=["a", "b"]), 400, "prompt"),
+    ("too many prompts", "POST", "/v1/completions", _body(prompt=["a"] * 65), 400, "prompt"),
     ("oversized prompt", "POST", "/v1/completions", _body(prompt="x" * 2500), 400, "prompt"),
     ("prompt over the context", "POST", "/v1/completions", _body(prompt="Lyon " * 300, max_tokens=10), 400, "prompt"),
-    ("max_tokens 0", "POST", "/v1/completions", _body(max_tokens=0), 400, "max_tokens"),
+    ("max_tokens -1", "POST", "/v1/completions", _body(max_tokens=-1), 400, "max_tokens"),
+    ("chat max_tokens 0", "POST", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ("chat top_logprobs without logprobs", "POST", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat top_logprobs over 20", "POST", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+     400, "top_logprobs"),
     ("max_tokens over the limit", "POST", "/v1/completions", _body(max_tokens=5000), 400, "max_tokens"),
     ("temperature 3", "POST", "/v1/completions", _body(temperature=3.0), 400, "temperature"),
     ("top_p 0", "POST", "/v1/completions", _body(top_p=0), 400, "top_p"),

@@ -145,3 +145,90 @@ def test_a_failing_prompt_retrieval_fails_only_its_request(model, bank):
             assert collectors[i].tokens == reference(model, prompts[i], 12, make_retrieve(bank))[0]
     finally:
         engine.stop()
+
+
+class LogprobCollector(Collector):
+    def __init__(self):
+        super().__init__()
+        self.logprobs, self.tops, self.prompt = [], [], None
+
+    def __call__(self, event: dict) -> None:
+        if event["type"] == "token":
+            self.logprobs.append(event.get("logprob"))
+            self.tops.append(event.get("top"))
+        elif event["type"] == "prompt_logprobs":
+            self.prompt = event
+        super().__call__(event)
+
+
+def run_requests(model, requests: list[DecodeRequest], max_batch: int = 4) -> None:
+    """Submit all at once (so they share batches), wait for every one."""
+    engine = DecodeEngine(model, max_batch=max_batch, seed=0)
+    try:
+        with engine.wakeup:
+            for r in requests:
+                engine.submit(r)
+        for r in requests:
+            assert r.emit.done.wait(60)
+    finally:
+        engine.stop()
+
+
+def constant_retrieve(bank):
+    """The same memories for every query: decoding and scoring a text then read the same memories everywhere."""
+    return lambda query: Retrieved(bank[[3, 7]], torch.tensor([4, 2]), ids=[3, 7])
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_logprobs_are_the_sampled_distribution_and_greedy_is_their_argmax(model, bank, memory):
+    prompts = [prompt_of(30 + i, 6 + 9 * i) for i in range(3)]
+    requests = [DecodeRequest(p, 14, retrieve=make_retrieve(bank) if memory else None, logprobs=3,
+                              emit=LogprobCollector()) for p in prompts]
+    run_requests(model, requests)
+    for prompt, r in zip(prompts, requests):
+        c = r.emit
+        want_logits = [step.logits[0] for step in generate(
+            model, [prompt], 14, retrieve=(lambda row, q: make_retrieve(bank)(q)) if memory else None)]
+        assert c.tokens == reference(model, prompt, 14, make_retrieve(bank) if memory else None)[0]
+        for token, logprob, top, logits in zip(c.tokens, c.logprobs, c.tops, want_logits):
+            assert len(top) == 3 and top[0][0] == token and top[0][1] == pytest.approx(logprob, abs=1e-12)
+            assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+            assert logprob == pytest.approx(float(torch.log_softmax(logits, -1)[token]), abs=1e-5)  # float32 logits
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_scoring_a_text_gives_the_logprobs_decoding_it_gave(model, bank, memory):
+    """Echo scoring (prefill) and decoding are one path: the prompt logprobs of prompt + generated tokens equal
+    the logprobs reported while generating them, with and without memory."""
+    retrieve = constant_retrieve(bank) if memory else None
+    prompt = prompt_of(40, 11)
+    decoded = DecodeRequest(prompt, 20, retrieve=retrieve, logprobs=0, emit=LogprobCollector())  # crosses windows
+    run_requests(model, [decoded])
+    scored = DecodeRequest(prompt + decoded.emit.tokens, 0, retrieve=retrieve, logprobs=2, prompt_logprobs=True,
+                           emit=LogprobCollector())
+    plain = DecodeRequest(prompt + decoded.emit.tokens, 0, logprobs=2, prompt_logprobs=True, emit=LogprobCollector())
+    run_requests(model, [scored, plain])
+    event = scored.emit.prompt
+    assert scored.emit.end == {"type": "finish", "reason": "length"} and scored.emit.tokens == []
+    assert len(event["logprobs"]) == len(prompt) + 20 - 1 and all(len(t) == 2 for t in event["top"])
+    torch.testing.assert_close(event["logprobs"][len(prompt) - 1:], decoded.emit.logprobs, atol=1e-5, rtol=0)
+    memory_changed = plain.emit.prompt["logprobs"] != event["logprobs"]
+    assert memory_changed == memory  # memory_mode applies to scoring
+
+
+def test_a_seeded_request_samples_the_same_whatever_the_batch(model):
+    def seeded(seed):
+        return DecodeRequest(prompt_of(50, 9), 16, temperature=1.0, seed=seed, emit=Collector())
+
+    alone, crowded, other = seeded(7), seeded(7), seeded(8)
+    noise = [DecodeRequest(prompt_of(51 + i, 7), 10, temperature=1.0, emit=Collector()) for i in range(2)]
+    run_requests(model, [alone])
+    run_requests(model, noise[:1] + [crowded] + noise[1:] + [other])
+    assert alone.emit.tokens == crowded.emit.tokens and len(alone.emit.tokens) == 16
+    assert other.emit.tokens != alone.emit.tokens
+
+
+def test_zero_new_tokens_ends_after_prefill(model):
+    request = DecodeRequest(prompt_of(60, 8), 0, emit=Collector())
+    run_requests(model, [request])
+    assert request.emit.end == {"type": "finish", "reason": "length"} and request.emit.tokens == []
