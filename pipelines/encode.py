@@ -37,6 +37,7 @@ from configs.schema import EncodeConfig
 from model.checkpoint import load_checkpoint, load_config
 from model.quantizer import MemoryQuantizer
 from model.tokenizer import Tokenizer
+from pipelines import console
 from pipelines.encode_parts import chunk_part_row, read_parts_row
 from pipelines.index import index_options
 
