@@ -25,6 +25,7 @@ import torch
 from bank import storage
 from bank.checkpoints import load_tokenizer, local_checkpoint, parse_dtype
 from bank.chunking import Document, chunk_document, iter_file, list_corpus_files, reference_from_dict, reference_to_dict
+from bank.compact import completed_parts
 from bank.embedder import DEFAULT_EMBEDDER, Embedder, embedder_dim
 from bank.format import ERRORS, BankError, weights_sha256
 from bank.index import update_index
@@ -241,7 +242,7 @@ def encode_corpus(cfg: EncodeConfig) -> dict:
     actor_options = {"num_cpus": cfg.actor_num_cpus, "num_gpus": cfg.num_gpus,
                      **({"runtime_env": runtime_env} if runtime_env else {})}
     manifest = prepare_bank(cfg, files, actor_options)
-    complete = frozenset(list_shard_markers(cfg.bank))
+    complete = completed_parts(cfg.bank)  # parts compaction rewrote count as done: deleted rows stay gone
     tokenizer_json = load_tokenizer(cfg.checkpoint).to_str()
     task_options = {"num_cpus": cfg.task_num_cpus, **({"runtime_env": runtime_env} if runtime_env else {})}
 
