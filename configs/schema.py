@@ -94,6 +94,8 @@ class EncodeConfig:
     """auto (bf16 on GPU, float32 on CPU), float32, bfloat16 or float16."""
     compile: bool = False
     """torch.compile the encoder."""
+    overlap_writes: bool = True
+    """Each encoder actor writes one part (host copy, pack, embed, write) while the next part encodes."""
     torch_threads: int = 1
     """torch/FAISS threads per actor."""
     max_restarts: int = -1
