@@ -1,6 +1,6 @@
 """Live edits of a bank, in-process and without Ray: append documents, delete references (the serve admin API and
-`memory3 bank delete`). Existing shards are never rewritten: an append adds shards and index rows, a delete adds
-tombstones, and each edit commits with one manifest write.
+`memory3 bank delete`). Existing shards are never rewritten here: an append adds shards and index rows, a delete adds
+tombstones, and each edit commits with one manifest write. Compaction (bank/compact.py) removes tombstoned rows.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from model.transformer import Transformer
 _WRITE_LOCKS: dict[str, threading.Lock] = {}
 
 
-def _write_lock(bank_uri: str) -> threading.Lock:
+def write_lock(bank_uri: str) -> threading.Lock:
+    """The one lock every in-process writer of a bank holds: appends, deletes, compaction."""
     return _WRITE_LOCKS.setdefault(str(bank_uri), threading.Lock())
 
 
@@ -28,7 +29,7 @@ def append_documents(bank_uri: str, documents: list[dict], model: Transformer, t
     """Encode new documents {"id", "text", ...} in-process and add them as new shards + index rows, without
     touching existing shards. Returns the new reference ids. One writer per bank at a time (threads of one process
     are serialised); open MemoryBank / Retriever objects must be reopened to see the new rows."""
-    with _write_lock(bank_uri):
+    with write_lock(bank_uri):
         bank = MemoryBank.open(bank_uri, expect_tokenizer_sha=tokenizer.sha256)
         manifest = bank.manifest
         if model.cfg != bank.config:
@@ -63,7 +64,7 @@ def append_documents(bank_uri: str, documents: list[dict], model: Transformer, t
 def delete_references(bank_uri: str, ids: list[str]) -> int:
     """Tombstone references by id in the manifest and drop them from the index; returns how many were newly
     deleted. Unknown ids are an error (nothing is changed). Shard bytes stay: rows keep their numbers."""
-    with _write_lock(bank_uri):
+    with write_lock(bank_uri):
         bank = MemoryBank.open(bank_uri)
         unknown = []
         rows = []

@@ -84,19 +84,39 @@ def load_index(bank_uri: str, manifest: dict) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-def save_index(bank_uri: str, manifest: dict, index: faiss.Index, factory: str, nprobe: int) -> dict:
-    """Write the index under its content hash, then commit the manifest that names it, then drop the old file."""
+def write_index_file(bank_uri: str, index: faiss.Index, factory: str, nprobe: int) -> dict:
+    """Write the index under its content hash; returns the manifest entry that names it (not yet committed)."""
     data = faiss.serialize_index(index).tobytes()
     sha = bytes_sha256(data)
     name = f"index-{sha[:16]}.faiss"
     storage.write_bytes(storage.join(bank_uri, name), data)
+    return {"file": name, "factory": factory, "sha256": sha, "bytes": len(data), "rows": int(index.ntotal),
+            "dim": int(index.d), "metric": "inner_product", "nprobe": int(nprobe)}
+
+
+def save_index(bank_uri: str, manifest: dict, index: faiss.Index, factory: str, nprobe: int) -> dict:
+    """Write the index under its content hash, then commit the manifest that names it, then drop the old file."""
     old = (manifest.get("index") or {}).get("file")
-    manifest["index"] = {"file": name, "factory": factory, "sha256": sha, "bytes": len(data), "rows": int(index.ntotal),
-                         "dim": int(index.d), "metric": "inner_product", "nprobe": int(nprobe)}
+    manifest["index"] = write_index_file(bank_uri, index, factory, nprobe)
     write_manifest(bank_uri, manifest)
-    if old and old != name:
+    if old and old != manifest["index"]["file"]:
         storage.remove(storage.join(bank_uri, old))
     return manifest["index"]
+
+
+def renumber_rows(index: faiss.Index, new_row: np.ndarray) -> faiss.Index:
+    """Give every indexed vector its row after compaction: id r becomes new_row[r]; ids mapped to -1 (deleted
+    rows still indexed) are removed first, their vectors with them. The vectors are not re-encoded or retrained."""
+    ids = index_rows(index)
+    gone = ids[new_row[ids] < 0]
+    if len(gone):
+        index.remove_ids(gone)
+        ids = index_rows(index)
+    idmap = faiss.downcast_index(index)
+    faiss.copy_array_to_vector(new_row[ids].astype(np.int64), idmap.id_map)
+    if isinstance(idmap, faiss.IndexIDMap2):
+        idmap.construct_rev_map()
+    return index
 
 
 def update_index(bank_uri: str, factory: str = "Flat", nprobe: int = 16, use_gpu: bool | None = None,

@@ -91,22 +91,31 @@ def write_shard(bank_uri: str, name: str, references: list[Reference], records: 
                 embeddings: np.ndarray) -> dict:
     """Write a shard's records, metadata and (last) its commit marker; returns the marker's content.
     Every write is atomic and every byte is a function of the inputs, so a retried shard is identical."""
-    import pyarrow.parquet as pq
-
     if not (len(references) == len(records) == len(embeddings)):
         raise ValueError("references, records and embeddings differ in length")
-    mem = np.ascontiguousarray(records).tobytes()
     n_valid = np.ascontiguousarray(records[:, :4]).view("<u4")[:, 0]
+    return write_shard_table(bank_uri, name, metadata_table(references, n_valid, embeddings), records)
+
+
+def write_shard_table(bank_uri: str, name: str, table, records: np.ndarray, **marker_extra) -> dict:
+    """Write records (N, record_bytes) and their metadata table (N rows, `metadata_table`'s columns), then the
+    commit marker (with `marker_extra` keys). Used by encoding (write_shard) and compaction (bank/compact.py)."""
+    import pyarrow.parquet as pq
+
+    if table.num_rows != len(records):
+        raise ValueError("records and metadata differ in length")
+    mem = np.ascontiguousarray(records).tobytes()
     buf = io.BytesIO()
-    pq.write_table(metadata_table(references, n_valid, embeddings), buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd")
     meta = buf.getvalue()
     storage.write_bytes(shard_uri(bank_uri, name, "mem"), mem)
     storage.write_bytes(shard_uri(bank_uri, name, "parquet"), meta)
-    doc_ids = list(dict.fromkeys(r.doc_id for r in references))
-    marker = {"name": name, "rows": len(references), "documents": len(doc_ids), "doc_ids": doc_ids,
-              "tokens": int(sum(len(r.tokens) for r in references)),
+    doc_ids = list(dict.fromkeys(table.column("doc_id").to_pylist()))
+    tokens = table.column("tokens").combine_chunks().value_lengths() if table.num_rows else []
+    marker = {"name": name, "rows": table.num_rows, "documents": len(doc_ids), "doc_ids": doc_ids,
+              "tokens": int(sum(int(n) for n in np.asarray(tokens))),
               "mem_bytes": len(mem), "mem_sha256": bytes_sha256(mem),
-              "meta_bytes": len(meta), "meta_sha256": bytes_sha256(meta)}
+              "meta_bytes": len(meta), "meta_sha256": bytes_sha256(meta), **marker_extra}
     storage.write_text(shard_uri(bank_uri, name, "json"), json.dumps(marker, sort_keys=True) + "\n")
     return marker
 

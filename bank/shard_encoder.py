@@ -28,12 +28,13 @@ class ShardEncoder:
         self.encode_fn = torch.compile(encode_references, dynamic=False) if compile else encode_references
 
     @torch.no_grad()
-    def memories(self, refs: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 CPU memories (N, L_mem, 2, Hkv, k, D) and n_valid (N,), in fixed-size batches (deterministic)."""
+    def device_memories(self, refs: list[Reference]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(memories (n, L_mem, 2, Hkv, k, D), n_valid (n,)) per fixed-size batch, left on the model's device, so
+        the copy to the host can overlap the next encoding (pipelines/encode.py)."""
         if self.model.layers[0].self_attn.cache is not None:
             raise ValueError("the model has decoding caches set up; encode with a model outside generation")
         cfg, device = self.model.cfg, self.model.device
-        out, valid = [], []
+        out = []
         for i in range(0, len(refs), self.batch_size):
             part = refs[i:i + self.batch_size]
             n = len(part)
@@ -44,11 +45,23 @@ class ShardEncoder:
             tokens, lengths = pad_references([r.tokens for r in part], cfg.reference_len, self.tokenizer.pad_id,
                                              multiple=cfg.reference_len)
             sparse = self.encode_fn(self.model, tokens.to(device), lengths.to(device), self.tokenizer.sink_ids)
-            out.append(sparse.memories[:n].float().cpu())
-            valid.append(sparse.n_valid[:n].cpu())
-        return torch.cat(out), torch.cat(valid)
+            out.append((sparse.memories[:n], sparse.n_valid[:n]))
+        return out
+
+    def memories(self, refs: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 CPU memories (N, L_mem, 2, Hkv, k, D) and n_valid (N,), in fixed-size batches (deterministic)."""
+        return self.to_host(self.device_memories(refs))
+
+    @staticmethod
+    def to_host(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([m.float().cpu() for m, _ in batches]), torch.cat([v.cpu() for _, v in batches])
 
     def encode(self, refs: list[Reference]) -> tuple[np.ndarray, np.ndarray]:
-        memories, n_valid = self.memories(refs)
+        return self.records(refs, self.device_memories(refs))
+
+    def records(self, refs: list[Reference], batches: list[tuple[torch.Tensor, torch.Tensor]]
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """`device_memories` output -> records (N, record_bytes) and retrieval embeddings (N, dim)."""
+        memories, n_valid = self.to_host(batches)
         records = self.layout.pack(memories, n_valid, self.quantizer)
         return records, self.embedder.encode([r.text for r in refs])

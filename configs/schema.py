@@ -42,14 +42,18 @@ class IndexConfig(IndexSettings):
 
 @dataclass
 class BankConfig:
-    """`memory3 bank verify|info|delete bank=...`."""
+    """`memory3 bank verify|info|delete|compact bank=...`."""
 
     bank: str = MISSING
     """Bank folder or s3:// URI."""
     ids: List[str] = field(default_factory=list)
     """Reference ids to tombstone (`delete`)."""
+    ray_address: Optional[str] = None
+    """Ray to join for `compact` (null: RAY_ADDRESS or a new local instance)."""
+    task_num_cpus: float = 1.0
+    """CPUs per shard-rewrite task of `compact` (each reads and writes one shard)."""
     action: Optional[str] = None
-    """The word after the command: verify, info or delete."""
+    """The word after the command: verify, info, delete or compact."""
 
 
 @dataclass
@@ -90,6 +94,8 @@ class EncodeConfig:
     """auto (bf16 on GPU, float32 on CPU), float32, bfloat16 or float16."""
     compile: bool = False
     """torch.compile the encoder."""
+    overlap_writes: bool = True
+    """Each encoder actor writes one part (host copy, pack, embed, write) while the next part encodes."""
     torch_threads: int = 1
     """torch/FAISS threads per actor."""
     max_restarts: int = -1

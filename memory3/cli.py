@@ -25,7 +25,7 @@ COMMANDS = {
     "prepare": ("pipelines.prepare:main", "train the tokenizer and pack training sequences (Ray Data)"),
     "encode": ("pipelines.encode:main", "encode a corpus into a sparse memory bank + FAISS index (Ray Data)"),
     "index": ("pipelines.index:main", "(re)build the FAISS retrieval index of a bank"),
-    "bank": ("pipelines.bank_admin:main", "bank maintenance: `memory3 bank verify bank=DIR`"),
+    "bank": ("pipelines.bank_admin:main", "bank maintenance: `memory3 bank verify|info|delete|compact bank=DIR`"),
     "train": ("pipelines.train:main", "two-stage pretraining on Ray Train + DeepSpeed (stage=warmup|continual)"),
     "eval": ("pipelines.evaluate:main", "accuracy and speed with explicit memory, no memory and RAG"),
     "serve": ("memory3.serve_command:main", "OpenAI-compatible Ray Serve endpoint with explicit memory"),

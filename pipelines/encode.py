@@ -9,6 +9,8 @@ The paper precomputes every reference's memory before inference ("warm start", Â
 Each encoder actor loads the checkpoint and the embedder once, encodes a part's references with the memory
 layers (`encode_references` under no_grad), optionally vector-quantizes them with codebooks trained on a sample
 before the main pass (App. B), embeds their texts for retrieval, and writes the shard itself (atomic writes).
+An actor runs two parts at once: while one part's memories are copied to the host, packed, embedded and written,
+the next part encodes (one part on the device and one being written at a time; `overlap_writes`).
 A part is fixed by the corpus alone (bank/py), so the bank is byte-identical however the work was scheduled,
 retried or interrupted; a re-run skips parts whose shard is complete and only finishes the rest.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 import torch
@@ -25,6 +28,7 @@ import torch
 from bank import storage
 from bank.checkpoints import load_tokenizer, local_checkpoint, parse_dtype
 from bank.chunking import Document, chunk_document, iter_file, list_corpus_files, reference_from_dict, reference_to_dict
+from bank.compact import completed_parts
 from bank.embedder import DEFAULT_EMBEDDER, Embedder, embedder_dim
 from bank.format import ERRORS, BankError, weights_sha256
 from bank.index import update_index
@@ -81,32 +85,42 @@ class EncodeShards:
         self.rate = metrics.Gauge("memory3_encode_references_per_second", description="encoder actor throughput")
         self.busy_seconds, self.done = 0.0, 0
         self.actor_id = f"{os.uname().nodename}:{os.getpid()}"
+        # Ray Data may call this actor from two threads at once (`overlap_writes`): the device lock keeps one
+        # part encoding, the write lock one part being copied/packed/embedded/written, so they overlap in pairs
+        self.device_lock, self.write_lock, self.count_lock = threading.Lock(), threading.Lock(), threading.Lock()
 
     def __call__(self, batch: dict) -> dict:
         out = {k: [] for k in ("file_index", "part", "source", "name", "status", "marker", "errors", "actor",
-                               "seconds")}
+                               "seconds", "write_seconds")}
         for i in range(len(batch["name"])):
             payload = json.loads(batch["payload"][i])
             name, refs = str(batch["name"][i]), [reference_from_dict(r) for r in payload["references"]]
-            status, marker, seconds = ("complete" if payload.get("skip") else "empty"), None, 0.0
+            status, marker, seconds, write_seconds = ("complete" if payload.get("skip") else "empty"), None, 0.0, 0.0
             if refs:
-                t0 = time.perf_counter()
-                records, embeddings = self.encoder.encode(refs)
-                marker = write_shard(self.bank_uri, name, refs, records, embeddings)
-                seconds = time.perf_counter() - t0
-                self.busy_seconds += seconds
-                self.done += len(refs)
+                with self.device_lock:
+                    t0 = time.perf_counter()
+                    batches = self.encoder.device_memories(refs)
+                    seconds = time.perf_counter() - t0
+                with self.write_lock:
+                    t1 = time.perf_counter()
+                    records, embeddings = self.encoder.records(refs, batches)
+                    del batches  # free the device memory before the write
+                    marker = write_shard(self.bank_uri, name, refs, records, embeddings)
+                    write_seconds = time.perf_counter() - t1
+                with self.count_lock:
+                    self.busy_seconds += seconds
+                    self.done += len(refs)
+                    self.rate.set(self.done / max(self.busy_seconds, 1e-9))
                 self.references.inc(len(refs))
                 self.tokens.inc(marker["tokens"])
                 self.bytes.inc(marker["mem_bytes"] + marker["meta_bytes"])
-                self.rate.set(self.done / max(self.busy_seconds, 1e-9))
                 status = "written"
             if payload["errors"]:
                 self.errors.inc(len(payload["errors"]))
             for key, value in (("file_index", int(batch["file_index"][i])), ("part", int(batch["part"][i])),
                                ("source", str(batch["source"][i])), ("name", name), ("status", status),
                                ("marker", json.dumps(marker)), ("errors", json.dumps(payload["errors"])),
-                               ("actor", self.actor_id), ("seconds", seconds)):
+                               ("actor", self.actor_id), ("seconds", seconds), ("write_seconds", write_seconds)):
                 out[key].append(value)
         return out
 
@@ -217,6 +231,15 @@ def _error_key(e: dict) -> tuple:
     return (e.get("file", ""), e.get("line", e.get("row", -1)), e.get("doc_id", ""), e.get("reason", ""))
 
 
+def encoder_pool(cfg: EncodeConfig):
+    """The encoder actors; with `overlap_writes` two calls run in each at once (EncodeShards' locks pair them)."""
+    import ray
+
+    calls = 2 if cfg.overlap_writes else 1
+    return ray.data.ActorPoolStrategy(size=cfg.actors, max_concurrent_calls_per_actor=calls,
+                                      enable_true_multi_threading=cfg.overlap_writes)
+
+
 def restart_options(cfg: EncodeConfig) -> dict:
     """A killed encoder actor is restarted and its part retried (the part's shard comes out byte-identical).
     Ray Data already does that forever (-1); other limits go through its (deprecated) extra remote args."""
@@ -241,7 +264,7 @@ def encode_corpus(cfg: EncodeConfig) -> dict:
     actor_options = {"num_cpus": cfg.actor_num_cpus, "num_gpus": cfg.num_gpus,
                      **({"runtime_env": runtime_env} if runtime_env else {})}
     manifest = prepare_bank(cfg, files, actor_options)
-    complete = frozenset(list_shard_markers(cfg.bank))
+    complete = completed_parts(cfg.bank)  # parts compaction rewrote count as done: deleted rows stay gone
     tokenizer_json = load_tokenizer(cfg.checkpoint).to_str()
     task_options = {"num_cpus": cfg.task_num_cpus, **({"runtime_env": runtime_env} if runtime_env else {})}
 
@@ -259,7 +282,7 @@ def encode_corpus(cfg: EncodeConfig) -> dict:
                                "batch_size": cfg.batch_size, "device": device, "dtype": cfg.dtype,
                                "torch_threads": cfg.torch_threads, "embed_batch_size": cfg.embed_batch_size,
                                "compile": cfg.compile},
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors), **actor_options, **restart_options(cfg))
+        compute=encoder_pool(cfg), **actor_options, **restart_options(cfg))
     results = []
     with console.stage("encode memory bank") as line:
         line.follow(None, total=None, unit="refs")
@@ -272,7 +295,7 @@ def encode_corpus(cfg: EncodeConfig) -> dict:
     written = [json.loads(r["marker"]) for r in results if r["status"] == "written"]
     seconds = time.perf_counter() - t0
     new_refs = sum(m["rows"] for m in written)
-    busy: dict[str, float] = {}  # per encoder actor: seconds spent encoding and writing (start-up excluded)
+    busy: dict[str, float] = {}  # per encoder actor: seconds its device spent encoding (start-up excluded)
     for r in results:
         busy[r["actor"]] = busy.get(r["actor"], 0.0) + float(r["seconds"])
     tokens = sum(m["tokens"] for m in written)
@@ -290,6 +313,7 @@ def encode_corpus(cfg: EncodeConfig) -> dict:
         # throughput of the actors while encoding: what scales with GPUs once start-up is paid
         "encoder_busy_seconds": {a: round(b, 3) for a, b in sorted(busy.items())},
         "encoder_references_per_second": round(new_refs / max(max(busy.values(), default=0.0), 1e-9), 2),
+        "write_seconds": round(sum(float(r["write_seconds"]) for r in results), 3),  # overlapped with encoding
         "index": index,
     }
 

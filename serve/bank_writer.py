@@ -1,8 +1,9 @@
 """The bank writer deployment: the admin API's single writer, and the source of the live bank version.
 
-One replica, one lock: documents added (chunked, encoded into sparse memories, stored, indexed — the bank
-engineer's `append_documents`) and references deleted one change at a time, so concurrent admin calls never race
-on the manifest. After each change it re-reads the manifest; the ingress asks it for the current version with every
+One replica, one lock: documents added (chunked, encoded into sparse memories, stored, indexed — `append_documents`),
+references deleted, and the bank compacted (deleted rows removed from its files — `compact_bank`) one change at a
+time, so concurrent admin calls never race on the manifest. Reads carry on during a compaction: the old version's
+files stay until the new manifest is committed. After each change it re-reads the manifest; the ingress asks it for the current version with every
 request that reads memory, and the retriever and memory-store replicas reload when they are behind
 (serve/bank_version.py). The model that encodes new documents is loaded on the first write only.
 """
@@ -61,6 +62,16 @@ class BankWriter:
                 return {"error": str(e), "status": 409 if "already in the bank" in str(e) else 400}
             await asyncio.to_thread(self._read_version)
             return {"ids": list(ids), "bank_version": str(self.version)}
+
+    async def compact(self) -> dict:
+        """Rewrite the shards holding deleted rows without them (bank/compact.py): the compaction's summary plus
+        the new "bank_version"."""
+        from bank.compact import compact_bank
+
+        async with self.lock:
+            summary = await asyncio.to_thread(compact_bank, self.uri)
+            await asyncio.to_thread(self._read_version)
+            return {**summary, "bank_version": str(self.version)}
 
     async def delete(self, ref_id: str) -> dict:
         """{"deleted": True, "bank_version"} or {"error", "status": 404} for an unknown or already deleted id."""

@@ -80,7 +80,9 @@ class Generator:
             hits = self.retriever.search.remote(query, self.top_k, bank_version).result(timeout_s=self.timeout_s)
             if not hits:
                 return None
-            memories, n_valid = self.memory_store.fetch.remote([h["row"] for h in hits], bank_version).result(
+            # rows are numbered in the version the retriever searched (at least bank_version)
+            memories, n_valid = self.memory_store.fetch.remote(
+                [h["row"] for h in hits], hits[0]["bank_version"], [h["id"] for h in hits]).result(
                 timeout_s=self.timeout_s)
             for h in hits:
                 texts[h["id"]] = h["text"]

@@ -32,8 +32,8 @@ from model.prompts import CHAT_STOP, chat_query, rag_prompt, render_chat
 from serve.errors import APIError, install_error_handlers
 from serve.logprobs import TokenLogprobs, chat_logprobs, completion_logprobs
 from serve.schema import (AddMemoriesRequest, AddMemoriesResponse, ChatCompletionRequest, ChatCompletionResponse,
-                          CompletionRequest, CompletionResponse, DeleteMemoryResponse, ErrorResponse, Health,
-                          MemoryMode, ModelList, SamplingFields)
+                          CompactMemoriesResponse, CompletionRequest, CompletionResponse, DeleteMemoryResponse,
+                          ErrorResponse, Health, MemoryMode, ModelList, SamplingFields)
 from serve.text_stream import TextStream
 
 app = FastAPI(
@@ -461,13 +461,23 @@ class Ingress:
     @app.delete("/v1/memories/{memory_id}", response_model=DeleteMemoryResponse,
                 dependencies=[Depends(bearer)], responses=_errors(400, 401, 403, 404))
     async def delete_memory(self, memory_id: str = Path(min_length=1, max_length=300)) -> dict:
-        """Delete one reference (id '<doc_id>#<chunk>'; URL-encode '#' as %23). It is never retrieved again."""
+        """Delete one reference (id '<doc_id>#<chunk>'; URL-encode '#' as %23). It is never retrieved again; its
+        bytes leave the bank's files with the next POST /v1/memories:compact."""
         self._require_bank()
         result = await self.writer.delete.remote(memory_id)
         if "error" in result:
             raise APIError(result["status"], result["error"], param="memory_id", code="memory_not_found")
         return {"id": memory_id, "object": "memory", "deleted": result["deleted"],
                 "bank_version": result["bank_version"]}
+
+    @app.post("/v1/memories:compact", response_model=CompactMemoriesResponse, dependencies=[Depends(bearer)],
+              responses=_errors(401, 403, 404))
+    async def compact_memories(self) -> dict:
+        """Erase deleted memories from the bank's files: shards holding deleted references are rewritten without
+        them and the index renumbered (a DELETE only hides a reference). Requests are answered throughout and the
+        next one sees the compacted bank. `ok` is false if a shard failed its checks (see `failed_shards`)."""
+        self._require_bank()
+        return await self.writer.compact.remote()
 
     def _require_bank(self) -> None:
         if not self.has_bank:

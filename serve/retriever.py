@@ -2,7 +2,9 @@
 
 Concurrent queries (the windows of every request in flight) are embedded and searched together with
 `@serve.batch`. The replica reloads the bank and its index when a request carries a newer bank version, so a
-reference added through the admin API is retrievable by the next request and a deleted one never again.
+reference added through the admin API is retrievable by the next request and a deleted one never again. Each hit
+carries the bank version it was found in (its row is numbered in that version). A compaction removes the files of
+the version a replica has open: a read that finds them gone re-opens the bank and searches again.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import asyncio
 from ray import serve
 
 from bank.embedder import Embedder
+from bank.format import BankError
 from bank.index import Retriever
 from bank.reader import MemoryBank
 from serve.bank_version import BankVersion
@@ -31,19 +34,32 @@ class RetrieverDeployment:
         self.version = BankVersion.of(bank.manifest)
 
     async def search(self, query: str, k: int, bank_version: str | None = None) -> list[dict]:
-        """[{"row", "id", "text"}] best first, at most k."""
+        """[{"row", "id", "text", "bank_version"}] best first, at most k."""
         return await self._search_batch((query, int(k), BankVersion.parse(bank_version)))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _search_batch(self, items: list[tuple[str, int, BankVersion | None]]) -> list[list[dict]]:
-        if any(self.version.is_behind(wanted) for _, _, wanted in items):
-            await asyncio.to_thread(self._open)
-        queries = [q for q, _, _ in items]
-        rows = await asyncio.to_thread(self.retriever.search, queries, max(k for _, k, _ in items))
+        hits = await asyncio.to_thread(self.search_many, [q for q, _, _ in items], max(k for _, k, _ in items),
+                                       [wanted for _, _, wanted in items])
+        return [found[:k] for found, (_, k, _) in zip(hits, items)]
+
+    def search_many(self, queries: list[str], k: int, wanted: list[BankVersion | None]) -> list[list[dict]]:
+        """Hits per query in a bank version no older than any of `wanted`."""
+        if any(self.version.is_behind(w) for w in wanted):
+            self._open()
+        try:
+            return self._search(queries, k)
+        except (BankError, FileNotFoundError):  # shard files replaced by a compaction since this replica opened
+            self._open()
+            return self._search(queries, k)
+
+    def _search(self, queries: list[str], k: int) -> list[list[dict]]:
+        retriever, version = self.retriever, str(self.version)
+        rows = retriever.search(queries, k)
         unique = sorted({r for hits in rows for r in hits})
-        records = dict(zip(unique, self.retriever.bank.records(unique))) if unique else {}
-        return [[{"row": r, "id": records[r]["id"], "text": records[r]["text"]} for r in hits[:k]]
-                for hits, (_, k, _) in zip(rows, items)]
+        records = dict(zip(unique, retriever.bank.records(unique))) if unique else {}
+        return [[{"row": r, "id": records[r]["id"], "text": records[r]["text"], "bank_version": version}
+                 for r in hits] for hits in rows]
 
     def info(self) -> dict:
         return {"bank_version": str(self.version), "references": len(self.retriever.bank),

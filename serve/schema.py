@@ -207,6 +207,22 @@ class DeleteMemoryResponse(Loose):
     bank_version: str
 
 
+class CompactionFailure(Loose):
+    shard: str
+    error: str
+
+
+class CompactMemoriesResponse(Loose):
+    object: Literal["bank.compaction"] = "bank.compaction"
+    ok: bool = Field(description="False when a shard failed its checks and still holds deleted rows.")
+    generation: int = Field(description="Compactions the bank has had; rows are renumbered by each.")
+    shards_rewritten: int
+    removed_references: int = Field(description="Deleted references whose bytes left the bank's files.")
+    references: int
+    failed_shards: list[CompactionFailure] = Field(description="Shards left as they were, with the reason.")
+    bank_version: str
+
+
 class ErrorDetail(Loose):
     message: str
     type: str

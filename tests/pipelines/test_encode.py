@@ -313,3 +313,58 @@ def test_compiled_encoder_matches_eager_with_a_padded_last_batch(tiny_checkpoint
     compiled, compiled_valid = ShardEncoder(model, tokenizer, None, None, None, batch_size=4, compile=True).memories(refs)
     assert compiled.shape == eager.shape and torch.equal(compiled_valid, eager_valid)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+
+
+def test_overlapped_writes_change_no_byte(reference_bank, corpus_dir, tiny_checkpoint, tmp_path):
+    """The reference bank was written with overlap_writes on (the default): serially, every byte is the same."""
+    bank = str(tmp_path / "serial")
+    encode_corpus(encode_config(str(corpus_dir), bank, tiny_checkpoint, actors=1, overlap_writes=False))
+    assert_same_bank(reference_bank[0], bank)
+
+
+def test_an_encoder_actor_encodes_the_next_part_while_it_writes(reference_bank, tiny_checkpoint, monkeypatch):
+    """Two calls at once (as Ray Data makes them with overlap_writes): part 2 encodes while part 1 is written,
+    and never two parts on the device or two being written at the same time."""
+    import pipelines.encode as encode
+    from bank.chunking import chunk_documents, documents_from_dicts, reference_to_dict
+
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    events, lock = [], threading.Lock()
+
+    def log(what):
+        with lock:
+            events.append(what)
+
+    def slow_write(bank_uri, name, refs, records, embeddings):
+        log(f"write {name} start")
+        time.sleep(1.0)
+        log(f"write {name} end")
+        return {"rows": len(refs), "tokens": 1, "mem_bytes": 1, "meta_bytes": 1}
+
+    monkeypatch.setattr(encode, "write_shard", slow_write)
+    actor = encode.EncodeShards(str(tiny_checkpoint), reference_bank[0], None, 4, "cpu", "float32", 1, 8)
+    device_memories = actor.encoder.device_memories
+
+    def logged_encode(refs):
+        log(f"encode {refs[0].doc_id} start")
+        out = device_memories(refs)
+        log(f"encode {refs[0].doc_id} end")
+        return out
+
+    actor.encoder.device_memories = logged_encode
+
+    def part(i: int) -> dict:
+        docs, _ = documents_from_dicts(make_documents(3, start=10 * i))
+        refs = [reference_to_dict(r) for r in chunk_documents(docs, tokenizer, model.cfg.reference_len)]
+        return {"file_index": [0], "part": [i], "source": ["s"], "name": [f"p{i}"],
+                "payload": [json.dumps({"references": refs, "errors": []})]}
+
+    first = threading.Thread(target=actor, args=(part(1),))
+    first.start()
+    while "write p1 start" not in events:
+        time.sleep(0.01)
+    out = actor(part(2))
+    first.join()
+    assert out["status"] == ["written"]
+    assert events.index("encode city-20 end") < events.index("write p1 end"), events  # overlapped
+    assert events.index("write p1 end") < events.index("write p2 start"), events  # one write at a time

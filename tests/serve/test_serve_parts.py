@@ -71,12 +71,15 @@ def test_deployment_options_use_replicas_or_autoscaling():
     assert deployment_options(cfg.deployments.retriever)["num_replicas"] == 1
 
 
-def test_bank_versions_order_live_edits():
+def test_bank_versions_order_live_edits_and_compactions():
     loaded = BankVersion.of({"references": 20, "tombstones": [3]})
-    assert str(loaded) == "20.1" and BankVersion.parse("20.1") == loaded
-    assert loaded.is_behind(BankVersion(21, 1)) and loaded.is_behind(BankVersion(20, 2))
-    assert not loaded.is_behind(BankVersion(20, 1)) and not loaded.is_behind(BankVersion(19, 0))
+    assert str(loaded) == "0.20.1" and BankVersion.parse("0.20.1") == loaded
+    assert loaded.is_behind(BankVersion(0, 21, 1)) and loaded.is_behind(BankVersion(0, 20, 2))
+    assert not loaded.is_behind(BankVersion(0, 20, 1)) and not loaded.is_behind(BankVersion(0, 19, 0))
     assert not loaded.is_behind(None)
+    compacted = BankVersion.of({"generation": 1, "references": 19, "tombstones": []})  # fewer rows, yet newer
+    assert loaded.is_behind(compacted) and not compacted.is_behind(loaded)
+    assert compacted.is_behind(BankVersion(1, 19, 1)) and not compacted.is_behind(BankVersion(0, 30, 5))
 
 
 def test_a_bank_from_other_weights_is_refused(tiny_checkpoint, tiny_bank, tmp_path):
