@@ -59,9 +59,10 @@ class ShardEncoder:
     def encode(self, refs: list[Reference]) -> tuple[np.ndarray, np.ndarray]:
         return self.records(refs, self.device_memories(refs))
 
-    def records(self, refs: list[Reference], batches: list[tuple[torch.Tensor, torch.Tensor]]
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """`device_memories` output -> records (N, record_bytes) and retrieval embeddings (N, dim)."""
+    def records(self, refs: list[Reference], batches: list[tuple[torch.Tensor, torch.Tensor]],
+                embeddings: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`device_memories` output -> records (N, record_bytes) and retrieval embeddings (N, dim); `embeddings`
+        given (the same texts, embedded before) are used as they are."""
         memories, n_valid = self.to_host(batches)
         records = self.layout.pack(memories, n_valid, self.quantizer)
-        return records, self.embedder.encode([r.text for r in refs])
+        return records, self.embedder.encode([r.text for r in refs]) if embeddings is None else embeddings

@@ -78,6 +78,10 @@ class EncodeConfig:
     """Retrieval embedder: null = all-MiniLM-L6-v2, or a sentence-transformers folder."""
     embed_batch_size: int = 64
     """Texts per embedder forward pass."""
+    embeddings_from: Optional[str] = None
+    """A bank of the same corpus (e.g. written by earlier weights) whose retrieval embeddings are reused for shards
+    with the same references: they depend on the text, not on the model, so re-encoding after training only
+    recomputes memories (paper Remark 9)."""
     actors: int = 2
     """Encoder actors in the Ray Data actor pool."""
     actor_num_cpus: float = 0.5

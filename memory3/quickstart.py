@@ -52,11 +52,11 @@ def run_training_stage(cfg: DictConfig, stage: str, data: str, out: Path, **extr
     return train(sub_config("train", values))
 
 
-def encode_bank(cfg: DictConfig, corpus: Path, bank: Path, checkpoint: str) -> dict:
+def encode_bank(cfg: DictConfig, corpus: Path, bank: Path, checkpoint: str, **extra) -> dict:
     from pipelines.encode import encode_corpus
 
     return encode_corpus(sub_config("encode", {"corpus": str(corpus), "bank": str(bank), "checkpoint": checkpoint,
-                                               **OmegaConf.to_container(cfg.encode)}))
+                                               **OmegaConf.to_container(cfg.encode), **extra}))
 
 
 def probes(cfg: DictConfig, checkpoint: str, bank: Path, held_refs: list[dict], held_qa: list[dict],
@@ -296,7 +296,9 @@ def main(cfg: DictConfig) -> int:
     with stage("bank", "memory bank re-encoded with the final weights"):
         bank = out / "bank"
         shutil.rmtree(bank, ignore_errors=True)
-        bank_summary = encode_bank(cfg, out / "bank_corpus.jsonl", bank, checkpoint)
+        # the same texts: only the memories change with the weights, the retrieval embeddings are reused
+        bank_summary = encode_bank(cfg, out / "bank_corpus.jsonl", bank, checkpoint,
+                                   embeddings_from=str(out / "bank_warmup"))
 
     with stage("eval", "evaluation: explicit memory vs no memory vs RAG, knowledge edits") as line:
         from pipelines.evaluate import run as run_eval

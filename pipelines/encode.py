@@ -23,6 +23,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import torch
 
 from bank import storage
@@ -33,7 +34,7 @@ from bank.embedder import DEFAULT_EMBEDDER, Embedder, embedder_dim
 from bank.format import ERRORS, BankError, weights_sha256
 from bank.index import update_index
 from bank.manifest import (create_bank, list_shard_markers, manifest_entry, read_manifest, read_shard_table,
-                           write_manifest, write_shard)
+                           shard_uri, write_manifest, write_shard)
 from bank.reader import MemoryBank
 from bank.shard_encoder import ShardEncoder
 from configs import typed
@@ -68,13 +69,14 @@ class EncodeShards:
     Emits the throughput metrics named in the project contract (Prometheus adds a `ray_` prefix)."""
 
     def __init__(self, checkpoint: str, bank_uri: str, embedder: str | None, batch_size: int, device: str,
-                 dtype: str, torch_threads: int, embed_batch_size: int, compile: bool = False):
+                 dtype: str, torch_threads: int, embed_batch_size: int, compile: bool = False,
+                 embeddings_from: str | None = None):
         from ray.util import metrics
 
         set_threads(torch_threads)
         model, tokenizer = load_checkpoint(local_checkpoint(checkpoint), device, parse_dtype(dtype, device))
         bank = MemoryBank.open(bank_uri)
-        self.bank_uri = bank_uri
+        self.bank_uri, self.embeddings_from = bank_uri, embeddings_from
         self.encoder = ShardEncoder(model, tokenizer, bank.layout, bank.quantizer,
                                     Embedder(embedder, device=device, batch_size=embed_batch_size), batch_size,
                                     compile)
@@ -88,6 +90,16 @@ class EncodeShards:
         # Ray Data may call this actor from two threads at once (`overlap_writes`): the device lock keeps one
         # part encoding, the write lock one part being copied/packed/embedded/written, so they overlap in pairs
         self.device_lock, self.write_lock, self.count_lock = threading.Lock(), threading.Lock(), threading.Lock()
+
+    def reused_embeddings(self, name: str, refs: list) -> np.ndarray | None:
+        """The embeddings of shard `name` in `embeddings_from` when it holds exactly these references' texts."""
+        if not self.embeddings_from or not storage.exists(shard_uri(self.embeddings_from, name, "parquet")):
+            return None
+        table = read_shard_table(self.embeddings_from, name, ["id", "text", "embedding"])
+        if table.column("id").to_pylist() != [r.id for r in refs] or \
+                table.column("text").to_pylist() != [r.text for r in refs]:
+            return None
+        return np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
 
     def __call__(self, batch: dict) -> dict:
         out = {k: [] for k in ("file_index", "part", "source", "name", "status", "marker", "errors", "actor",
@@ -103,7 +115,7 @@ class EncodeShards:
                     seconds = time.perf_counter() - t0
                 with self.write_lock:
                     t1 = time.perf_counter()
-                    records, embeddings = self.encoder.records(refs, batches)
+                    records, embeddings = self.encoder.records(refs, batches, self.reused_embeddings(name, refs))
                     del batches  # free the device memory before the write
                     marker = write_shard(self.bank_uri, name, refs, records, embeddings)
                     write_seconds = time.perf_counter() - t1
@@ -160,6 +172,11 @@ def prepare_bank(cfg: EncodeConfig, files: list[str], run_options: dict) -> dict
     model_sha = weights_sha256(ckpt)
     factory = cfg.quantizer or None
     embedder_name = DEFAULT_EMBEDDER if cfg.embedder in (None, "", DEFAULT_EMBEDDER) else cfg.embedder
+    if cfg.embeddings_from:
+        other = read_manifest(cfg.embeddings_from)["embedder"]["model"]
+        if other != embedder_name:
+            raise ValueError(f"embeddings_from={cfg.embeddings_from} was embedded with {other!r}, this bank with "
+                             f"{embedder_name!r}: its embeddings cannot be reused")
     if storage.exists(storage.join(cfg.bank, "manifest.json")):
         bank = MemoryBank.open(cfg.bank, expect_model_sha=model_sha, expect_tokenizer_sha=tokenizer.sha256)
         m = bank.manifest
@@ -281,7 +298,7 @@ def encode_corpus(cfg: EncodeConfig) -> dict:
         fn_constructor_kwargs={"checkpoint": cfg.checkpoint, "bank_uri": cfg.bank, "embedder": cfg.embedder,
                                "batch_size": cfg.batch_size, "device": device, "dtype": cfg.dtype,
                                "torch_threads": cfg.torch_threads, "embed_batch_size": cfg.embed_batch_size,
-                               "compile": cfg.compile},
+                               "compile": cfg.compile, "embeddings_from": cfg.embeddings_from},
         compute=encoder_pool(cfg), **actor_options, **restart_options(cfg))
     results = []
     with console.stage("encode memory bank") as line:

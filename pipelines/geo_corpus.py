@@ -207,6 +207,7 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     * trained: reference text and questions in the warmup text: facts the weights hold.
     * reading: warmup examples "reference texts (the right one among `distractors` others), question, answer",
       each city in few examples: answering needs reading, not recall, so warmup teaches reading over many entities.
+      Not in the bank (references.jsonl): no question at evaluation is about them.
     * continual: facts only in the bank; stage-2 questions about them (loss on the answer) teach reading memory.
     * counterfactual: trained cities whose bank reference states another country; their stage-2 questions are
       answered from memory, so the model learns to follow memory where it contradicts its weights.
@@ -266,7 +267,9 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
         doc = _city_doc(city, country, continent_of[country], group, rng)
         city_docs.append(doc)
         gid = city["geonameid"]
-        if city["geonameid"] in flipped:  # the bank states another country (continent to match)
+        if group == "reading":  # warmup text only: nobody asks the bank about them
+            pass
+        elif city["geonameid"] in flipped:  # the bank states another country (continent to match)
             fake = rng.choice([c for c in country_names if c != country])
             edited = {**_city_doc(city, fake, continent_of[fake], "counterfactual", rng), "true_answer": country}
             bank_docs.append(edited)
@@ -305,7 +308,7 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
                 train.append(_prompt_record(f"train:qa:{gid}:country", f"Question: {question} Answer:", answer,
                                             None))
     # reading examples: the right reference among `distractors` others from the same group, in random order
-    reading_pool = [d for d, *_ in reading_docs]
+    reading_pool = list({d["id"]: d for d, *_ in reading_docs}.values())  # each city once
     for doc, prompt, answer, fact in reading_docs:
         others = [d for d in rng.sample(reading_pool, min(len(reading_pool), distractors + 1)) if d is not doc]
         context = [doc, *others[:distractors]]

@@ -368,3 +368,38 @@ def test_an_encoder_actor_encodes_the_next_part_while_it_writes(reference_bank, 
     assert out["status"] == ["written"]
     assert events.index("encode city-20 end") < events.index("write p1 end"), events  # overlapped
     assert events.index("write p1 end") < events.index("write p2 start"), events  # one write at a time
+
+
+def test_reencoding_reuses_the_embeddings_of_the_same_texts(reference_bank, corpus_dir, tiny_checkpoint, tmp_path):
+    """embeddings_from: memories are computed again, embeddings come from the other bank (they depend only on the
+    text). The source bank's embeddings are negated first, so only reuse can put them in the new bank."""
+    import numpy as np
+
+    source = tmp_path / "source"
+    shutil.copytree(reference_bank[0], source)
+    for path in (source / "shards").glob("*.parquet"):
+        table = pq.read_table(path)
+        emb = -np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])
+        pq.write_table(table.set_column(table.schema.get_field_index("embedding"), "embedding", column), path)
+    bank = str(tmp_path / "again")
+    encode_corpus(encode_config(str(corpus_dir), bank, tiny_checkpoint, embeddings_from=str(source)))
+    new, ref = bank_files(bank), bank_files(reference_bank[0])
+    mem = [n for n in ref if n.endswith(".mem")]
+    assert mem and all(new[n] == ref[n] for n in mem)  # the memories are this checkpoint's, as before
+    for name in (n for n in ref if n.endswith(".parquet")):
+        got = pq.read_table(Path(bank) / name).column("embedding").to_pylist()
+        want = pq.read_table(source / name).column("embedding").to_pylist()
+        assert np.allclose(got, want) and not np.allclose(got, pq.read_table(
+            Path(reference_bank[0]) / name).column("embedding").to_pylist())
+
+
+def test_embeddings_from_another_embedder_are_refused(reference_bank, corpus_dir, tiny_checkpoint, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(reference_bank[0], source)
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["embedder"]["model"] = "some-other-embedder"
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="cannot be reused"):
+        encode_corpus(encode_config(str(corpus_dir), str(tmp_path / "b"), tiny_checkpoint,
+                                    embeddings_from=str(source)))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipelines.geo_corpus import build_geo_corpus, main
+from pipelines.geo_corpus import FACTS, build_geo_corpus, main
 
 FILES = ["references.jsonl", "train.jsonl", "qa.jsonl", "continual.jsonl", "summary.json"]
 SMALL = dict(n_trained=200, n_memory_only=50)
@@ -50,38 +50,42 @@ def test_same_seed_is_byte_identical_other_seed_differs(corpus, tmp_path):
 def test_memory_only_names_never_in_train(corpus):
     memory = [q["entity"] for q in _read(corpus / "qa.jsonl") if q["group"] == "memory_only"]
     train = [r["text"] for r in _read(corpus / "train.jsonl")]
-    assert len(memory) == 50 and train
+    assert len(set(memory)) == 50 and len(memory) == 50 * len(FACTS) and train
     assert _leaks(train, memory) == []
     # the check itself must be able to fail: a planted mention (other case) is caught
     assert _leaks(train + [f"A trip to {memory[0].upper()}, then home."], memory)
     assert not _leaks([f"{memory[0]}x"], memory)  # substrings of longer words are not mentions
 
 
-def test_train_covers_trained_group_in_three_forms(corpus, refs):
+def test_train_covers_trained_group_as_text_and_questions(corpus, refs):
+    """A trained city's reference is warmup text, and questions about it are prompt records (loss on the answer)
+    that ask about the reference without copying it (no source_id, so no leakage filter)."""
     train = _read(corpus / "train.jsonl")
     assert all(refs[r["source_id"]]["group"] == "trained" for r in train if r["source_id"])
-    by_source: dict[str, list[str]] = {}
-    for r in train:  # a QA line asks about a reference without copying it: no source_id, so no leakage filter
-        source = r["source_id"] or "city:" + r["id"].removeprefix("train:qa:")
-        by_source.setdefault(source, []).append(r["text"])
     trained = [r for r in refs.values() if r["id"].startswith("city:") and r["group"] == "trained"]
     assert len(trained) == 200
+    texts = {r["text"] for r in train}
+    questions = {r["id"]: r for r in train if r["id"].startswith("train:qa:")}
     for ref in trained:
-        texts = by_source[ref["id"]]
         assert ref["text"] in texts
-        assert any(t.startswith("Question: ") and t.endswith(f" Answer: {ref['answer']}") for t in texts)
-        assert any(t.startswith(ref["text"] + "\n") and "Question: " in t for t in texts)
-    assert {k for k in by_source if k.startswith("country:")} == {k for k in refs if k.startswith("country:")}
+        gid = ref["id"].split(":")[1]
+        asked = questions[f"train:qa:{gid}:country"]
+        assert asked["source_id"] is None and asked["text"] == f"{asked['prompt']} {ref['answer']}"
+        assert asked["prompt"].startswith("Question: ") and asked["prompt"].endswith(" Answer:")
+    assert {r["source_id"] for r in train if r["id"].startswith("train:ref:country:")} == \
+        {k for k in refs if k.startswith("country:")}
 
 
 def test_qa_points_at_reference_of_same_group(corpus, refs):
     qa = _read(corpus / "qa.jsonl")
-    assert len(qa) == 250 and len({q["id"] for q in qa}) == 250
+    assert len(qa) == 50 * len(FACTS) + 200 and len({q["id"] for q in qa}) == len(qa)
     for q in qa:
         ref = refs[q["doc_id"]]
-        assert (ref["group"], ref["entity"], ref["answer"]) == (q["group"], q["entity"], q["answer"])
+        assert (ref["group"], ref["entity"]) == (q["group"], q["entity"])
+        assert q["answer"] == ref["facts"][q["fact"]] and q["answer"] in ref["text"]
         assert q["prompt"] == f"Question: {q['question']} Answer:"
         assert q["entity"] in q["question"]
+    assert {q["fact"] for q in qa if q["group"] == "memory_only"} == set(FACTS)
 
 
 def test_references_state_country_first_with_varied_templates(refs):
@@ -100,13 +104,14 @@ def test_references_state_country_first_with_varied_templates(refs):
 
 def test_schema(corpus):
     keys = {
-        "references.jsonl": {"id", "text", "entity", "group", "answer"},
-        "train.jsonl": {"id", "text", "source_id"},
-        "qa.jsonl": {"id", "question", "prompt", "answer", "entity", "group", "doc_id"},
+        "references.jsonl": [{"id", "text", "entity", "group", "answer", "facts"},  # a city
+                             {"id", "text", "entity", "group", "answer"}],  # a country
+        "train.jsonl": [{"id", "text", "source_id"}, {"id", "text", "prompt", "source_id"}],
+        "qa.jsonl": [{"id", "question", "prompt", "answer", "fact", "entity", "group", "doc_id"}],
     }
     for name, expected in keys.items():
         rows = _read(corpus / name)
-        assert rows and all(set(r) == expected for r in rows), name
+        assert rows and all(set(r) in expected for r in rows), name
         assert all(r.get("group", "trained") in {"trained", "memory_only"} for r in rows)
         assert len({r["id"] for r in rows}) == len(rows), name
     summary = json.loads((corpus / "summary.json").read_text())
@@ -140,8 +145,43 @@ def test_continual_group_facts_only_in_bank(tmp_path):
     train = [r["text"] for r in _read(tmp_path / "train.jsonl")]
     assert _leaks(train, [r["entity"] for r in continual]) == []
     stage2 = _read(tmp_path / "continual.jsonl")
-    asked = {r["id"].rsplit(":", 1)[1] for r in stage2 if r["id"].startswith("train:cqa:")}
+    asked = {r["id"].split(":")[2] for r in stage2 if r["id"].startswith("train:cqa:")}
     assert asked == {r["id"].split(":", 1)[1] for r in continual}
-    assert all(r["source_id"] is None and r["text"].startswith("Question: ") for r in stage2)
+    assert all(r["source_id"] is None and r["text"].startswith(r["prompt"]) and r["prompt"].startswith("Question: ")
+               for r in stage2)
     mem_only = [r["entity"] for r in refs.values() if r["group"] == "memory_only"]
     assert _leaks([r["text"] for r in stage2], mem_only) == []
+
+
+def test_reading_examples_hold_the_right_reference_among_distractors(tmp_path):
+    """Warmup teaches reading (paper.md §10): each example is reference texts, then a question about one of them,
+    the loss on its answer. Reading cities are nowhere else: not in the bank, not asked at evaluation."""
+    build_geo_corpus(tmp_path, n_trained=50, n_memory_only=10, n_reading=120, distractors=2, questions_per_city=2)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["groups"]["reading"] == 120
+    examples = [r for r in _read(tmp_path / "train.jsonl") if r["id"].startswith("train:read:")]
+    assert len(examples) == 120 * 2
+    for r in examples:
+        *contexts, question = r["prompt"].split("\n")
+        assert len(contexts) == 3 and question.startswith("Question: ") and question.endswith(" Answer:")
+        answer = r["text"][len(r["prompt"]) + 1:]
+        own = [c for c in contexts if c.split(".")[0] and r["source_id"] and answer in c]
+        assert own, r  # the asked reference is among them and states the answer
+    refs = _read(tmp_path / "references.jsonl")
+    assert not any(x["group"] == "reading" for x in refs)
+    assert not any(q["group"] == "reading" for q in _read(tmp_path / "qa.jsonl"))
+
+
+def test_counterfactual_cities_state_another_country_in_the_bank(tmp_path):
+    """Trained cities whose bank reference names a different country; stage 2 answers with the bank's country."""
+    build_geo_corpus(tmp_path, n_trained=60, n_memory_only=10, n_continual=10, n_counterfactual=15)
+    refs = {r["id"]: r for r in _read(tmp_path / "references.jsonl")}
+    flipped = [r for r in refs.values() if r["group"] == "counterfactual"]
+    assert len(flipped) == 15
+    stage2 = {r["id"]: r for r in _read(tmp_path / "continual.jsonl")}
+    warm = {r["text"] for r in _read(tmp_path / "train.jsonl")}
+    for r in flipped:
+        assert r["answer"] != r["true_answer"] and r["text"].split(".")[0].count(r["answer"]) == 1
+        gid = r["id"].split(":")[1]
+        assert stage2[f"train:cf:{gid}"]["text"].endswith(f" {r['answer']}")  # stage 2 follows the bank
+        assert any(t.endswith(f" {r['true_answer']}") and r["entity"] in t for t in warm)  # warmup knew the truth
