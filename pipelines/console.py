@@ -120,8 +120,10 @@ class Stage:
                "bar": "{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}]{postfix}"}
 
     def __init__(self, title: str):
-        self.bar = tqdm(desc=title, total=None, file=terminal(), unit="", mininterval=1.0, dynamic_ncols=True,
-                        bar_format=self.FORMATS["time"])
+        # a terminal redraws the line in place; a pipe or CI log gets a new line per redraw, so redraw rarely
+        interactive = terminal().isatty()
+        self.bar = tqdm(desc=title, total=None, file=terminal(), unit="", mininterval=1.0 if interactive else 60.0,
+                        dynamic_ncols=True, bar_format=self.FORMATS["time"])
         self.key: str | None = None
         self.started = time.perf_counter()
         self._stop = threading.Event()
@@ -153,9 +155,9 @@ class Stage:
                 n = ray.get(board.read.remote(self.key), timeout=5)
             except Exception:  # the cluster is going away: the bar just stops moving
                 return
-            if n != self.bar.n:
-                self.bar.n = min(n, self.bar.total or n)
-                self.bar.refresh()
+            n = min(n, self.bar.total or n)
+            if n > self.bar.n:
+                self.bar.update(n - self.bar.n)  # redraws no more often than mininterval
 
     def update(self, n: float = 1) -> None:
         self.bar.update(n)
