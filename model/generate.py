@@ -191,6 +191,18 @@ class DecodeStep:
         return out[:n]
 
 
+def _decode_step(model: Transformer, batch: int, max_len: int, memory_slots: int, valid: Tensor,
+                 graphs: bool) -> DecodeStep:
+    """Caches and step for one generate call; with graphs, kept on the model per shape, so later calls of the
+    same shape replay the graphs captured by the first (they are bound to these cache buffers)."""
+    kept = model.__dict__.setdefault("_decode_steps", {}) if graphs else {}
+    key = (batch, max_len, memory_slots)
+    if key not in kept:
+        model.setup_caches(batch, max_len, memory_slots=memory_slots)
+        kept[key] = DecodeStep(model, model.caches(), valid, graphs=graphs)
+    return kept[key]
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[int] | int,
              retrieve: Retriever | None = None, temperature: float | list[float] = 0.0,
@@ -214,9 +226,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[
     windows = MemoryWindows(model, retrieve, B)
     P = max(lengths)
     idx = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=dev)
-    model.setup_caches(B, total, memory_slots=windows.reserved if retrieve else 0)
-    caches = model.caches()
-    step_fn = DecodeStep(model, caches, windows.valid, graphs=compile)
+    step_fn = _decode_step(model, B, total, windows.reserved if retrieve else 0, windows.valid, compile)
+    model.use_caches(step_fn.caches)
+    caches, windows.valid = step_fn.caches, step_fn.valid
     try:
         memory, events = windows.prompt_memory(prompts, P)
         logits = model(idx, memory=memory)
