@@ -6,6 +6,8 @@
 #                                           # encode with GPU actors, continual training with memory
 #   bash benchmarks/gpu_checks.sh train     # GPU tests, memory attention kernels, one-GPU training step (2.4B)
 #   bash benchmarks/gpu_checks.sh zero      # 2.4B warmup and continual steps through Ray Train + ZeRO-2 on 2 GPUs
+#   bash benchmarks/gpu_checks.sh serve     # one GPU: decode-step GPU tests, the engine at batch 32 beside HF
+#                                           # transformers and the measured ceiling (2.4B), batch-1 decode
 #
 # Needs: the project on PYTHONPATH (or installed), a geo corpus in $GEO (`memory3 corpus geo`), and a
 # sentence-transformers embedder or none (a MiniLM-shaped random one is built when the bundled one is missing).
@@ -63,6 +65,16 @@ pipeline)
     memory.embedder="$emb" >> "$OUT/pipeline.jsonl" 2> "$OUT/continual.err"
   cp "$W/continual/loss.png" "$OUT/pipeline_loss.png" 2>/dev/null
   m3 bank verify bank="$W/bank" >> "$OUT/pipeline.jsonl" 2>> "$OUT/encode.err"
+  ;;
+serve)
+  log "pytest -m gpu (decode step, engine vs generate in bf16)"
+  timeout 150 python -m pytest -m gpu -q -p no:cacheprovider tests/model/test_gpu.py 2>&1 | tail -8 > "$OUT/pytest_gpu.txt"
+  timeout 100 python -m pytest --noconftest -m gpu -q -p no:cacheprovider tests/serve/test_engine_gpu.py 2>&1 \
+    | tail -8 >> "$OUT/pytest_gpu.txt"
+  log "engine, batch 32, 128/128, beside HF transformers and the ceiling"
+  timeout 280 python -m benchmarks.serve --preset 2.4b --device cuda --repeats 2 2>&1 | tee "$OUT/serve.jsonl"
+  log "batch-1 decode through the CUDA-graph step"
+  timeout 120 python -m benchmarks.model --preset 2.4b --device cuda --compile --decode-only 2>&1 | tee "$OUT/model.jsonl"
   ;;
 zero)
   emb=$(embedder)

@@ -9,8 +9,10 @@ The HTTP path measures what a client sees: ingress, retriever (embedder + FAISS)
 replicas on local Ray, streaming completions. Without --checkpoint it builds a random-weight tiny checkpoint and a
 bank of the bundled geonames references with `memory3 encode`'s own job. The direct path (`--direct`, default on
 CUDA) measures the continuous-batching engine alone, like the paper's Table 21 (batch 32, 128 in / 128 out):
-memories come from a pinned host pool and are copied to the device at every retrieval (a cold RAM cache), and
-`static` rows run model.generate (one fixed batch) for comparison.
+memories come from a pinned host pool and are copied to the device at every retrieval (a cold RAM cache),
+`static` rows run model.generate (one fixed batch) for comparison, and the same run measures the ceiling (the
+device's copy bandwidth over the weight bytes, times the batch) and Hugging Face transformers' LlamaForCausalLM of
+the same shape (random weights, `generate`) as the baseline.
 """
 from __future__ import annotations
 
@@ -158,7 +160,41 @@ def run_http(args) -> None:
 
 # --- the engine directly ---------------------------------------------------------------------------------------
 
+def hf_baseline(cfg: ModelConfig, batch: list[list[int]], out_len: int, dev: str, dtype, repeats: int) -> dict:
+    """Hugging Face LlamaForCausalLM of the same shape, random weights, `generate` with its KV cache, greedy, no
+    memory (transformers' default SDPA attention, no compilation): tokens/s over the whole request and TTFT (a
+    1-token generate: prefill plus the first token)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.mlp_hidden,
+                         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                         num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+                         rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len + cfg.reference_len,
+                         tie_word_embeddings=False)
+    with torch.device(dev):
+        hf = LlamaForCausalLM(hf_cfg).to(dtype).eval()
+    ids = torch.tensor(batch, device=dev)
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize() if dev == "cuda" else None
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                        do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize() if dev == "cuda" else None
+        return time.perf_counter() - t0
+
+    run(4)
+    wall = statistics.median(run(out_len) for _ in range(repeats))
+    ttft = statistics.median(run(1) for _ in range(repeats))
+    del hf
+    torch.cuda.empty_cache() if dev == "cuda" else None
+    return {"tokens_per_s": round(len(batch) * out_len / wall, 1), "seconds": round(wall, 3), "ttft_s": round(ttft, 4)}
+
+
 def run_direct(args) -> None:
+    from benchmarks.model import copy_bandwidth, weight_bytes
+
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     cfg = ModelConfig.from_name(args.preset)
@@ -175,35 +211,55 @@ def run_direct(args) -> None:
         rows = torch.randint(0, pool_size, (cfg.refs_per_window,), generator=g)
         return Retrieved(pool[rows].to(dev, non_blocking=True), n_valid, ids=rows.tolist())
 
+    # 128 prompt tokens after the sink ("<s> <ref>"), like the paper's 128 in / 128 out: they fill windows 0-1
+    # exactly, so the first decoded window keeps their memories and a request retrieves 3 times (§3.2, Table 21)
     in_len, out_len = args.prompt_tokens, args.max_tokens
     rag_len = in_len + cfg.refs_per_window * cfg.reference_len
+    bandwidth = copy_bandwidth(dev)
+    wbytes = weight_bytes(model)
     common = {"bench": "serve_generator", "preset": args.preset, "device": device_name(dev),
               "dtype": str(dtype).split(".")[-1], "commit": commit(), "batch": args.batch, "prompt_tokens": in_len,
               "new_tokens": out_len}
+    ceiling = bandwidth / wbytes * args.batch if bandwidth else None
+    print(json.dumps({**common, "engine": "ceiling", "copy_gb_s": round(bandwidth / 1e9, 1) if bandwidth else None,
+                      "weight_gb": round(wbytes / 1e9, 3), "tokens_per_s": round(ceiling, 1) if ceiling else None,
+                      "note": "weights read once per step at the copy bandwidth measured now"}), flush=True)
 
     def prompts(length: int) -> list[list[int]]:
-        return [[1, 4, 1] + torch.randint(5, cfg.vocab_size, (length - 3,), generator=g).tolist()
+        return [[1, 4, 1] + torch.randint(5, cfg.vocab_size, (length - 1,), generator=g).tolist()
                 for _ in range(args.batch)]
+
+    def rates(tok_s: float) -> dict:
+        return {"of_ceiling": round(tok_s / ceiling, 3) if ceiling else None,
+                "achieved_gb_s": round(tok_s / args.batch * wbytes / 1e9, 1)}
 
     def sync():
         if dev == "cuda":
             torch.cuda.synchronize()
 
     variants = [("memory", in_len, retrieve), ("none", in_len, None)]
-    if rag_len + out_len <= cfg.max_seq_len:
+    if rag_len + out_len + cfg.sink_len <= cfg.max_seq_len:
         variants.append(("rag", rag_len, None))
+    if args.hf and dev == "cuda":
+        for mode, length, _ in variants[1:]:
+            hf = hf_baseline(cfg, prompts(length), out_len, dev, dtype, args.repeats)
+            print(json.dumps({**common, "engine": "hf_transformers", "mode": mode, "prompt_tokens": length, **hf,
+                              **rates(hf["tokens_per_s"])}), flush=True)
     engine = DecodeEngine(model, max_batch=args.batch, seed=0)
     try:
         for mode, length, fn in variants:
-            for repeat in range(args.repeats + 1):  # the first round warms up
+            for repeat in range(args.repeats + 1):  # the first round warms up (and captures the CUDA graphs)
                 batch = prompts(length)
                 starts, firsts, ends = [0.0] * len(batch), [None] * len(batch), [0.0] * len(batch)
+                retrievals = [0] * len(batch)
                 done = threading.Semaphore(0)
 
                 def emit_for(i):
                     def emit(event):
                         if event["type"] == "token" and firsts[i] is None:
                             firsts[i] = time.perf_counter()
+                        elif event["type"] == "retrieval":
+                            retrievals[i] += 1
                         elif event["type"] in ("finish", "error"):
                             ends[i] = time.perf_counter()
                             done.release()
@@ -219,22 +275,26 @@ def run_direct(args) -> None:
                 wall = time.perf_counter() - t0
                 if repeat == 0:
                     continue
+                tok_s = len(batch) * out_len / wall
                 print(json.dumps({**common, "engine": "continuous", "mode": mode, "prompt_tokens": length,
-                                  "tokens_per_s": round(len(batch) * out_len / wall, 1), "seconds": round(wall, 3),
+                                  "tokens_per_s": round(tok_s, 1), **rates(tok_s), "seconds": round(wall, 3),
+                                  "retrievals_per_request": statistics.mean(retrievals),
                                   "ttft_s": summary([f - s for f, s in zip(firsts, starts)]),
                                   "decode_tokens_per_s_per_request": summary(
                                       [(out_len - 1) / (e - f) for f, e in zip(firsts, ends)], 1)}), flush=True)
-            for repeat in range(args.repeats + 1):  # model.generate: one static batch, same work
+            for repeat in range(args.repeats + 1):  # model.generate: one static batch, same work, same step
                 batch = prompts(length)
                 sync()
                 t0 = time.perf_counter()
-                for _ in generate(model, batch, out_len, retrieve=(lambda row, q: fn(q)) if fn else None):
+                for _ in generate(model, batch, out_len, retrieve=(lambda row, q: fn(q)) if fn else None,
+                                  compile=dev == "cuda"):
                     pass
                 sync()
                 wall = time.perf_counter() - t0
                 if repeat:
+                    tok_s = len(batch) * out_len / wall
                     print(json.dumps({**common, "engine": "static", "mode": mode, "prompt_tokens": length,
-                                      "tokens_per_s": round(len(batch) * out_len / wall, 1),
+                                      "tokens_per_s": round(tok_s, 1), **rates(tok_s),
                                       "seconds": round(wall, 3)}), flush=True)
     finally:
         engine.stop()
@@ -246,7 +306,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--direct", action="store_true", help="time the engine alone (default on CUDA)")
     ap.add_argument("--batch", type=int, default=32, help="direct path: requests decoded together")
-    ap.add_argument("--prompt-tokens", type=int, default=128, help="direct path: prompt length")
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="direct path: prompt tokens after the sink")
+    ap.add_argument("--no-hf", dest="hf", action="store_false",
+                    help="direct path: skip the Hugging Face transformers baseline (run on CUDA by default)")
     ap.add_argument("--repeats", type=int, default=2, help="direct path: timed rounds after a warm-up round")
     ap.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (HTTP 64, direct 128)")
     ap.add_argument("--checkpoint", help="HTTP path: serve this checkpoint (default: random tiny weights)")

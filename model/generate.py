@@ -4,6 +4,9 @@ first window that starts after a prompt ending on a window boundary keeps the pr
 128-in/128-out request retrieves 3 times, as the paper counts).
 
 Pure PyTorch: retrieval is a callback, so serving (FAISS + MemoryStore) and tests (fixed memories) share this loop.
+`DecodeStep` is the one-token step that this loop and the serving engine (serve/engine.py) both run: static token,
+position and memory buffers, memories written into reserved cache slots once per window, attention bounded by a
+length bucket, and on CUDA one CUDA graph per (batch bucket, length bucket, memory or not).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from model.transformer import MemoryBatch, Transformer
+from model.transformer import KVCache, MemoryBatch, Transformer
 
 
 @dataclass
@@ -68,7 +71,11 @@ class MemoryWindows:
         self.current = torch.zeros(batch, self.slots, c.n_mem_layer, 2, c.n_kv_head, c.mem_tokens, c.head_dim,
                                    device=dev, dtype=dtype)
         self.n_valid = torch.zeros(batch, self.slots, dtype=torch.long, device=dev)
-        self._decode_batch: tuple[int, MemoryBatch] | None = None  # (rows, batch): rebuilt when memories change
+        self.reserved = self.slots * c.mem_tokens
+        """Cache slots the current memories take in each memory layer (`Transformer.setup_caches(memory_slots=)`)."""
+        self.valid = torch.zeros(batch, self.reserved, dtype=torch.bool, device=dev)
+        """(B, reserved) which reserved slots hold a memory token: the static buffer `Transformer.decode` reads."""
+        self.changed: set[int] = set()  # rows whose memories are not yet in the caches
 
     def fetch(self, row: int, query: list[int]) -> tuple[Tensor, Tensor, list]:
         got = self.retrieve(row, query) if self.retrieve else None
@@ -95,7 +102,7 @@ class MemoryWindows:
                 mems[b, w], n_valid[b, w], ids = self.fetch(b, p[max(lo, self.cfg.sink_len):hi])
                 events.append((b, w, ids))
             self.current[b], self.n_valid[b] = mems[b, w], n_valid[b, w]
-        self._decode_batch = None
+        self.changed.update(range(B))
         visible = torch.eye(W, dtype=torch.bool, device=mems.device).repeat_interleave(self.slots, dim=1)
         pos = torch.arange(total_len, device=mems.device).expand(B, -1)
         batch = MemoryBatch.from_references(mems.flatten(1, 2), n_valid.flatten(1), visible.expand(B, -1, -1), pos,
@@ -110,40 +117,90 @@ class MemoryWindows:
         if hi <= prompt_len:  # the previous window was all prompt: its memories stay (paper §3.2)
             return None
         self.current[row], self.n_valid[row], ids = self.fetch(row, sequence[lo:hi])
-        self._decode_batch = None
+        self.changed.add(row)
         return ids
 
     def take_rows(self, start: int, other: "MemoryWindows") -> None:
         """Rows start.. take the current memories of `other` (a prefill of some rows, e.g. into free engine slots)."""
         rows = slice(start, start + len(other.n_valid))
         self.current[rows], self.n_valid[rows] = other.current, other.n_valid
-        self._decode_batch = None
+        self.changed.update(range(rows.start, rows.stop))
 
     def clear_row(self, row: int) -> None:
         """The row reads no memory until it is given some again."""
         self.n_valid[row] = 0
-        self._decode_batch = None
+        self.changed.add(row)
 
-    def decode_memory(self, input_pos: Tensor) -> MemoryBatch | None:
-        """One token for each of the first input_pos.shape[0] rows: every valid slot of a row's current memories is
-        visible, whatever the position."""
-        if self.retrieve is None:
-            return None
-        B = input_pos.shape[0]
-        if self._decode_batch is None or self._decode_batch[0] != B:
-            visible = torch.ones(B, 1, self.slots, dtype=torch.bool, device=input_pos.device)
-            batch = MemoryBatch.from_references(self.current[:B], self.n_valid[:B], visible,
-                                                torch.full_like(input_pos, self.cfg.sink_len), self.cfg)
-            self._decode_batch = (B, batch)
-        return self._decode_batch[1]
+    def write_caches(self, caches: list[KVCache]) -> None:
+        """Memories that changed since the last call into the reserved slots of the memory layers' caches: once
+        per window, not once per step. Slot order is the concatenated form's (`MemoryBatch.from_references`)."""
+        if not self.changed:
+            return
+        rows = torch.tensor(sorted(self.changed), device=self.current.device)
+        self.changed.clear()
+        kv = self.current[rows].permute(2, 3, 0, 4, 1, 5, 6).flatten(4, 5)  # (L, 2, n, Hkv, M*k, D)
+        for layer, cache in enumerate(caches[:self.cfg.n_mem_layer]):
+            cache.write_memory(rows, kv[layer, 0], kv[layer, 1])
+        token_ok = torch.arange(self.cfg.mem_tokens, device=rows.device) < self.n_valid[..., None]  # (B, M, k)
+        self.valid.copy_(token_ok.flatten(1))
 
 
-def decode_step(model: Transformer, cache_len: int):
-    """The compiled single-token forward, kept per cache length (CUDA graphs need static shapes)."""
-    cache = model.__dict__.setdefault("_compiled_decode", {})
-    if cache_len not in cache:
-        cache[cache_len] = torch.compile(model, mode="reduce-overhead", dynamic=False)
-    return cache[cache_len]
+class DecodeStep:
+    """One token for the first n rows of the caches: `model.decode` over static buffers (`tokens`, `pos` and
+    `MemoryWindows.valid`), reading `key_len` rounded up to a LENGTH_BUCKET multiple. With `graphs` (CUDA), each
+    (batch bucket, length bucket, memory) is captured once in a CUDA graph and replayed: one launch per step
+    instead of thousands. Rows past n in a batch bucket decode too and are dropped (they write only their own
+    cache rows, at positions a later prefill overwrites)."""
+
+    LENGTH_BUCKET = 128
+
+    def __init__(self, model: Transformer, caches: list[KVCache], valid: Tensor, graphs: bool = False):
+        self.model, self.caches, self.valid = model, caches, valid
+        self.batch, self.max_len = caches[0].k.shape[0], caches[0].max_len
+        self.tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=model.device)  # (B, 1) fed next
+        self.pos = torch.zeros(self.batch, 1, dtype=torch.long, device=model.device)  # (B, 1) their positions
+        self.graphs = graphs and model.device.type == "cuda"
+        self._views: dict[int, list[KVCache]] = {}
+        self._graphs: dict[tuple, tuple] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+
+    def __call__(self, n: int, key_len: int, memory: bool) -> Tensor:
+        """Logits (n, V) of the tokens in `tokens[:n]` at `pos[:n]`; key_len > every pos. The result is only
+        valid until the next call (it lives in the graphs' memory)."""
+        rows = next((b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= b <= self.batch), self.batch)
+        key_len = min(-(-key_len // self.LENGTH_BUCKET) * self.LENGTH_BUCKET, self.max_len)
+        args = (self.tokens[:rows], self.pos[:rows], key_len, self.valid[:rows] if memory else None)
+        if rows not in self._views:
+            self._views[rows] = [cache.rows(0, rows) for cache in self.caches]
+        self.model.use_caches(self._views[rows])
+        if not self.graphs:
+            return self.model.decode(*args)[:n]
+        key = (rows, key_len, memory)
+        if key not in self._graphs:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture (library handles, kernel selection)
+                self.model.decode(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = self.model.decode(*args)
+            self._graphs[key] = (graph, out)
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out[:n]
+
+
+def _decode_step(model: Transformer, batch: int, max_len: int, memory_slots: int, valid: Tensor,
+                 graphs: bool) -> DecodeStep:
+    """Caches and step for one generate call; with graphs, kept on the model per shape, so later calls of the
+    same shape replay the graphs captured by the first (they are bound to these cache buffers)."""
+    kept = model.__dict__.setdefault("_decode_steps", {}) if graphs else {}
+    key = (batch, max_len, memory_slots)
+    if key not in kept:
+        model.setup_caches(batch, max_len, memory_slots=memory_slots)
+        kept[key] = DecodeStep(model, model.caches(), valid, graphs=graphs)
+    return kept[key]
 
 
 @torch.inference_mode()
@@ -153,23 +210,25 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[
              generator: torch.Generator | None = None, compile: bool = False) -> Iterator[Step]:
     """Batched decoding; yields one Step per generated position. Prompts are full model sequences (sink first).
 
-    compile=True runs the one-token step through torch.compile with CUDA graphs (static cache and memory shapes
-    make that possible); the first call per batch size pays the compilation."""
+    compile=True replays the one-token step from CUDA graphs (`DecodeStep`; CUDA only, the first step of each
+    batch and length bucket pays the capture)."""
     B, dev = len(prompts), model.device
     max_new = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
     lengths = [len(p) for p in prompts]
     total = max(l + n for l, n in zip(lengths, max_new))
     if total > model.cfg.max_seq_len:
         raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len={model.cfg.max_seq_len}")
-    temp = torch.tensor(temperature if isinstance(temperature, list) else [temperature] * B, device=dev)
+    temps = temperature if isinstance(temperature, list) else [temperature] * B
+    temp = torch.tensor(temps, device=dev)
     top_p = torch.tensor(top_p if isinstance(top_p, list) else [top_p] * B, device=dev)
     stop_ids = stop_ids or set()
 
     windows = MemoryWindows(model, retrieve, B)
     P = max(lengths)
     idx = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=dev)
-    model.setup_caches(B, total)
-    step_fn = decode_step(model, total) if compile else model
+    step_fn = _decode_step(model, B, total, windows.reserved if retrieve else 0, windows.valid, compile)
+    model.use_caches(step_fn.caches)
+    caches, windows.valid = step_fn.caches, step_fn.valid
     try:
         memory, events = windows.prompt_memory(prompts, P)
         logits = model(idx, memory=memory)
@@ -177,7 +236,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[
         sequences = [list(p) for p in prompts]
         done = [n == 0 for n in max_new]
         for _ in range(max(max_new)):
-            nxt = sample(last, temp, top_p, generator).tolist()
+            chosen = sample(last, temp, top_p, generator) if any(temps) else last.argmax(dim=-1)
+            nxt = chosen.tolist()
             step = Step(tokens=[None] * B, finished=list(done), retrievals=events, logits=last)
             events = []
             for b in range(B):
@@ -196,8 +256,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[
                     ids = windows.before_token(b, pos[b], sequences[b], lengths[b])
                     if ids is not None:
                         events.append((b, model.cfg.window_of(pos[b]), ids))
-            input_pos = torch.tensor(pos, device=dev)[:, None]
-            cur = torch.tensor([s[-1] for s in sequences], device=dev)[:, None]
-            last = step_fn(cur, input_pos=input_pos, memory=windows.decode_memory(input_pos))[:, -1].clone()
+            windows.write_caches(caches)
+            step_fn.tokens.copy_(chosen[:, None])
+            step_fn.pos.copy_(torch.tensor(pos, device=dev)[:, None])
+            last = step_fn(B, max(pos) + 1, memory=retrieve is not None).clone()
     finally:
         model.clear_caches()

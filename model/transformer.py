@@ -4,8 +4,10 @@ Notable:
 - Memory layers (the first `n_mem_layer` blocks) attend, in a single softmax, to the causal context and to the
   sparse key/values of the references retrieved for the query token's window. Other layers see context only.
 - One attention definition, two execution forms. Training/prefill: every window of a long sequence sees its own
-  memories through a boolean mask (FlexAttention on CUDA, masked SDPA elsewhere). Decoding: a static KV cache
-  (gpt-fast style, per-sequence `input_pos`) plus the current window's memories, swapped on re-retrieval.
+  memories through a boolean mask (FlexAttention on CUDA, masked SDPA elsewhere). Decoding (`Transformer.decode`):
+  a static KV cache (gpt-fast style, per-sequence `input_pos`) whose memory layers reserve slots in front of the
+  context for the current window's memories, written once per window (`KVCache.write_memory`) instead of being
+  concatenated every step; each step reads only `key_len` context positions (a length bucket), not max_seq_len.
 - Sequence layout: `[<s> <ref>] [memories] [<s> context...]`. The sink `<s> <ref>` stands for the paper's
   "<s>Reference:" BOS. RoPE positions: sink at 0..sink_len-1, memories share the next reference_len positions
   (parallel position encoding), context after them (`ModelConfig.rope_position`).
@@ -82,27 +84,46 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache(nn.Module):
-    """Static per-layer context cache. Rows are sequences; each writes at its own positions."""
+    """Static per-layer context cache. Rows are sequences; each writes at its own positions.
 
-    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype: torch.dtype, device=None):
+    `reserved` slots in front of the context hold the memories a row reads while decoding (memory layers only):
+    the k/v buffers are (B, Hkv, reserved + max_len, D), so one contiguous slice [0, reserved + key_len) is the
+    step's whole key set, memories first as in the concatenated form."""
+
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype: torch.dtype, device=None,
+                 reserved: int = 0):
         super().__init__()
-        shape = (batch, n_kv_head, max_len, head_dim)
+        self.reserved = reserved
+        shape = (batch, n_kv_head, reserved + max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2] - self.reserved
 
     def rows(self, start: int, n: int) -> "KVCache":
         """A cache over rows start..start+n of this one (views: its writes land here), so a forward can run over
         some sequences of a batch only (continuous batching)."""
         _, heads, _, dim = self.k.shape
-        view = KVCache(n, heads, 0, dim, self.k.dtype, self.k.device)
+        view = KVCache(n, heads, 0, dim, self.k.dtype, self.k.device, reserved=self.reserved)
         view.k, view.v = self.k[start:start + n], self.v[start:start + n]
         return view
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, key_len: int | None = None,
+               with_memory: bool = False) -> tuple[Tensor, Tensor]:
+        """Write k/v (B, Hkv, T, D) at each row's positions; return the keys/values attended: context positions
+        [0, key_len) (default all), preceded by the reserved memory slots if `with_memory`."""
         rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(input_pos)
-        self.k[rows, :, input_pos] = k.transpose(1, 2)  # (B, T, H, D) into (B, H, max_len, D)
-        self.v[rows, :, input_pos] = v.transpose(1, 2)
-        return self.k, self.v
+        self.k[rows, :, self.reserved + input_pos] = k.transpose(1, 2)  # (B, T, H, D) into (B, H, R + max_len, D)
+        self.v[rows, :, self.reserved + input_pos] = v.transpose(1, 2)
+        lo, hi = 0 if with_memory else self.reserved, self.reserved + (self.max_len if key_len is None else key_len)
+        return self.k[:, :, lo:hi], self.v[:, :, lo:hi]
+
+    def write_memory(self, rows: Tensor, keys: Tensor, values: Tensor) -> None:
+        """Memories of `rows` into the reserved slots: keys/values (len(rows), Hkv, reserved, D), already rotated."""
+        self.k[rows, :, :self.reserved] = keys
+        self.v[rows, :, :self.reserved] = values
 
 
 FLEX_BLOCK = 128
@@ -135,7 +156,8 @@ def flex_block_mask(input_pos: Tensor, mem_mask: Tensor | None):
 
 
 _FLEX = None
-CAUSAL = "causal"  # mask sentinel: positions are 0..T-1 in every row, no cache, no memory
+CAUSAL = "causal"  # mask sentinel: positions are 0..T-1 in every row, no memory
+RESERVED = "reserved"  # memory sentinel: read the memories held in the cache's reserved slots (decoding)
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
@@ -163,9 +185,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask, memory: tuple | None = None,
-                capture: list | None = None) -> Tensor:
-        """mask: bool (B, T, S + Tk) for SDPA, a FlexAttention BlockMask, or CAUSAL; memory: (keys, values)."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask, memory: tuple | str | None = None,
+                capture: list | None = None, key_len: int | None = None) -> Tensor:
+        """mask: bool (B, T, S + Tk) for SDPA, a FlexAttention BlockMask, or CAUSAL; memory: (keys, values), or
+        RESERVED for the cache's memory slots; key_len: context positions of the cache attended (default all)."""
         B, T, _ = x.shape
         c = self.cfg
         q = self.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -175,11 +198,16 @@ class Attention(nn.Module):
             capture.append((q, k, apply_rope(k, cos, sin), v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
-            k, v = self.cache.update(input_pos, k, v)
-        if memory is not None:
+            k, v = self.cache.update(input_pos, k, v, key_len, with_memory=memory is RESERVED)
+        if isinstance(memory, tuple):
             k, v = torch.cat([memory[0], k], dim=2), torch.cat([memory[1], v], dim=2)
         if mask is CAUSAL:  # plain layer over a whole sequence: the fused causal kernel (FlashAttention on CUDA)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif isinstance(mask, Tensor) and T == 1:
+            # one query: the query heads of a KV group become its query rows, so the fused masked kernel runs
+            # without repeating k/v per query head (what enable_gqa with a mask falls back to)
+            y = F.scaled_dot_product_attention(q.reshape(B, c.n_kv_head, c.group_size, c.head_dim), k, v,
+                                               attn_mask=mask[:, None]).reshape(B, c.n_head, 1, c.head_dim)
         elif isinstance(mask, Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
         else:
@@ -208,8 +236,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos, sin, input_pos, mask, memory=None, capture=None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, memory, capture)
+    def forward(self, x: Tensor, cos, sin, input_pos, mask, memory=None, capture=None, key_len=None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, memory, capture, key_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -233,11 +261,14 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate static KV caches for decoding; `clear_caches` returns to the training form."""
+    def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None, memory_slots: int = 0) -> None:
+        """Allocate static KV caches for decoding; `clear_caches` returns to the training form. Memory layers
+        reserve `memory_slots` positions per row for the memories `decode` reads."""
         dtype = dtype or self.embed_tokens.weight.dtype
-        for layer in self.layers:
-            layer.self_attn.cache = KVCache(batch, self.cfg.n_kv_head, max_len, self.cfg.head_dim, dtype, self.device)
+        for i, layer in enumerate(self.layers):
+            reserved = memory_slots if i < self.cfg.n_mem_layer else 0
+            layer.self_attn.cache = KVCache(batch, self.cfg.n_kv_head, max_len, self.cfg.head_dim, dtype, self.device,
+                                            reserved)
 
     def caches(self) -> list[KVCache]:
         """The per-layer caches in use (after `setup_caches`)."""
@@ -270,13 +301,32 @@ class Transformer(nn.Module):
         rope_pos = self.cfg.rope_position(input_pos) if rope_pos is None else rope_pos
         cos, sin = rope_tables(self.cfg, rope_pos, x.dtype)
         plain_mask, memory_mask = self.attention_masks(input_pos, memory, plain_positions)
+        key_len = T if plain_positions else None  # a prefill from position 0 reads only its own T positions
         for i, layer in enumerate(self.layers[:n_layers]):
             reads_memory = memory is not None and i < self.cfg.n_mem_layer
             layer_memory = (memory.keys[:, i].to(x.dtype), memory.values[:, i].to(x.dtype)) if reads_memory else None
-            x = layer(x, cos, sin, input_pos, memory_mask if reads_memory else plain_mask, layer_memory, capture)
+            x = layer(x, cos, sin, input_pos, memory_mask if reads_memory else plain_mask, layer_memory, capture,
+                      key_len)
         if n_layers < self.cfg.n_layer or return_hidden:
             return x
         return self.lm_head(self.norm(x))
+
+    def decode(self, idx: Tensor, input_pos: Tensor, key_len: int, memory_valid: Tensor | None = None) -> Tensor:
+        """One token per row against the caches (gpt-fast's decode step; static shapes, no host sync, so it can
+        be captured in a CUDA graph). idx, input_pos (B, 1); key_len: context positions read, a static bound above
+        every row's input_pos; memory_valid (B, reserved) bool: which reserved memory slots of each row hold a
+        memory token (None: no row reads memory). Returns logits (B, vocab)."""
+        x = self.embed_tokens(idx)
+        cos, sin = rope_tables(self.cfg, self.cfg.rope_position(input_pos), x.dtype)
+        causal = torch.arange(key_len, device=idx.device) <= input_pos  # (B, key_len)
+        plain_mask = causal[:, None]  # (B, 1, key_len)
+        if memory_valid is not None:  # the sink precedes all memories
+            memory_mask = torch.cat([memory_valid & (input_pos >= self.cfg.sink_len), causal], dim=-1)[:, None]
+        for i, layer in enumerate(self.layers):
+            reads_memory = memory_valid is not None and i < self.cfg.n_mem_layer
+            x = layer(x, cos, sin, input_pos, memory_mask if reads_memory else plain_mask,
+                      RESERVED if reads_memory else None, key_len=key_len)
+        return self.lm_head(self.norm(x))[:, -1]
 
     def attention_masks(self, input_pos: Tensor, memory: MemoryBatch | None, plain_positions: bool = False):
         """Masks for plain and memory layers: one definition, as SDPA bool masks or FlexAttention block masks."""
@@ -284,7 +334,10 @@ class Transformer(nn.Module):
         if input_pos.is_cuda and cache is None and input_pos.shape[1] > 1 and self.cfg.head_dim >= 16:
             plain = CAUSAL if plain_positions else flex_block_mask(input_pos, None)
             return plain, memory and flex_block_mask(input_pos, memory.mask)
-        key_pos = torch.arange(cache.k.shape[2], device=input_pos.device)[None, None] if cache else input_pos[:, None]
+        if cache is not None and plain_positions:  # prefill into the cache: keys are this forward's own tokens
+            causal = input_pos[:, None] <= input_pos[:, :, None]  # (B, T, T)
+            return CAUSAL, memory and torch.cat([memory.mask, causal], dim=-1)
+        key_pos = torch.arange(cache.max_len, device=input_pos.device)[None, None] if cache else input_pos[:, None]
         causal = key_pos <= input_pos[:, :, None]  # (B, T, Tk)
         return causal, memory and torch.cat([memory.mask, causal], dim=-1)
 

@@ -12,6 +12,10 @@ A request whose prefill fails (e.g. its retrieval) is isolated by prefilling the
 Logprobs come from the logits the sampler draws from (decode) and from the prefill forward (prompt tokens, each
 window with its own memories): no second forward, so a greedy token is always the argmax of its reported logprobs.
 
+The decode step is model.generate's `DecodeStep`: memories sit in reserved slots of each row's cache (written
+once per window), attention reads the batch's length bucket only, and on CUDA the step replays a CUDA graph per
+batch-size bucket; greedy batches take the argmax on the device, and the step's one host sync is reading the tokens.
+
 Pure PyTorch plus one thread: the Ray Serve replica (serve/generator.py) feeds it and reads its events.
 Events, delivered by `request.emit` from the engine thread:
     {"type": "retrieval", "window": w, "ids": [...]}      memories read from window w on
@@ -31,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from model.generate import MemoryWindows, Retrieved, sample, token_logprobs
+from model.generate import DecodeStep, MemoryWindows, Retrieved, sample, token_logprobs
 from model.transformer import KVCache, Transformer
 
 log = logging.getLogger(__name__)
@@ -71,15 +75,18 @@ class _Slot:
 
 
 class DecodeEngine:
-    def __init__(self, model: Transformer, max_batch: int = 8, seed: int | None = None, idle_wait_s: float = 0.5):
+    def __init__(self, model: Transformer, max_batch: int = 8, seed: int | None = None, idle_wait_s: float = 0.5,
+                 cuda_graphs: bool = True):
         cfg = model.cfg
         self.model, self.cfg, self.max_batch, self.idle_wait_s = model, cfg, max_batch, idle_wait_s
         self.device = model.device
-        model.setup_caches(max_batch, cfg.max_seq_len)
+        self.windows = MemoryWindows(model, self._retrieve_for_slot, max_batch)
+        model.setup_caches(max_batch, cfg.max_seq_len, memory_slots=self.windows.reserved)
         self.decode_caches = model.caches()
         model.clear_caches()
         self._views: dict[tuple[int, int], list[KVCache]] = {}
-        self.windows = MemoryWindows(model, self._retrieve_for_slot, max_batch)
+        self.decode = DecodeStep(model, self.decode_caches, self.windows.valid, graphs=cuda_graphs)
+        """The one-token step (CUDA graphs on CUDA unless cuda_graphs=False; eager elsewhere)."""
         self.last_logits = torch.zeros(max_batch, cfg.vocab_size, device=self.device)
         self.temperature = torch.zeros(max_batch, device=self.device)
         self.top_p = torch.ones(max_batch, device=self.device)
@@ -206,12 +213,18 @@ class DecodeEngine:
     def _step(self) -> None:
         """Sample one token for every slot, re-retrieve where a window starts, then one batched forward."""
         n = self._rows()
-        chosen = sample(self.last_logits[:n], self.temperature[:n], self.top_p[:n], self.generator)
+        live = [s for s in self.slots[:n] if s is not None]
+        if all(s.request.temperature == 0 for s in live):  # greedy batch: no softmax, sort or generator draw
+            chosen = self.last_logits[:n].argmax(dim=-1)
+        else:
+            chosen = sample(self.last_logits[:n], self.temperature[:n], self.top_p[:n], self.generator)
         for i, slot in enumerate(self.slots[:n]):
-            if slot is not None and slot.generator is not None:  # a seeded request draws from its own generator
+            if slot is not None and slot.generator is not None and slot.request.temperature > 0:
+                # a seeded request draws from its own generator
                 chosen[i] = sample(self.last_logits[i:i + 1], self.temperature[i:i + 1], self.top_p[i:i + 1],
                                    slot.generator)[0]
-        tokens = chosen.tolist()
+        self.decode.tokens[:n, 0] = chosen  # fed next, without a trip through the host
+        tokens = chosen.tolist()  # the step's one host sync
         reported = {}  # row -> (logprob, top) for the rows that asked
         asking = [i for i, s in enumerate(self.slots[:n]) if s is not None and s.request.logprobs is not None]
         if asking:
@@ -252,11 +265,11 @@ class DecodeEngine:
         if not any(self.slots):
             return
         n = self._rows()
-        cur = torch.tensor([[s.sequence[-1] if s else 0] for s in self.slots[:n]], device=self.device)  # (n, 1)
-        pos = torch.tensor([[len(s.sequence) - 1 if s else 0] for s in self.slots[:n]], device=self.device)
-        memory = self.windows.decode_memory(pos) if bool(self.windows.n_valid[:n].any()) else None
-        self.model.use_caches(self._cache_views(0, n))
-        self.last_logits[:n] = self.model(cur, input_pos=pos, memory=memory)[:, -1].float()  # (n, V); free rows unused
+        pos = [len(s.sequence) - 1 if s else 0 for s in self.slots[:n]]  # free rows: position 0, output unused
+        self.decode.pos[:n, 0].copy_(torch.tensor(pos), non_blocking=True)
+        self.windows.write_caches(self.decode_caches)
+        memory = any(s is not None and s.request.retrieve is not None for s in self.slots[:n])
+        self.last_logits[:n] = self.decode(n, max(pos) + 1, memory).float()  # (n, V)
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[list[float], list[list]]:
