@@ -90,14 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     module, func = COMMANDS[name][0].split(":")
     # A submitted Ray job's output is already its log (`ray job logs`): leave it there.
     log = log_path(name, cfg) if name in CAPTURED and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ else None
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `ray job stop`: the same clean stop as Ctrl-C
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, `kill`, `ray job stop`: one clean stop
+        signal.signal(signum, _interrupt)
     try:
         if log is None:
-            result = getattr(importlib.import_module(module), func)(cfg)
+            result = run_command(module, func, cfg)
         else:
             with console.capture_output(log, verbose=verbose):
                 try:
-                    result = getattr(importlib.import_module(module), func)(cfg)
+                    result = run_command(module, func, cfg)
                 except BaseException as e:  # the traceback goes to the log; Ray stops before the terminal is back
                     if not isinstance(e, (MissingMandatoryValue, ValueError, FileNotFoundError, KeyboardInterrupt)):
                         traceback.print_exc()
@@ -146,6 +147,30 @@ def log_path(name: str, cfg) -> Path:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def run_command(module: str, func: str, cfg):
+    """The command's main. Ctrl-C reaches Ray's own processes too (one process group), so inside a Ray call it
+    surfaces as Ray's SystemExit, often before any Python handler runs: the signal's byte on the wakeup pipe
+    (written by the interpreter the moment the signal arrives) says it was an interruption."""
+    wakeup_read, wakeup_write = os.pipe()
+    for fd in (wakeup_read, wakeup_write):
+        os.set_blocking(fd, False)
+    previous = signal.set_wakeup_fd(wakeup_write)
+    try:
+        return getattr(importlib.import_module(module), func)(cfg)
+    except SystemExit:
+        try:
+            received = os.read(wakeup_read, 256)
+        except BlockingIOError:
+            received = b""
+        if {signal.SIGINT, signal.SIGTERM} & set(received):
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(wakeup_read)
+        os.close(wakeup_write)
 
 
 def stop_ray() -> None:

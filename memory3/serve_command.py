@@ -11,6 +11,7 @@ import threading
 from omegaconf import DictConfig, OmegaConf
 from ray import serve
 
+from pipelines import console
 from pipelines.ray_runtime import ensure_ray
 from serve.app import build_app, wait_healthy
 
@@ -29,7 +30,7 @@ def main(cfg: DictConfig) -> int:
     try:
         serve.run(app, name=cfg.app_name, route_prefix="/")
         wait_healthy(url, cfg.startup_timeout_s)
-        print(json.dumps({"serving": url, "model": cfg.model_name, "bank": cfg.bank}), flush=True)
+        console.say(json.dumps({"serving": url, "model": cfg.model_name, "bank": cfg.bank}))
         while not stop.wait(1.0):
             pass
         print("memory3 serve: shutting down", file=sys.stderr, flush=True)

@@ -62,17 +62,17 @@ def main(cfg: BankConfig) -> int:
         return 0 if summary["ok"] else 1
     if action == "delete":
         n = delete_references(cfg.bank, list(cfg.ids))
-        print(json.dumps({"bank": cfg.bank, "deleted": n}))
+        console.say(json.dumps({"bank": cfg.bank, "deleted": n}))
         return 0
     if action == "info":
         manifest = read_manifest(cfg.bank)
-        print(json.dumps({k: v for k, v in manifest.items() if k not in ("shards", "tombstones")}, indent=1))
+        console.say(json.dumps({k: v for k, v in manifest.items() if k not in ("shards", "tombstones")}, indent=1))
         return 0
     try:
         summary = MemoryBank.open(cfg.bank).verify()
     except BankError as e:
-        print(json.dumps({"ok": False, "bank": cfg.bank, "error": str(e)}))
+        console.say(json.dumps({"ok": False, "bank": cfg.bank, "error": str(e)}))
         print(f"memory3 bank verify: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(summary))
+    console.say(json.dumps(summary))
     return 0

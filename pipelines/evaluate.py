@@ -25,6 +25,7 @@ from model.generate import Retrieved, generate
 from model.prompts import rag_prompt
 from model.tokenizer import Tokenizer
 from model.transformer import MemoryBatch, Transformer
+from pipelines import console
 from pipelines.retrieval_assign import overlap
 
 MODES = ("memory", "none", "rag")
@@ -240,8 +241,8 @@ def format_table(report: dict) -> str:
 
 def main(cfg: EvalConfig) -> None:
     report = run(cfg)
-    print(format_table(report))
+    console.say(format_table(report))
     summary = {k: v for k, v in report.items() if k != "results"}
     if cfg.out:
         storage.write_text(cfg.out, json.dumps(report, indent=1))
-    print(json.dumps(summary))
+    console.say(json.dumps(summary))

@@ -7,6 +7,7 @@ from bank.index import update_index
 from bank.manifest import read_manifest
 from configs import typed
 from configs.schema import IndexConfig, IndexSettings
+from pipelines import console
 
 
 def index_options(cfg: IndexSettings) -> dict:
@@ -20,5 +21,5 @@ def main(cfg: IndexConfig) -> int:
     cfg = typed("index", cfg)
     read_manifest(cfg.bank)  # a clear error before any work
     summary = update_index(cfg.bank, rebuild=cfg.rebuild, **index_options(cfg))
-    print(json.dumps({"bank": cfg.bank, **summary}))
+    console.say(json.dumps({"bank": cfg.bank, **summary}))
     return 0

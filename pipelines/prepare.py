@@ -182,30 +182,29 @@ def build_sequences(table: pa.Table, *, fmt: str, source_field: str, tokenizer_j
     """Ray Data batch function: raw records -> training sequences (SEQUENCE_SCHEMA)."""
     tk = _tokenizer(tokenizer_json)
     docs, malformed = parse_documents(table, fmt, source_field)
-    if pack and any(prompt for _, _, prompt in docs):
-        raise ValueError("records with a 'prompt' (loss on the answer only) need pack=false: one per sequence")
     # prompt and answer are tokenized apart, so the loss starts on a token boundary
     prompt_ids = tk.encode_batch([prompt for _, _, prompt in docs])
     ids = [p + a for p, a in zip(prompt_ids, tk.encode_batch([text[len(prompt):] for _, text, prompt in docs]))]
     # every document ends with </s>, so a trained model knows where an answer stops
-    kept = [(t + [tk.eos_id], source, len(p), prompt) for t, p, (source, _, prompt) in zip(ids, prompt_ids, docs) if t]
-    seqs = pack_sequences(((t, source) for t, source, _, _ in kept), tk.sink_ids, tk.bos_id, seq_len, pack)
-    # pack=false: sequence i is document i unless a document was longer than seq_len (then only the first part
-    # keeps its prompt: the rest is all answer)
-    starts, queries = [0] * len(seqs), [""] * len(seqs)
-    if not pack:
-        i = 0
-        for t, _, n_prompt, prompt in kept:
-            if n_prompt:
-                starts[i], queries[i] = len(tk.sink_ids) + 1 + n_prompt, prompt
-            i += max(1, -(-len(t) // (seq_len - len(tk.sink_ids) - 1)))
+    kept = [(t + [tk.eos_id], source, len(p), prompt)
+            for t, p, (source, _, prompt) in zip(ids, prompt_ids, docs) if t]
+    # (tokens, sources, loss_start, query). Plain documents are packed (pack=true); a prompt record always gets
+    # sequences of its own, and only the first holds its prompt (the rest are all answer)
+    rows = []
+    if pack:
+        plain = [(t, source) for t, source, n_prompt, _ in kept if not n_prompt]
+        rows += [(seq, src, 0, "") for seq, src in pack_sequences(plain, tk.sink_ids, tk.bos_id, seq_len, True)]
+    for t, source, n_prompt, prompt in kept if not pack else [k for k in kept if k[2]]:
+        for j, (seq, src) in enumerate(pack_sequences([(t, source)], tk.sink_ids, tk.bos_id, seq_len, False)):
+            first = j == 0 and n_prompt > 0
+            rows.append((seq, src, len(tk.sink_ids) + 1 + n_prompt if first else 0, prompt if first else ""))
     malformed["text without tokens"] += sum(1 for t in ids if not t)
     malformed = {k: v for k, v in malformed.items() if v}
-    ray.get(stats.add.remote({"documents": len(docs), "sequences": len(seqs),
-                              "tokens": sum(len(s) for s, _ in seqs)}, malformed))
-    return pa.table({"tokens": [s for s, _ in seqs], "source_ids": [src for _, src in seqs],
-                     "text": [decode_text(tk, s) for s, _ in seqs], "loss_start": starts, "query": queries},
-                    schema=SEQUENCE_SCHEMA)
+    ray.get(stats.add.remote({"documents": len(docs), "sequences": len(rows),
+                              "tokens": sum(len(r[0]) for r in rows)}, malformed))
+    return pa.table({"tokens": [r[0] for r in rows], "source_ids": [r[1] for r in rows],
+                     "text": [decode_text(tk, r[0]) for r in rows], "loss_start": [r[2] for r in rows],
+                     "query": [r[3] for r in rows]}, schema=SEQUENCE_SCHEMA)
 
 
 def valid_texts(table: pa.Table, *, fmt: str) -> pa.Table:

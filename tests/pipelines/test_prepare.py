@@ -99,3 +99,32 @@ def test_prepare_rejects_a_corpus_without_valid_documents(tmp_path, ray_local):
         prepare(cfg_for(corpus=corpus, out=tmp_path / "out", tokenizer=tmp_path / "tokenizer.json"))
     with pytest.raises(FileNotFoundError):
         prepare(cfg_for(corpus=tmp_path / "missing.jsonl", out=tmp_path / "out"))
+
+
+def test_prompt_records_get_their_own_sequence_a_loss_start_and_a_query(tmp_path, ray_local):
+    """A record with `prompt` (a prefix of its text) is never packed with others; its loss starts at the answer
+    and the continual stage retrieves with the prompt. A prompt that is not a prefix is counted as malformed."""
+    from pipelines.train_loop import IGNORE, collate
+
+    asked = [{"id": f"q{i}", "text": f"Question: where is city {i}? Answer: river {i % 7}",
+              "prompt": f"Question: where is city {i}? Answer:"} for i in range(12)]
+    bad = {"id": "bad", "text": "Question: x? Answer: y", "prompt": "Question: z?"}
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS[:20] + asked + [bad]))
+    out = str(tmp_path / "prepared")
+    manifest = prepare(cfg_for(corpus=corpus, out=out, vocab_size=300, **{"model.max_seq_len": SEQ_LEN}))
+    assert manifest["malformed"] == {"'prompt' is not a proper prefix of 'text'": 1}
+    tk = Tokenizer.load(f"{out}/tokenizer.json")
+    rows = read_rows(out, manifest)
+    prompted = [r for r in rows if r["query"]]
+    assert sorted(r["query"] for r in prompted) == sorted(d["prompt"] for d in asked)
+    for r in prompted:
+        assert r["source_ids"] == [next(d["id"] for d in asked if d["prompt"] == r["query"])]  # alone
+        answer = tk.decode(r["tokens"][r["loss_start"]:]).strip()
+        assert answer == next(d["text"] for d in asked if d["prompt"] == r["query"])[len(r["query"]):].strip()
+    assert all(r["loss_start"] == 0 for r in rows if not r["query"])
+    batch = collate({"tokens": [prompted[0]["tokens"]], "loss_start": [prompted[0]["loss_start"]]}, SEQ_LEN,
+                    pad_id=tk.pad_id, sink_len=2)
+    targets = batch.targets[0].tolist()
+    first = prompted[0]["loss_start"] - 1  # target j is token j + 1: the first answer token
+    assert all(t == IGNORE for t in targets[:first]) and targets[first] == prompted[0]["tokens"][first + 1]
