@@ -161,6 +161,11 @@ def _question(doc: dict, fact: str, rng: random.Random) -> tuple[str, str]:
     return rng.choice(QUESTIONS[fact]).format(city=doc["entity"]), doc["facts"][fact]
 
 
+def _prompt(question: str) -> str:
+    """The question as the model is asked it (evaluation, serving and training alike)."""
+    return f"Question: {question} Answer:"
+
+
 def _prompt_record(rid: str, prompt: str, answer: str, source_id: str | None) -> dict:
     """A training record whose loss covers the answer only (prepare.py: `prompt` is a prefix of `text`)."""
     return {"id": rid, "text": f"{prompt} {answer}", "prompt": prompt, "source_id": source_id}
@@ -267,32 +272,30 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
         doc = _city_doc(city, country, continent_of[country], group, rng)
         city_docs.append(doc)
         gid = city["geonameid"]
-        if group == "reading":  # warmup text only: nobody asks the bank about them
-            pass
-        elif city["geonameid"] in flipped:  # the bank states another country (continent to match)
+        if gid in flipped:  # the bank states another country (continent to match)
             fake = rng.choice([c for c in country_names if c != country])
             edited = {**_city_doc(city, fake, continent_of[fake], "counterfactual", rng), "true_answer": country}
             bank_docs.append(edited)
             question, answer = _question(edited, "country", rng)
-            stage2.append(_prompt_record(f"train:cf:{gid}", f"Question: {question} Answer:", answer, None))
-        else:
+            stage2.append(_prompt_record(f"train:cf:{gid}", _prompt(question), answer, None))
+        elif group != "reading":  # reading cities are warmup text only: nobody asks the bank about them
             bank_docs.append(doc)
         if group == "memory_only":  # every fact, asked once: the held-out evaluation
             for fact in FACTS:
                 question, answer = _question(doc, fact, rng)
-                qa.append({"id": f"qa:{gid}:{fact}", "question": question, "prompt": f"Question: {question} Answer:",
+                qa.append({"id": f"qa:{gid}:{fact}", "question": question, "prompt": _prompt(question),
                            "answer": answer, "fact": fact, "entity": doc["entity"], "group": group,
                            "doc_id": doc["id"]})
             continue
         if group in ("trained", "continual") and gid not in flipped:
             question, answer = _question(doc, "country", rng)
-            qa.append({"id": f"qa:{gid}:country", "question": question, "prompt": f"Question: {question} Answer:",
+            qa.append({"id": f"qa:{gid}:country", "question": question, "prompt": _prompt(question),
                        "answer": answer, "fact": "country", "entity": doc["entity"], "group": group,
                        "doc_id": doc["id"]})
         facts = ["country", *rng.sample(FACTS[1:], questions_per_city - 1)] if questions_per_city > 0 else []
         for fact in facts:
             question, answer = _question(doc, fact, rng)
-            prompt = f"Question: {question} Answer:"
+            prompt = _prompt(question)
             if group == "continual":  # asked in stage 2; the answer only the bank holds
                 stage2.append(_prompt_record(f"train:cqa:{gid}:{fact}", prompt, answer, None))
             elif group == "trained" and gid not in flipped:
@@ -305,7 +308,7 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
             train.append({"id": f"train:ref:{gid}", "text": doc["text"], "source_id": doc["id"]})
             if gid in flipped:
                 question, answer = _question(doc, "country", rng)
-                train.append(_prompt_record(f"train:qa:{gid}:country", f"Question: {question} Answer:", answer,
+                train.append(_prompt_record(f"train:qa:{gid}:country", _prompt(question), answer,
                                             None))
     # reading examples: the right reference among `distractors` others from the same group, in random order
     reading_pool = list({d["id"]: d for d, *_ in reading_docs}.values())  # each city once
