@@ -17,6 +17,7 @@ import urllib.request
 
 from omegaconf import DictConfig, OmegaConf
 from ray.serve import Application
+from ray.serve.config import AutoscalingConfig
 
 from bank import storage
 from bank.checkpoints import load_tokenizer, local_checkpoint
@@ -37,6 +38,10 @@ def load_settings(args: dict | DictConfig | None) -> DictConfig:
         raise ValueError("serve needs a model: checkpoint=<checkpoint folder or s3:// URI>")
     if cfg.defaults.memory_mode not in ("memory", "none", "rag"):
         raise ValueError(f"defaults.memory_mode={cfg.defaults.memory_mode!r} must be memory, none or rag")
+    for name, d in cfg.deployments.items():
+        if d.autoscaling_config:
+            check_autoscaling(f"deployments.{name}.autoscaling_config",
+                              OmegaConf.to_container(d.autoscaling_config, resolve=True))
     writer = cfg.deployments.bank_writer
     if writer.num_replicas != 1 or writer.autoscaling_config:
         raise ValueError("deployments.bank_writer must have exactly one replica (the bank's single writer)")
@@ -44,6 +49,22 @@ def load_settings(args: dict | DictConfig | None) -> DictConfig:
         if cfg[key] and not storage.is_remote(cfg[key]):
             cfg[key] = os.path.abspath(cfg[key])
     return cfg
+
+
+def check_autoscaling(key: str, config: dict) -> None:
+    """Ray Serve's checks of an autoscaling config, before Ray starts, and one more: Ray ignores keys it does not
+    know, so a misspelt key (or `{max_replicas:2}` on a command line, without the space OmegaConf needs after the
+    colon) would silently leave the deployment at one replica."""
+    unknown = sorted(set(config) - set(AutoscalingConfig.model_fields))
+    if unknown:
+        raise ValueError(f"{key} has unknown keys {unknown}; Ray Serve's are {sorted(AutoscalingConfig.model_fields)}"
+                         " (on a command line write {max_replicas: 2} with a space, or "
+                         f"{key}.max_replicas=2)")
+    try:
+        AutoscalingConfig(**config)
+    except ValueError as e:  # pydantic's ValidationError
+        errors = e.errors() if hasattr(e, "errors") else [{"msg": str(e)}]
+        raise ValueError(f"{key}: " + "; ".join(err["msg"] for err in errors)) from None
 
 
 def deployment_options(d: DictConfig) -> dict:

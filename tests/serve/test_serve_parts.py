@@ -57,7 +57,12 @@ def test_settings_reject_unknown_keys_and_resolve_paths(tmp_path, monkeypatch):
     for bad, message in [({"checkpoint": "c", "decodng": {}}, "unknown serve setting"),
                          ({"bank": "b"}, "checkpoint="),
                          ({"checkpoint": "c", "defaults": {"memory_mode": "all"}}, "memory_mode"),
-                         ({"checkpoint": "c", "deployments": {"bank_writer": {"num_replicas": 2}}}, "one replica")]:
+                         ({"checkpoint": "c", "deployments": {"bank_writer": {"num_replicas": 2}}}, "one replica"),
+                         # Ray itself ignores an unknown autoscaling key: a typo would mean one replica for good
+                         ({"checkpoint": "c", "deployments": {"generator": {"autoscaling_config": {
+                             "max_replica": 4}}}}, r"generator.autoscaling_config has unknown keys \['max_replica'\]"),
+                         ({"checkpoint": "c", "deployments": {"retriever": {"autoscaling_config": {
+                             "min_replicas": 3, "max_replicas": 2}}}}, "retriever.autoscaling_config: .*max_replicas")]:
         with pytest.raises(ValueError, match=message):
             load_settings(bad)
 
