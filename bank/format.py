@@ -114,19 +114,30 @@ class RecordLayout:
         header[:, 1] = [zlib.crc32(p) for p in payload]
         return records
 
-    def decode(self, records: np.ndarray, quantizer: MemoryQuantizer | None) -> tuple[Tensor, Tensor]:
-        """records (N, record_bytes) -> memories (N, *memory_shape) (bf16 as stored, or float32 from the codes)
-        and n_valid (N,) int64. Dequantization is one FAISS call for the whole batch."""
-        n = records.shape[0]
+    def split(self, records: np.ndarray) -> tuple[Tensor, Tensor]:
+        """records (N, record_bytes) -> payload (N, payload_bytes) uint8 (bf16 bytes or VQ codes, as stored) and
+        n_valid (N,) int64: the compact form a host cache keeps."""
         n_valid = torch.from_numpy(np.ascontiguousarray(records[:, :4]).view("<u4")[:, 0].astype(np.int64))
-        payload = np.ascontiguousarray(records[:, HEADER_BYTES:])
+        return torch.from_numpy(np.ascontiguousarray(records[:, HEADER_BYTES:])), n_valid
+
+    def decode(self, records: np.ndarray, quantizer: MemoryQuantizer | None, device="cpu") -> tuple[Tensor, Tensor]:
+        """records (N, record_bytes) -> memories (N, *memory_shape) on `device` (bf16 as stored, or float32 from
+        the codes) and n_valid (N,) int64 on the host."""
+        payload, n_valid = self.split(records)
+        return self.decode_payload(payload, n_valid, quantizer, device), n_valid
+
+    def decode_payload(self, payload: Tensor, n_valid: Tensor, quantizer: MemoryQuantizer | None,
+                       device="cpu") -> Tensor:
+        """payload (N, payload_bytes) uint8 -> memories on `device`: the bytes travel, then are viewed as bf16 or
+        dequantized there (one batched call: torch on a GPU, FAISS on the host; model/quantizer.py)."""
+        n = payload.shape[0]
+        payload = payload.to(device, non_blocking=True)
         if self.codec == "bfloat16":
-            memories = torch.from_numpy(payload.view(np.int16).reshape(n, *self.memory_shape)).view(torch.bfloat16)
-            return memories, n_valid
-        memories = quantizer.decode(payload.reshape(n, *self.memory_shape[:-1], self.code_size))
+            return payload.view(torch.bfloat16).reshape(n, *self.memory_shape)
+        memories = quantizer.decode(payload.reshape(n, *self.memory_shape[:-1], self.code_size), device)
         k = self.memory_shape[3]
-        slot_ok = torch.arange(k) < n_valid[:, None]  # (N, k): VQ turns zero padding into noise; zero it again
-        return memories * slot_ok[:, None, None, None, :, None], n_valid
+        slot_ok = torch.arange(k, device=memories.device) < n_valid.to(memories.device)[:, None]
+        return memories * slot_ok[:, None, None, None, :, None]  # VQ turns zero padding into noise; zero it again
 
 
 def check_records(records: np.ndarray, rows: Sequence[int], where: Sequence[str]) -> None:

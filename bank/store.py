@@ -2,7 +2,9 @@
 
 The paper puts the inference overhead of explicit memory in loading it (Remark 8: 35% slower decoding, although
 reading memories is 0.23% of the compute). This is that path: a RAM cache of recently used memories (§3.1; LRU
-here), vectorised reads per shard, one FAISS call to dequantize a batch, and a background prefetch thread.
+here), vectorised reads per shard, one call to dequantize a batch, and a background prefetch thread. On a GPU the
+host tier keeps records as stored (VQ codes: 14 B per vector for the paper's codec, 23x less than float32) and
+the GPU dequantizes them with torch; on the CPU FAISS dequantizes into the cache.
 """
 from __future__ import annotations
 
@@ -63,9 +65,10 @@ class _LRU:
 
 class MemoryStore:
     """Memories by bank row, through an LRU cache (paper §3.1: "a fixed-size cache in RAM to store the most
-    recently used explicit memories"). With device='cuda' the cache holds GPU tensors and a second LRU in host
-    RAM (`host_cache_size`) catches what the GPU cache evicts, so a miss there costs a copy, not a disk read.
-    Misses are read per shard in one vectorised read and dequantized in one FAISS call (App. B)."""
+    recently used explicit memories"). With device='cuda' the cache holds decoded GPU tensors and a second LRU in
+    host RAM (`host_cache_size`) catches what the GPU cache evicts as the stored bytes (bf16 or VQ codes), so a
+    miss there costs a copy of compact bytes and a dequantization on the GPU, not a disk read. Misses are read per
+    shard in one vectorised read and dequantized in one batched call (App. B)."""
 
     def __init__(self, bank: MemoryBank, cache_size: int = 4096, device="cpu", dtype=torch.float32, *,
                  host_cache_size: int | None = None, check_records: bool = True):
@@ -126,39 +129,44 @@ class MemoryStore:
             for r in todo:
                 self._pending[r] = fut
 
+    def _stored(self, rows: list[int], prefetch: bool) -> tuple[Tensor, Tensor]:
+        """Stored payloads (N, payload_bytes) uint8 and n_valid (N,) of rows: from the host tier, else one read."""
+        stored: dict[int, tuple[Tensor, int]] = {}
+        with self._lock:
+            for r in rows:
+                item = self._host.get(r) if self._host is not None else None
+                if item is not None:
+                    stored[r] = item
+                    self._counts["host_hits"] += 1
+        cold = [r for r in rows if r not in stored]
+        if cold:
+            t0 = time.perf_counter()
+            records = self.bank.read_records(cold, check=self.check_records)
+            payload, n_valid = self.bank.layout.split(records)
+            if self._host is not None and torch.cuda.is_available():
+                payload = payload.pin_memory()
+            with self._lock:
+                self._seconds["read"] += time.perf_counter() - t0
+                self._counts["misses" if not prefetch else "prefetched"] += len(cold)
+                self._counts["bytes_read"] += records.nbytes
+                for i, r in enumerate(cold):
+                    stored[r] = (payload[i], int(n_valid[i]))
+                    if self._host is not None:
+                        self._host.put(r, stored[r])
+        if len(cold) == len(rows):
+            return payload, n_valid
+        return torch.stack([stored[r][0] for r in rows]), torch.tensor([stored[r][1] for r in rows])
+
     def _load(self, rows: list[int], prefetch: bool = False) -> dict[int, tuple[Tensor, int]]:
         try:
-            out: dict[int, tuple[Tensor, int]] = {}
-            cold = []
+            payload, n_valid = self._stored(rows, prefetch)
+            t0 = time.perf_counter()
+            with faiss_threads(1 if len(rows) * self.bank.layout.vectors <= SMALL_DECODE_VECTORS else None):
+                memories = self.bank.layout.decode_payload(payload, n_valid, self.bank.quantizer, self.device)
+            memories = memories.to(self.dtype)
+            out = {r: (memories[i], int(n_valid[i])) for i, r in enumerate(rows)}
             with self._lock:
-                for r in rows:
-                    item = self._host.get(r) if self._host is not None else None
-                    if item is not None:
-                        out[r] = (item[0].to(self.device, non_blocking=True), item[1])
-                        self._counts["host_hits"] += 1
-                    else:
-                        cold.append(r)
-            if cold:
-                t0 = time.perf_counter()
-                records = self.bank.read_records(cold, check=self.check_records)
-                t1 = time.perf_counter()
-                with faiss_threads(1 if len(cold) * self.bank.layout.vectors <= SMALL_DECODE_VECTORS else None):
-                    memories, n_valid = self.bank.layout.decode(records, self.bank.quantizer)
-                memories = memories.to(self.dtype)
-                t2 = time.perf_counter()
-                host = memories.pin_memory() if self._host is not None and torch.cuda.is_available() else memories
-                on_device = host.to(self.device, non_blocking=True)
-                with self._lock:
-                    self._seconds["read"] += t1 - t0
-                    self._seconds["decode"] += t2 - t1
-                    self._counts["misses" if not prefetch else "prefetched"] += len(cold)
-                    self._counts["bytes_read"] += records.nbytes
-                    for i, r in enumerate(cold):
-                        nv = int(n_valid[i])
-                        out[r] = (on_device[i], nv)
-                        if self._host is not None:
-                            self._host.put(r, (host[i], nv))
-            with self._lock:
+                self._seconds["decode"] += time.perf_counter() - t0
                 for r, item in out.items():
                     self._cache.put(r, item)
             return out
@@ -168,6 +176,11 @@ class MemoryStore:
                     for r in rows:
                         self._pending.pop(r, None)
 
+    def host_bytes(self) -> int:
+        """Bytes the host tier holds (stored payloads: VQ codes or bf16, as on disk)."""
+        with self._lock:
+            return sum(p.nbytes for p, _ in self._host.items.values()) if self._host is not None else 0
+
     def stats(self) -> dict:
         with self._lock:
             requested = max(self._counts["rows_requested"], 1)
@@ -175,6 +188,7 @@ class MemoryStore:
                     "cached": len(self._cache.items), "capacity": self._cache.capacity,
                     "evictions": self._cache.evictions,
                     "host_cached": len(self._host.items) if self._host is not None else 0,
+                    "host_bytes": self.host_bytes(),
                     "fetch_seconds": self._seconds["fetch"], "read_seconds": self._seconds["read"],
                     "decode_seconds": self._seconds["decode"], "device": str(self.device),
                     "dtype": str(self.dtype).removeprefix("torch.")}

@@ -70,8 +70,9 @@ class EncodeConfig:
     """Ray to join (null: RAY_ADDRESS or a new local instance)."""
     shard_documents: int = 256
     """Documents per shard; fixed for the life of a bank."""
-    quantizer: Optional[str] = None
-    """null stores bf16 memories; else a FAISS factory string (paper App. B)."""
+    quantizer: Optional[str] = "auto"
+    """auto: the paper's codec scaled to head_dim for GPU-sized models, bf16 for CPU models (the tiny preset), an
+    existing bank's own codec; null: bf16; else a FAISS factory string (paper App. B)."""
     quantizer_sample: int = 512
     """References (first in corpus order) whose memories train the quantizer."""
     embedder: Optional[str] = None
@@ -118,8 +119,9 @@ class InfoConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """A preset in configs/model/ or its fields."""
-    quantizer: str = "OPQ20_80,Residual2x14,PQ8x10"
-    """FAISS factory string of the memory vector quantizer."""
+    quantizer: str = "auto"
+    """FAISS factory string of the memory vector quantizer; auto: the one `memory3 encode` picks for this head_dim
+    (the paper's `OPQ20_80,Residual2x14,PQ8x10` for 2.4b)."""
     references: int = 110_000_000
     """Bank size to report."""
 

@@ -6,12 +6,13 @@ import json
 from omegaconf import DictConfig
 
 from configs import model_config
-from model.quantizer import MemoryQuantizer
+from model.quantizer import MemoryQuantizer, default_factory, factory_for
 
 
 def describe(cfg: DictConfig) -> dict:
     m = model_config(cfg)
-    code_bytes = MemoryQuantizer(cfg.quantizer, m.head_dim).code_size
+    factory = factory_for(m.head_dim) if cfg.quantizer == "auto" else cfg.quantizer
+    code_bytes = MemoryQuantizer(factory, m.head_dim).code_size
     per_ref = m.memory_bytes(code_bytes_per_vector=code_bytes)
     n = cfg.references
     return {
@@ -20,7 +21,8 @@ def describe(cfg: DictConfig) -> dict:
         "layers": m.n_layer,
         "memory_layers": f"0-{m.n_mem_layer - 1}",
         "memory_shape": list(m.memory_shape),
-        "quantizer": cfg.quantizer,
+        "quantizer": factory,
+        "encode_default": default_factory(m) or "bfloat16",  # what `memory3 encode` writes with quantizer=auto
         "quantizer_bytes_per_vector": code_bytes,
         "reference_memory_bytes": per_ref,
         "bank_references": n,

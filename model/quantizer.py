@@ -2,14 +2,45 @@
 
 The paper compresses every 80-dim key and value vector with the FAISS composite index
 `OPQ20x80-Residual2x14-PQ8x10` (14 bytes per vector, 8.75% of bf16), trained on vectors from sampled references,
-decoded on the CPU before the GPU reads them. FAISS's standalone codec API (`sa_encode`/`sa_decode`) does exactly
-that; the factory string is configuration.
+decoded before the GPU reads them. FAISS's standalone codec API (`sa_encode`/`sa_decode`) encodes and is the
+reference decoder; `TorchDecoder` decodes the same codes with torch on any device (a GPU replica ships 14 B per
+vector to the GPU instead of 160), for the factories it understands. The factory string is configuration;
+`quantizer: auto` picks one per model shape (`default_factory`).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from model.config import ModelConfig
+
+PAPER_FACTORY = "OPQ20_80,Residual2x14,PQ8x10"
+CPU_MODEL_PARAMS = 100_000_000  # below this many non-embedding parameters a model is a CPU model (the tiny preset)
+
+
+def factory_for(head_dim: int) -> str:
+    """The paper's codec scaled to `head_dim`: an OPQ rotation over head_dim/4 sub-spaces, a 2 x 14-bit coarse
+    product quantizer (4 B), and 10-bit PQ codes of ~10-dim sub-vectors. head_dim 80 gives the paper's string."""
+    divisors = [m for m in range(1, head_dim + 1) if head_dim % m == 0]
+    m = min(divisors, key=lambda x: (abs(x - head_dim / 10), -x))
+    opq = head_dim // 4 if head_dim % 4 == 0 else m
+    return f"OPQ{opq}_{head_dim},Residual2x14,PQ{m}x10"
+
+
+def default_factory(cfg: ModelConfig) -> str | None:
+    """What `quantizer: auto` writes: bf16 (None) for CPU models, whose banks are small (tiny: 16 KiB a reference)
+    and whose sample cannot feed 2 x 2^14 coarse centroids; the paper's codec scaled to head_dim otherwise."""
+    if cfg.num_params(non_embedding=True) < CPU_MODEL_PARAMS:
+        return None
+    return factory_for(cfg.head_dim)
+
+
+def resolve_factory(setting: str | None, cfg: ModelConfig) -> str | None:
+    """A `quantizer` setting as a factory string or None (bf16): "auto" -> default_factory, null/"" -> None."""
+    if setting == "auto":
+        return default_factory(cfg)
+    return setting or None
 
 
 class MemoryQuantizer:
@@ -18,6 +49,7 @@ class MemoryQuantizer:
 
         self.factory = factory
         self.dim = dim
+        self._decoders: dict[str, TorchDecoder | None] = {}
         try:
             self.index = index if index is not None else faiss.index_factory(dim, factory)
         except RuntimeError as e:
@@ -46,11 +78,29 @@ class MemoryQuantizer:
         shape = memories.shape[:-1]
         return self.index.sa_encode(_as_vectors(memories, self.dim)).reshape(*shape, self.code_size)
 
-    def decode(self, codes: np.ndarray) -> Tensor:
-        """(..., code_size) uint8 -> (..., head_dim) float32."""
+    def decode(self, codes: np.ndarray | Tensor, device="cpu") -> Tensor:
+        """(..., code_size) uint8 -> (..., head_dim) float32 on `device`: with torch there on CUDA when the
+        factory is one TorchDecoder reads, else with FAISS on the host (CPU: FAISS is as fast, BENCHMARKS.md)."""
+        device = torch.device(device)
+        decoder = self.torch_decoder(device) if device.type != "cpu" else None
+        if decoder is not None:
+            return decoder(torch.as_tensor(codes).to(device, non_blocking=True))
+        if isinstance(codes, Tensor):
+            codes = codes.cpu().numpy()
         shape = codes.shape[:-1]
         flat = np.ascontiguousarray(codes.reshape(-1, self.code_size))
-        return torch.from_numpy(self.index.sa_decode(flat).reshape(*shape, self.dim))
+        return torch.from_numpy(self.index.sa_decode(flat).reshape(*shape, self.dim)).to(device)
+
+    def torch_decoder(self, device="cpu") -> "TorchDecoder | None":
+        """The torch decoder of these (trained) codebooks on `device`, built once per device; None when the
+        factory is not one it reads."""
+        key = str(torch.device(device))
+        if key not in self._decoders:
+            try:
+                self._decoders[key] = TorchDecoder.from_faiss(self.index).to(device)
+            except NotImplementedError:
+                self._decoders[key] = None
+        return self._decoders[key]
 
     def to_bytes(self) -> bytes:
         import faiss
@@ -62,6 +112,99 @@ class MemoryQuantizer:
         import faiss
 
         return cls(factory, dim, faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)))
+
+
+class TorchDecoder:
+    """FAISS standalone codes -> vectors in torch: bit unpacking, codebook gathers and the inverse rotation, on any
+    device. Reads (OPQ/PCA/rotation,)* then PQ, IVF-PQ (Flat or multi-index coarse) or Index2Layer (the paper's
+    `Residual2x14,PQ8x10`); codebooks are copied out of the FAISS index once. Equal to `sa_decode` (tested)."""
+
+    def __init__(self, dim: int, code_size: int, stages: list[tuple[Tensor, int, int]],
+                 transforms: list[tuple[Tensor, Tensor | None]]):
+        self.dim, self.code_size = dim, code_size
+        self.stages = stages  # (codebooks (M, K, dsub), first bit, bits per code): summed, each concatenated over M
+        self.transforms = transforms  # (A (d_out, d_in), b (d_out,) or None), applied in reverse: x = (y - b) @ A
+
+    @classmethod
+    def from_faiss(cls, index) -> "TorchDecoder":
+        import faiss
+
+        index = faiss.downcast_index(index)
+        dim, code_size = index.d, index.sa_code_size()
+        transforms = []
+        if isinstance(index, faiss.IndexPreTransform):
+            for i in range(index.chain.size()):
+                vt = faiss.downcast_VectorTransform(index.chain.at(i))
+                if not isinstance(vt, faiss.LinearTransform) or not vt.is_orthonormal:
+                    raise NotImplementedError(f"vector transform {type(vt).__name__}")
+                a = torch.from_numpy(faiss.vector_to_array(vt.A).reshape(vt.d_out, vt.d_in).copy())
+                b = torch.from_numpy(faiss.vector_to_array(vt.b).copy()) if vt.have_bias else None
+                transforms.append((a, b))
+            index = faiss.downcast_index(index.index)
+        if isinstance(index, faiss.IndexPQ):
+            stages = [_pq_stage(index.pq, 0)]
+        elif isinstance(index, faiss.Index2Layer):
+            stages = [_coarse_stage(index.q1.quantizer, index.code_size_1), _pq_stage(index.pq, 8 * index.code_size_1)]
+        elif type(index) is faiss.IndexIVFPQ:
+            coarse = index.coarse_code_size()
+            stages = [_pq_stage(index.pq, 8 * coarse)]
+            if index.by_residual:
+                stages.insert(0, _coarse_stage(index.quantizer, coarse))
+        else:
+            raise NotImplementedError(f"FAISS index {type(index).__name__}")
+        return cls(dim, code_size, stages, transforms)
+
+    def to(self, device) -> "TorchDecoder":
+        """This decoder with its codebooks on `device`."""
+        return TorchDecoder(self.dim, self.code_size, [(c.to(device), o, n) for c, o, n in self.stages],
+                            [(a.to(device), None if b is None else b.to(device)) for a, b in self.transforms])
+
+    def __call__(self, codes: Tensor) -> Tensor:
+        """(..., code_size) uint8 -> (..., dim) float32, on the codes' device."""
+        shape = codes.shape[:-1]
+        codes = codes.reshape(-1, self.code_size)
+        x = None
+        for books, first_bit, nbits in self.stages:
+            m, k, dsub = books.shape
+            ids = unpack_bits(codes, first_bit, nbits, m)  # (N, M)
+            part = books[torch.arange(m, device=codes.device), ids.clamp(max=k - 1)].reshape(-1, m * dsub)
+            x = part if x is None else part + x  # FAISS adds the coarse centroid to the decoded residual
+        for a, b in reversed(self.transforms):
+            x = (x - b if b is not None else x) @ a
+        return x.reshape(*shape, self.dim)
+
+
+def unpack_bits(codes: Tensor, first_bit: int, nbits: int, count: int) -> Tensor:
+    """`count` little-endian `nbits`-wide fields from bit `first_bit` of each row of (N, bytes) uint8, as int64
+    (N, count): FAISS's BitstringReader layout for PQ codes and IVF list numbers."""
+    starts = first_bit + nbits * torch.arange(count, device=codes.device)
+    span = (nbits + 7) // 8 + 1  # bytes a field can touch
+    byte_at = starts[:, None] // 8 + torch.arange(span, device=codes.device)  # (count, span)
+    padded = torch.nn.functional.pad(codes, (0, span))
+    window = padded[:, byte_at].long()  # (N, count, span)
+    value = (window << (8 * torch.arange(span, device=codes.device))).sum(-1)
+    return (value >> (starts % 8)) & ((1 << nbits) - 1)
+
+
+def _pq_stage(pq, first_bit: int) -> tuple[Tensor, int, int]:
+    import faiss
+
+    books = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
+    return torch.from_numpy(books.copy()), first_bit, pq.nbits
+
+
+def _coarse_stage(quantizer, code_bytes: int) -> tuple[Tensor, int, int]:
+    """A coarse quantizer's centroids: a multi-index is a product quantizer over its list number's bits; a flat
+    one is a single table indexed by the whole list number."""
+    import faiss
+
+    quantizer = faiss.downcast_index(quantizer)
+    if isinstance(quantizer, faiss.MultiIndexQuantizer):
+        return _pq_stage(quantizer.pq, 0)
+    if isinstance(quantizer, faiss.IndexFlat):
+        table = quantizer.reconstruct_n(0, quantizer.ntotal)
+        return torch.from_numpy(table[None].copy()), 0, 8 * code_bytes
+    raise NotImplementedError(f"coarse quantizer {type(quantizer).__name__}")
 
 
 def relative_error(original: Tensor, restored: Tensor) -> float:

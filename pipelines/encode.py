@@ -40,7 +40,7 @@ from bank.shard_encoder import ShardEncoder
 from configs import typed
 from configs.schema import EncodeConfig
 from model.checkpoint import load_checkpoint, load_config
-from model.quantizer import MemoryQuantizer
+from model.quantizer import MemoryQuantizer, resolve_factory
 from model.tokenizer import Tokenizer
 from pipelines import console
 from pipelines.encode_parts import chunk_part_row, read_parts_row
@@ -170,7 +170,6 @@ def prepare_bank(cfg: EncodeConfig, files: list[str], run_options: dict) -> dict
     model_cfg = load_config(local_checkpoint(ckpt))
     tokenizer = load_tokenizer(ckpt)
     model_sha = weights_sha256(ckpt)
-    factory = cfg.quantizer or None
     embedder_name = DEFAULT_EMBEDDER if cfg.embedder in (None, "", DEFAULT_EMBEDDER) else cfg.embedder
     if cfg.embeddings_from:
         other = read_manifest(cfg.embeddings_from)["embedder"]["model"]
@@ -181,6 +180,7 @@ def prepare_bank(cfg: EncodeConfig, files: list[str], run_options: dict) -> dict
         bank = MemoryBank.open(cfg.bank, expect_model_sha=model_sha, expect_tokenizer_sha=tokenizer.sha256)
         m = bank.manifest
         have = (m["quantizer"] or {}).get("factory")
+        factory = have if cfg.quantizer == "auto" else cfg.quantizer or None
         problems = []
         if have != factory:
             problems.append(f"quantizer {have!r} (config says {factory!r})")
@@ -192,7 +192,7 @@ def prepare_bank(cfg: EncodeConfig, files: list[str], run_options: dict) -> dict
             raise BankError(f"bank {cfg.bank} was written with " + ", ".join(problems) +
                             "; appending needs the same settings (or use a new bank)")
         return m
-    quantizer = None
+    quantizer, factory = None, resolve_factory(cfg.quantizer, model_cfg)
     if factory:
         sample = sample_references(files, tokenizer, model_cfg.reference_len, cfg.quantizer_sample)
         if not sample:

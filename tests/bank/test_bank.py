@@ -191,6 +191,24 @@ def test_quantized_bank_decodes_with_its_codebooks(tmp_path, tiny_checkpoint, em
     assert err < 0.75, err  # a real reconstruction (zeros would give 1.0), coarse at 16 bits per vector
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("factory", ["OPQ8_32,Residual2x5,PQ8x6", None])
+def test_gpu_store_dequantizes_on_the_gpu_from_compact_host_codes(tmp_path, tiny_checkpoint, embedder, factory):
+    uri = build_bank(str(tmp_path / "bank"), tiny_checkpoint, make_documents(16), embedder, quantizer=factory)
+    bank = MemoryBank.open(uri)
+    rows = list(range(len(bank)))
+    on_cpu, n_cpu = MemoryStore(bank).fetch(rows)
+    store = MemoryStore(bank, cache_size=2, device="cuda", host_cache_size=len(rows))
+    on_gpu, n_gpu = store.fetch(rows)
+    assert on_gpu.device.type == "cuda" and n_gpu.tolist() == n_cpu.tolist()
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=0)  # torch on the GPU == FAISS on the host
+    stats = store.stats()
+    assert stats["host_bytes"] == len(rows) * bank.layout.payload_bytes  # the host tier holds the stored bytes
+    again, _ = store.fetch(rows[:3])  # evicted from the 2-row GPU cache: host codes, decoded again on the GPU
+    assert store.stats()["host_hits"] >= 1
+    torch.testing.assert_close(again, on_gpu[:3], atol=1e-5, rtol=0)
+
+
 def test_memory_store_lru_and_prefetch(bf16_bank):
     bank = MemoryBank.open(bf16_bank)
     store = MemoryStore(bank, cache_size=4)

@@ -1,4 +1,5 @@
-"""Vector-quantized memory: bounded reconstruction error, and the byte counts `memory3 info` reports."""
+"""Vector-quantized memory: bounded reconstruction error, the torch decoder equal to FAISS's, the `auto` codec per
+model shape, and the byte counts `memory3 info` reports."""
 import numpy as np
 import pytest
 import torch
@@ -7,7 +8,8 @@ from configs import load_config
 from memory3.info import describe
 from model.config import ModelConfig
 from model.encoder import encode_references
-from model.quantizer import MemoryQuantizer, relative_error
+from model.quantizer import (PAPER_FACTORY, MemoryQuantizer, TorchDecoder, default_factory, factory_for,
+                             relative_error, resolve_factory)
 
 
 
@@ -43,7 +45,8 @@ def test_roundtrip_error_is_bounded(memories):
 def test_paper_quantizer_is_14_bytes_and_matches_info():
     cfg = load_config("info", ["model=2.4b"])
     info = describe(cfg)
-    q = MemoryQuantizer(cfg.quantizer, 80)
+    assert info["quantizer"] == PAPER_FACTORY and info["encode_default"] == PAPER_FACTORY
+    q = MemoryQuantizer(info["quantizer"], 80)
     vectors = 22 * 2 * 8 * 8
     assert q.code_size == 14
     assert info["reference_memory_bytes"] == {"dense": 72_089_600, "sparse": vectors * 80 * 2,
@@ -65,3 +68,62 @@ def test_bad_factory_and_untrained_use_fail_clearly():
         MemoryQuantizer("NotAnIndex", 32)
     with pytest.raises(RuntimeError, match="not trained"):
         MemoryQuantizer("PQ4x8", 32).encode(np.zeros((2, 32), dtype=np.float32))
+
+
+@pytest.fixture
+def one_faiss_thread():
+    """Training is single-threaded: OpenMP teams spin on a shared 2-core box and slow k-means 10x."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+# Each supported codec structure, small enough to train in seconds: PQ alone, OPQ + PQ, the paper's
+# OPQ + Residual (2-part multi-index coarse) + PQ with codes that straddle bytes, IVF-PQ with a flat coarse
+# quantizer, and a PCA rotation in front of it.
+DECODER_FACTORIES = ["PQ4x6", "OPQ8_32,PQ8x8", "OPQ8_32,Residual2x5,PQ4x6", "IVF16,PQ8x6", "PCAR32,IVF16,PQ4x8"]
+
+
+@pytest.mark.parametrize("factory", DECODER_FACTORIES)
+def test_torch_decoder_equals_faiss_sa_decode(factory, one_faiss_thread):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((3000, 32)) * rng.uniform(0.1, 3.0, 32) + rng.uniform(-1, 1, 32)).astype(np.float32)
+    q = MemoryQuantizer(factory, 32)
+    q.train(x)
+    codes = q.encode(x[:1000].reshape(10, 100, 32))  # leading shape is kept
+    expected = q.index.sa_decode(codes.reshape(-1, q.code_size)).reshape(10, 100, 32)
+    decoder = q.torch_decoder()
+    assert decoder is not None
+    got = decoder(torch.from_numpy(codes))
+    assert got.dtype == torch.float32 and got.shape == (10, 100, 32)
+    assert np.abs(got.numpy() - expected).max() < 1e-4
+    assert relative_error(torch.from_numpy(x[:1000]), got.reshape(-1, 32)) < 0.9  # real vectors, not noise
+    again = MemoryQuantizer.from_bytes(q.to_bytes(), factory, 32).torch_decoder()  # codebooks as a bank stores them
+    torch.testing.assert_close(again(torch.from_numpy(codes)), got, atol=0, rtol=0)
+
+
+def test_unsupported_factories_fall_back_to_faiss(one_faiss_thread):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2000, 16)).astype(np.float32)
+    q = MemoryQuantizer("RQ2x6", 16)  # a residual quantizer the torch decoder does not read
+    q.train(x)
+    with pytest.raises(NotImplementedError, match="IndexResidualQuantizer"):
+        TorchDecoder.from_faiss(q.index)
+    assert q.torch_decoder() is None and q.torch_decoder("cuda") is None  # never built, on any device
+    codes = q.encode(x[:50])
+    np.testing.assert_array_equal(q.decode(codes).numpy(), q.index.sa_decode(codes))
+
+
+def test_auto_codec_per_model_shape():
+    big, tiny = ModelConfig.from_name("2.4b"), ModelConfig.from_name("tiny")
+    assert factory_for(80) == PAPER_FACTORY == default_factory(big) == resolve_factory("auto", big)
+    assert default_factory(tiny) is None and resolve_factory("auto", tiny) is None  # the CPU preset stays bf16
+    assert resolve_factory(None, big) is None and resolve_factory("PQ4x8", tiny) == "PQ4x8"  # explicit values win
+    wide = ModelConfig.from_name("2.4b", head_dim=128)
+    assert default_factory(wide) == factory_for(128) == "OPQ32_128,Residual2x14,PQ16x10"
+    for dim in (64, 80, 96, 128):  # about the paper's 14 B per 80 dims (0.175 B a dim)
+        code_size = MemoryQuantizer(factory_for(dim), dim).code_size
+        assert 0.14 < code_size / dim < 0.25, (dim, code_size)

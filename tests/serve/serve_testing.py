@@ -29,19 +29,29 @@ def city_documents() -> list[dict]:
             for i, (name, country, tz) in enumerate(CITIES)]
 
 
-def build_bank(path: str, checkpoint: str, documents: list[dict]) -> str:
-    """A real bank written by the bank code: an empty bank, the documents encoded and appended, a Flat index."""
+def build_bank(path: str, checkpoint: str, documents: list[dict], quantizer: str | None = None) -> str:
+    """A real bank written by the bank code: an empty bank, the documents encoded and appended, a Flat index.
+    With `quantizer` (a FAISS factory), codebooks are trained by the encode job's own task function on the
+    memories of these documents, and the bank stores VQ codes."""
+    from bank.chunking import chunk_documents, documents_from_dicts, reference_to_dict
     from bank.edits import append_documents
     from bank.embedder import Embedder
     from bank.format import weights_sha256
     from bank.index import update_index
     from bank.manifest import create_bank
     from model.checkpoint import load_checkpoint
+    from model.quantizer import MemoryQuantizer
+    from pipelines.encode import _train_quantizer
 
     model, tokenizer = load_checkpoint(checkpoint)
     embedder = Embedder()
+    q = None
+    if quantizer:
+        refs = chunk_documents(documents_from_dicts(documents)[0], tokenizer, model.cfg.reference_len)
+        data = _train_quantizer(checkpoint, [reference_to_dict(r) for r in refs], quantizer, 32, "cpu", "float32", 1)
+        q = MemoryQuantizer.from_bytes(data, quantizer, model.cfg.head_dim)
     create_bank(path, config=model.cfg, model_sha256=weights_sha256(checkpoint), tokenizer_sha256=tokenizer.sha256,
-                quantizer=None, embedder=embedder.spec(), shard_documents=8)
+                quantizer=q, embedder=embedder.spec(), shard_documents=8)
     append_documents(path, documents, model, tokenizer, embedder)
     update_index(path, factory="Flat")
     return path
