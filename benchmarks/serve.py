@@ -240,8 +240,9 @@ def run_direct(args) -> None:
     variants = [("memory", in_len, retrieve), ("none", in_len, None)]
     if rag_len + out_len + cfg.sink_len <= cfg.max_seq_len:
         variants.append(("rag", rag_len, None))
+    variants = [v for v in variants if v[0] in args.modes]
     if args.hf and dev == "cuda":
-        for mode, length, _ in variants[1:]:
+        for mode, length, _ in [v for v in variants if v[0] != "memory"]:
             hf = hf_baseline(cfg, prompts(length), out_len, dev, dtype, args.repeats)
             print(json.dumps({**common, "engine": "hf_transformers", "mode": mode, "prompt_tokens": length, **hf,
                               **rates(hf["tokens_per_s"])}), flush=True)
@@ -282,7 +283,7 @@ def run_direct(args) -> None:
                                   "ttft_s": summary([f - s for f, s in zip(firsts, starts)]),
                                   "decode_tokens_per_s_per_request": summary(
                                       [(out_len - 1) / (e - f) for f, e in zip(firsts, ends)], 1)}), flush=True)
-            for repeat in range(args.repeats + 1):  # model.generate: one static batch, same work, same step
+            for repeat in range(args.repeats + 1 if args.static else 0):  # model.generate: one static batch
                 batch = prompts(length)
                 sync()
                 t0 = time.perf_counter()
@@ -318,6 +319,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=48, help="HTTP path: requests per mode and concurrency")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--no-static", dest="static", action="store_false",
+                    help="direct path: skip model.generate's static batch (the same step; saves its compilation)")
     ap.add_argument("--max-batch", type=int, default=8, help="HTTP path: generator decode slots")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--local-ray", action="store_true", help="HTTP path: a fresh local Ray even if RAY_ADDRESS")

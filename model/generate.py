@@ -10,6 +10,7 @@ length bucket, and on CUDA one CUDA graph per (batch bucket, length bucket, memo
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -154,7 +155,8 @@ class DecodeStep:
 
     LENGTH_BUCKET = 128
 
-    def __init__(self, model: Transformer, caches: list[KVCache], valid: Tensor, graphs: bool = False):
+    def __init__(self, model: Transformer, caches: list[KVCache], valid: Tensor, graphs: bool = False,
+                 fuse: bool | None = None):
         self.model, self.caches, self.valid = model, caches, valid
         self.batch, self.max_len = caches[0].k.shape[0], caches[0].max_len
         self.tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=model.device)  # (B, 1) fed next
@@ -163,6 +165,10 @@ class DecodeStep:
         self._views: dict[int, list[KVCache]] = {}
         self._graphs: dict[tuple, tuple] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        fuse = self.graphs and (os.environ.get("MEMORY3_FUSE_DECODE", "1") == "1" if fuse is None else fuse)
+        self._decode = _fused_decode(model) if fuse else model.decode
+        """With graphs, the captured step is `torch.compile`d first: norms, rotary and cache writes fuse into a
+        few kernels per layer, so a replay launches hundreds of kernels instead of thousands."""
 
     def __call__(self, n: int, key_len: int, memory: bool) -> Tensor:
         """Logits (n, V) of the tokens in `tokens[:n]` at `pos[:n]`; key_len > every pos. The result is only
@@ -174,21 +180,34 @@ class DecodeStep:
             self._views[rows] = [cache.rows(0, rows) for cache in self.caches]
         self.model.use_caches(self._views[rows])
         if not self.graphs:
-            return self.model.decode(*args)[:n]
+            return self._decode(*args)[:n]
         key = (rows, key_len, memory)
         if key not in self._graphs:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the capture (library handles, kernel selection)
-                self.model.decode(*args)
+            with torch.cuda.stream(side):  # warm-up off the capture (compilation, library handles, kernel choice)
+                self._decode(*args)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                out = self.model.decode(*args)
+                out = self._decode(*args)
             self._graphs[key] = (graph, out)
         graph, out = self._graphs[key]
         graph.replay()
         return out[:n]
+
+
+def _fused_decode(model: Transformer):
+    """`model.decode` compiled once per model. Automatic dynamic shapes: the first batch/length bucket compiles
+    a static graph, a second one a graph generic in them, so new buckets do not pay a compilation each."""
+    fused = model.__dict__.get("_fused_decode")
+    if fused is None:
+        import torch._dynamo
+
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
+        fused = model.__dict__["_fused_decode"] = torch.compile(model.decode, fullgraph=True)
+    return fused
 
 
 def _decode_step(model: Transformer, batch: int, max_len: int, memory_slots: int, valid: Tensor,
