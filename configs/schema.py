@@ -152,6 +152,10 @@ class CorpusConfig:
     """Training questions per city: its country and others drawn from continent, time zone, population."""
     min_population: int = 15000
     """Smallest city considered."""
+    layout: str = "varied"
+    """City references: 'varied' templates in random order, or 'fixed' (one order, the city first)."""
+    reading_loss: str = "answer"
+    """Reading examples train on 'answer' only or on 'all' their tokens (references and question too)."""
     action: Optional[str] = None
     """The word after the command: geo."""
 

