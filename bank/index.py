@@ -65,7 +65,8 @@ def trained_index(embeddings: np.ndarray, factory: str = "Flat", use_gpu: bool |
         pick = np.random.default_rng(seed).choice(len(embeddings), train_size, False) \
             if len(embeddings) > train_size else slice(None)
         ivf = faiss.try_extract_index_ivf(index)
-        if isinstance(ivfpq := faiss.downcast_index(ivf) if ivf is not None else None, faiss.IndexIVFPQ):
+        ivfpq = faiss.downcast_index(ivf) if ivf is not None else None
+        if isinstance(ivfpq, faiss.IndexIVFPQ):
             # the factory's "PQm" asks for polysemous training: a code reordering for Hamming-filtered search
             # (polysemous_ht), which Retriever never uses; it was most of an IVF-PQ's training time
             ivfpq.do_polysemous_training = False

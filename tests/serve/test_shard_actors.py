@@ -35,3 +35,32 @@ def test_two_shard_actors_return_what_one_index_returns(ray_local, tmp_path, fac
             np.testing.assert_array_equal(remote.search(queries, 5)[1], whole.search(queries, 5)[1])
     finally:
         remote.close()
+
+
+def test_retriever_replica_searches_its_shard_actors_and_renews_them(ray_local, tiny_bank, tmp_path):
+    """The Retriever deployment class, in-process, on a bank indexed with 2 shards: one actor per shard, the same
+    hits as the in-process ShardSet, and new actors (old ones gone) after an edit changes the bank version."""
+    import shutil
+
+    from bank.edits import delete_references
+    from bank.index import Retriever, update_index
+    from bank.manifest import read_manifest
+    from serve.bank_version import BankVersion
+    from serve.retriever import RetrieverDeployment
+
+    uri = str(shutil.copytree(tiny_bank, tmp_path / "bank"))
+    update_index(uri, "Flat", shards=2)
+    settings = {"embedder": None, "max_batch_size": 8, "batch_wait_s": 0.001, "shard_num_cpus": 0.1}
+    replica = RetrieverDeployment.func_or_class(uri, settings)
+    assert replica.info()["index_shard_actors"] == 2
+    queries = ["Osaka is a city in Japan.", "Lima is the capital of Peru."]
+    local = Retriever.open(uri, replica.embedder)
+    hits = replica.search_many(queries, 3, [None, None])
+    assert [[h["row"] for h in q] for q in hits] == local.search(queries, 3)
+    first, old_actors = hits[0][0], list(replica.shards.actors)
+    delete_references(uri, [first["id"]])
+    again = replica.search_many(queries[:1], 3, [BankVersion.of(read_manifest(uri))])[0]
+    assert first["id"] not in [h["id"] for h in again] and replica.shards.actors != old_actors
+    with pytest.raises(Exception):  # the previous version's actors were killed
+        ray_local.get(old_actors[0].ntotal.remote(), timeout=30)
+    replica.shards.close()
