@@ -26,7 +26,7 @@ import numpy as np
 from bank import storage
 from bank.edits import write_lock
 from bank.format import SHARDS, BankError, bytes_sha256
-from bank.index import load_index, renumber_rows, write_index_file
+from bank.index import load_index, remove_stale_index_files, renumber_rows, write_index_file
 from bank.manifest import list_shard_markers, manifest_entry, read_manifest, shard_uri, write_manifest, \
     write_shard_table
 
@@ -165,15 +165,13 @@ def commit_compaction(bank_uri: str, planned: dict, results: list[dict]) -> dict
             tombstones += new_row[rows[dead[rows]]].tolist()
         shards.append(entry)
         offset += entry["rows"]
-    old_index = (manifest.get("index") or {}).get("file")
+    old_index = manifest.get("index")
     if old_index:
-        info = manifest["index"]
         manifest["index"] = write_index_file(bank_uri, renumber_rows(load_index(bank_uri, manifest), new_row),
-                                             info["factory"], info["nprobe"])
+                                             old_index["factory"], old_index["nprobe"])
     manifest.update(shards=shards, tombstones=tombstones, generation=generation(manifest) + 1)
     manifest = write_manifest(bank_uri, manifest)  # the switch: readers see the old version or this one
-    if old_index and old_index != manifest["index"]["file"]:
-        storage.remove(storage.join(bank_uri, old_index))
+    remove_stale_index_files(bank_uri, old_index, manifest.get("index"))
     return manifest
 
 

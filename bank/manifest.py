@@ -67,6 +67,13 @@ def create_bank(uri: str, *, config: ModelConfig, model_sha256: str, tokenizer_s
     return write_manifest(uri, manifest)
 
 
+def index_files(info: dict | None) -> list[dict]:
+    """The file entries ({"file", "sha256", "bytes", ...}) of a manifest's index: one, one per shard, or none."""
+    if not info:
+        return []
+    return list(info["shards"]) if info.get("shards") else [info]
+
+
 def shard_uri(bank_uri: str, name: str, ext: str) -> str:
     return storage.join(bank_uri, SHARDS, f"{name}.{ext}")
 

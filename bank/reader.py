@@ -12,7 +12,7 @@ from torch import Tensor
 
 from bank import storage
 from bank.format import BankError, RecordLayout, bytes_sha256, check_records, file_sha256
-from bank.manifest import read_manifest, read_shard_table, shard_uri
+from bank.manifest import index_files, read_manifest, read_shard_table, shard_uri
 from model.config import ModelConfig
 from model.quantizer import MemoryQuantizer
 
@@ -228,16 +228,15 @@ class MemoryBank:
             if entry["mem_bytes"] != entry["rows"] * self.layout.record_bytes:
                 raise BankError(f"shard {entry['name']}: {entry['mem_bytes']} bytes is not "
                                 f"{entry['rows']} records of {self.layout.record_bytes}")
-        for key in ("quantizer", "index"):
-            part = self.manifest.get(key)
-            if part:
-                path = storage.join(self.uri, part["file"])
-                if not storage.exists(path):
-                    raise BankError(f"{key} file {path} is missing")
-                sha, size = file_sha256(path)
-                if sha != part["sha256"]:
-                    raise BankError(f"{key} file {path} fails its sha256 check (corrupt)")
-                total_bytes += size
+        files = [("quantizer", q)] if (q := self.manifest.get("quantizer")) else []
+        for key, part in files + [("index", e) for e in index_files(self.manifest.get("index"))]:
+            path = storage.join(self.uri, part["file"])
+            if not storage.exists(path):
+                raise BankError(f"{key} file {path} is missing")
+            sha, size = file_sha256(path)
+            if sha != part["sha256"]:
+                raise BankError(f"{key} file {path} fails its sha256 check (corrupt)")
+            total_bytes += size
         bad = [r for r in self._deleted if not 0 <= r < len(self)]
         if bad:
             raise BankError(f"manifest tombstones name rows outside the bank: {bad[:5]}")

@@ -28,6 +28,8 @@ class IndexSettings:
     """Train the index on GPU: auto (when FAISS sees one), true or false."""
     train_size: int = 200_000
     """Embeddings sampled to train IVF/PQ indexes."""
+    shards: int = 1
+    """> 1: the index split by bank row ranges into this many shards sharing one trained template (docs/scale.md)."""
 
 
 @dataclass
@@ -394,6 +396,13 @@ class RetrievalSettings:
     """Queries embedded and searched together (@serve.batch)."""
     batch_wait_s: float = 0.002
     """How long a query waits for others to batch with."""
+    shard_actors: bool = True
+    """A sharded index (index.shards > 1): each shard in its own Ray actor, searched in parallel; false: all shards
+    in the replica's process."""
+    shard_num_cpus: float = 0.5
+    """CPUs per shard actor."""
+    shard_strategy: str = "SPREAD"
+    """Ray scheduling strategy of the shard actors: SPREAD puts them on different nodes where it can."""
 
 
 @dataclass

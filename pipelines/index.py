@@ -13,7 +13,8 @@ from pipelines import console
 def index_options(cfg: IndexSettings) -> dict:
     """update_index's keyword arguments; use_gpu "auto" is None (FAISS decides)."""
     return {"factory": cfg.factory, "nprobe": cfg.nprobe,
-            "use_gpu": None if cfg.use_gpu in (None, "auto") else bool(cfg.use_gpu), "train_size": cfg.train_size}
+            "use_gpu": None if cfg.use_gpu in (None, "auto") else bool(cfg.use_gpu), "train_size": cfg.train_size,
+            "shards": cfg.shards}
 
 
 def main(cfg: IndexConfig) -> int:

@@ -4,7 +4,9 @@ Concurrent queries (the windows of every request in flight) are embedded and sea
 `@serve.batch`. The replica reloads the bank and its index when a request carries a newer bank version, so a
 reference added through the admin API is retrievable by the next request and a deleted one never again. Each hit
 carries the bank version it was found in (its row is numbered in that version). A compaction removes the files of
-the version a replica has open: a read that finds them gone re-opens the bank and searches again.
+the version a replica has open: a read that finds them gone re-opens the bank and searches again. A sharded index
+(`memory3 index shards=N`) is searched through one Ray actor per shard (serve/shard_actors.py) unless
+`retrieval.shard_actors` is false.
 """
 from __future__ import annotations
 
@@ -17,12 +19,15 @@ from bank.format import BankError
 from bank.index import Retriever
 from bank.reader import MemoryBank
 from serve.bank_version import BankVersion
+from serve.shard_actors import RemoteShards
 
 
 @serve.deployment(name="Retriever")
 class RetrieverDeployment:
     def __init__(self, bank: str, retrieval: dict):
         self.uri = bank
+        self.settings = retrieval
+        self.shards: RemoteShards | None = None
         self.embedder = Embedder(retrieval.get("embedder"), device=retrieval.get("device", "cpu"))
         self._open()
         self._search_batch.set_max_batch_size(retrieval["max_batch_size"])
@@ -30,8 +35,14 @@ class RetrieverDeployment:
 
     def _open(self) -> None:
         bank = MemoryBank.open(self.uri)
-        self.retriever = Retriever.open(self.uri, self.embedder, bank=bank)
+        info, old = bank.manifest.get("index") or {}, self.shards
+        self.shards = RemoteShards(self.uri, info, self.settings.get("shard_num_cpus", 0.5),
+                                   self.settings.get("shard_strategy", "SPREAD")) \
+            if info.get("shards") and self.settings.get("shard_actors", True) else None
+        self.retriever = Retriever.open(self.uri, self.embedder, bank=bank, index=self.shards)
         self.version = BankVersion.of(bank.manifest)
+        if old is not None:  # the new version's shards answer from here on
+            old.close()
 
     async def search(self, query: str, k: int, bank_version: str | None = None) -> list[dict]:
         """[{"row", "id", "text", "bank_version"}] best first, at most k."""
@@ -63,4 +74,5 @@ class RetrieverDeployment:
 
     def info(self) -> dict:
         return {"bank_version": str(self.version), "references": len(self.retriever.bank),
-                "indexed": int(self.retriever.index.ntotal)}
+                "indexed": int(self.retriever.index.ntotal),
+                "index_shard_actors": len(self.shards.actors) if self.shards is not None else 0}

@@ -154,3 +154,36 @@ def test_index_command_rebuilds_with_another_factory(bank40, embedder, capsys):
     rec = bank.records([bank.row_of("city-7#0")])[0]
     assert retriever.search([rec["text"]], k=1)[0][0] == bank.row_of("city-7#0")
     assert update_index(bank40, "IVF4,Flat", nprobe=4)["action"] == "unchanged"
+
+
+def test_sharded_index_searches_edits_and_compacts_like_one(bank40, embedder):
+    """`update_index(shards=2)`: two shard files by row range, searched (ShardSet), edited, verified and
+    compacted through the same calls as one index, with the same answers as the exact single index."""
+    from bank.compact import compact_bank
+    from bank.index_shards import ShardSet
+
+    bank = MemoryBank.open(bank40)
+    records = bank.records(list(range(len(bank))))
+    queries = [first_sentence(r["text"]) for r in records]
+    want = Retriever.open(bank40, embedder).search(queries, k=4)
+    info = update_index(bank40, "Flat", shards=2)
+    assert info["action"] == "built" and len(info["shards"]) == 2 and info["rows"] == len(bank)
+    retriever = Retriever.open(bank40, embedder)
+    assert isinstance(retriever.index, ShardSet) and retriever.search(queries, k=4) == want
+    assert sorted(p.name for p in Path(bank40).glob("index-*.faiss")) == \
+        sorted(e["file"] for e in info["shards"])  # the single index's file is gone
+    assert MemoryBank.open(bank40).verify()["ok"]
+
+    last = bank.reference_ids()[-1]  # in the second shard
+    assert delete_references(bank40, [last]) == 1
+    manifest = read_manifest(bank40)
+    assert len(manifest["index"]["shards"]) == 2 and manifest["index"]["rows"] == len(bank) - 1
+    assert update_index(bank40, "Flat")["action"] == "unchanged"  # shards=None keeps the split
+    compact_bank(bank40)
+    compacted = MemoryBank.open(bank40)
+    assert compacted.verify()["ok"] and len(compacted) == len(bank) - 1
+    kept = [q for q, r in zip(queries, records) if r["id"] != last]
+    got = Retriever.open(bank40, embedder).search(kept, k=1)
+    assert [compacted.reference_ids()[g[0]] for g in got] == [bank.reference_ids()[w[0]] for w, r in
+                                                              zip(want, records) if r["id"] != last]
+    assert len(list(Path(bank40).glob("index-*.faiss"))) == 2
