@@ -164,12 +164,30 @@ def test_reading_examples_hold_the_right_reference_among_distractors(tmp_path):
     for r in examples:
         *contexts, question = r["prompt"].split("\n")
         assert len(contexts) == 3 and question.startswith("Question: ") and question.endswith(" Answer:")
+        assert all(c.startswith("Reference: ") for c in contexts)  # the served RAG template (model/prompts.py)
         answer = r["text"][len(r["prompt"]) + 1:]
         own = [c for c in contexts if c.split(".")[0] and r["source_id"] and answer in c]
         assert own, r  # the asked reference is among them and states the answer
     refs = _read(tmp_path / "references.jsonl")
     assert not any(x["group"] == "reading" for x in refs)
     assert not any(q["group"] == "reading" for q in _read(tmp_path / "qa.jsonl"))
+
+
+def test_fixed_layout_and_loss_on_whole_reading_examples(tmp_path):
+    """layout=fixed states every city's facts in one order, the city first; reading_loss=all makes reading
+    examples plain text (no prompt: the loss covers the references and the question too)."""
+    build_geo_corpus(tmp_path, n_trained=50, n_memory_only=10, n_reading=40, layout="fixed", reading_loss="all")
+    for ref in _read(tmp_path / "references.jsonl"):
+        if ref["id"].startswith("city:"):
+            f = ref["facts"]
+            assert ref["text"] == (f"{ref['entity']} is a city in {f['country']}. It is in {f['continent']}. "
+                                   f"Its time zone is {f['timezone']}. Its population is {f['population']}.")
+    reading = [r for r in _read(tmp_path / "train.jsonl") if r["id"].startswith("train:read:")]
+    assert reading and all("prompt" not in r and r["text"].startswith("Reference: ") for r in reading)
+    assert all("prompt" in r for r in _read(tmp_path / "continual.jsonl"))  # stage 2 keeps its answer-only loss
+    for bad in ({"layout": "tabular"}, {"reading_loss": "question"}):
+        with pytest.raises(ValueError, match="layout=.*reading_loss="):
+            build_geo_corpus(tmp_path / "bad", n_trained=50, n_memory_only=10, **bad)
 
 
 def test_counterfactual_cities_state_another_country_in_the_bank(tmp_path):
