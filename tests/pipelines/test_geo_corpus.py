@@ -173,10 +173,9 @@ def test_reading_examples_hold_the_right_reference_among_distractors(tmp_path):
     assert not any(q["group"] == "reading" for q in _read(tmp_path / "qa.jsonl"))
 
 
-def test_fixed_layout_whole_reading_examples_and_restated_answers(tmp_path):
+def test_fixed_layout_and_loss_on_whole_reading_examples(tmp_path):
     """layout=fixed states every city's facts in one order, the city first; reading_loss=all makes reading
-    examples plain text (no prompt: the loss covers the references and the question too); answer_style=restate
-    names the city before the fact."""
+    examples plain text (no prompt: the loss covers the references and the question too)."""
     build_geo_corpus(tmp_path, n_trained=50, n_memory_only=10, n_reading=40, layout="fixed", reading_loss="all")
     for ref in _read(tmp_path / "references.jsonl"):
         if ref["id"].startswith("city:"):
@@ -186,12 +185,7 @@ def test_fixed_layout_whole_reading_examples_and_restated_answers(tmp_path):
     reading = [r for r in _read(tmp_path / "train.jsonl") if r["id"].startswith("train:read:")]
     assert reading and all("prompt" not in r and r["text"].startswith("Reference: ") for r in reading)
     assert all("prompt" in r for r in _read(tmp_path / "continual.jsonl"))  # stage 2 keeps its answer-only loss
-    build_geo_corpus(tmp_path / "restated", n_trained=50, n_memory_only=10, answer_style="restate")
-    restated = _read(tmp_path / "restated" / "qa.jsonl")
-    for q in restated:  # the answer names the city, then the fact the reference states
-        assert q["answer"].startswith(q["entity"] + " ") and q["answer"] != q["entity"]
-    assert {q["fact"] for q in restated} == {"country", "continent", "timezone", "population"}
-    for bad in ({"layout": "tabular"}, {"reading_loss": "question"}, {"answer_style": "verbose"}):
+    for bad in ({"layout": "tabular"}, {"reading_loss": "question"}):
         with pytest.raises(ValueError, match="layout=.*reading_loss="):
             build_geo_corpus(tmp_path / "bad", n_trained=50, n_memory_only=10, **bad)
 
