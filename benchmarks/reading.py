@@ -16,6 +16,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ def _args(argv: list[str]) -> dict:
 def prep(args: dict) -> None:
     from bank.embedder import Embedder
     from pipelines.geo_corpus import build_geo_corpus
-    from pipelines.retrieval_assign import overlap
+    from pipelines.retrieval_assign import select_references
 
     out = Path(args["out"])
     corpus = {k.split(".", 1)[1]: v for k, v in args.items() if k.startswith("corpus.")}
@@ -69,14 +70,14 @@ def prep(args: dict) -> None:
     ref_vecs = emb.encode([r["text"] for r in refs])
     ref_tokens = tk.encode_batch([r["text"] for r in refs])
 
+    records = {i: {"doc_id": r["id"], "tokens": t} for i, (r, t) in enumerate(zip(refs, ref_tokens))}
+
     def search(queries: list[str], threshold: float) -> list[list[int]]:
-        scores = emb.encode(queries) @ ref_vecs.T
-        top = np.argsort(-scores, axis=1)[:, :REFS + SPARE]
-        kept = []
-        for q, cands in zip(queries, top):
-            qt = tk.encode(q)
-            kept.append([int(c) for c in cands if overlap(qt, ref_tokens[c]) <= threshold][:REFS])
-        return kept
+        """Top REFS rows per query after the leakage filter the training job and `memory3 eval` apply."""
+        top = np.argsort(-(emb.encode(queries) @ ref_vecs.T), axis=1)[:, :REFS + SPARE]
+        picks = [select_references([int(c) for c in cands], records, tk.encode(q), set(), REFS, threshold,
+                                   Counter()) for q, cands in zip(queries, top)]
+        return [[r for r in rows if r >= 0] for rows in picks]
 
     warm = [sequence(r) for r in train]
     cont = [sequence(r) for r in stage2]
@@ -170,6 +171,7 @@ def evaluate(model: Transformer, tk: Tokenizer, data: dict, limit: int, seed: in
     for q in data["qa"]:
         by_group.setdefault((q["group"], q.get("fact", "country")), []).append(q)
     result: dict = {}
+    answered: dict = {}
     for (group, fact), qs in sorted(by_group.items()):
         qs = rng.sample(qs, min(limit, len(qs)))
         mem = [Retrieved(mems[q["refs"]], n_valid[q["refs"]]) for q in qs]
@@ -180,21 +182,21 @@ def evaluate(model: Transformer, tk: Tokenizer, data: dict, limit: int, seed: in
         for mode, outs in modes.items():
             acc = sum(norm(o) == norm(q["answer"]) for o, q in zip(outs, qs)) / len(qs)
             result[f"{group}/{fact}/{mode}"] = round(acc, 3)
+        answered[group, fact] = qs, modes["memory"]
     # diagnostics on the country: the right reference alone (is binding the problem?), and how often a wrong
     # answer is a retrieved distractor's country
     row_of = {r["id"]: i for i, r in enumerate(data["refs"])}
-    qs = [q for q in data["qa"] if q["group"] == "memory_only" and q.get("fact") == "country"][:limit]
+    qs, outs = answered["memory_only", "country"]
+    wrong = [(o, q) for o, q in zip(outs, qs) if norm(o) != norm(q["answer"])]
+    result["diag/country/wrong_is_distractor"] = round(sum(
+        any(norm(o).endswith(norm(data["refs"][r]["answer"])) for r in q["refs"]) for o, q in wrong)
+        / max(1, len(wrong)), 3)
+    result["diag/country/right_retrieved"] = round(sum(row_of[q["doc_id"]] in q["refs"] for q in qs) / len(qs), 3)
     alone = [Retrieved(mems[[row_of[q["doc_id"]]]], n_valid[[row_of[q["doc_id"]]]]) for q in qs]
     outs = answer(model, tk, [q["prompt"] for q in qs], alone)
     result["diag/country/right_reference_alone"] = round(
         sum(norm(o) == norm(q["answer"]) for o, q in zip(outs, qs)) / len(qs), 3)
     result["diag/samples"] = [[q["prompt"], q["answer"], o] for q, o in zip(qs[:5], outs[:5])]
-    mem = [Retrieved(mems[q["refs"]], n_valid[q["refs"]]) for q in qs]
-    outs = answer(model, tk, [q["prompt"] for q in qs], mem)
-    wrong = [(o, q) for o, q in zip(outs, qs) if norm(o) != norm(q["answer"])]
-    result["diag/country/wrong_is_distractor"] = round(sum(
-        any(norm(o).endswith(norm(data["refs"][r]["answer"])) for r in q["refs"]) for o, q in wrong) / max(1, len(wrong)), 3)
-    result["diag/country/right_retrieved"] = round(sum(row_of[q["doc_id"]] in q["refs"] for q in qs) / len(qs), 3)
     # counterfactual: a trained city's reference edited to another country, among 2 other references
     trained = [i for i, r in enumerate(data["refs"]) if r["group"] == "trained" and r["id"].startswith("city:")]
     countries = sorted({q["answer"] for q in data["qa"] if q.get("fact", "country") == "country"})

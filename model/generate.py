@@ -155,8 +155,7 @@ class DecodeStep:
 
     LENGTH_BUCKET = 128
 
-    def __init__(self, model: Transformer, caches: list[KVCache], valid: Tensor, graphs: bool = False,
-                 fuse: bool | None = None):
+    def __init__(self, model: Transformer, caches: list[KVCache], valid: Tensor, graphs: bool = False):
         self.model, self.caches, self.valid = model, caches, valid
         self.batch, self.max_len = caches[0].k.shape[0], caches[0].max_len
         self.tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=model.device)  # (B, 1) fed next
@@ -165,7 +164,7 @@ class DecodeStep:
         self._views: dict[int, list[KVCache]] = {}
         self._graphs: dict[tuple, tuple] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
-        fuse = self.graphs and (os.environ.get("MEMORY3_FUSE_DECODE", "1") == "1" if fuse is None else fuse)
+        fuse = self.graphs and os.environ.get("MEMORY3_FUSE_DECODE", "1") == "1"
         self._decode = _fused_decode(model) if fuse else model.decode
         """With graphs, the captured step is `torch.compile`d first: norms, rotary and cache writes fuse into a
         few kernels per layer, so a replay launches hundreds of kernels instead of thousands."""
