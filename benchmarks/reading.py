@@ -214,8 +214,8 @@ def evaluate(model: Transformer, tk: Tokenizer, data: dict, limit: int, seed: in
         mem = [Retrieved(torch.cat([em[j:j + 1], mems[others[2 * j:2 * j + 2]]]),
                          torch.cat([ev[j:j + 1], n_valid[others[2 * j:2 * j + 2]]])) for j in range(len(edits))]
         outs = answer(model, tk, prompts, mem)
-        result["counterfactual/followed"] = round(sum(norm(o).endswith(norm(f)) for o, f in zip(outs, fakes)) / len(fakes),
-                                                  3)
+        followed = sum(norm(o).endswith(norm(f)) for o, f in zip(outs, fakes))
+        result["counterfactual/followed"] = round(followed / len(fakes), 3)
     model.train()
     return result
 
