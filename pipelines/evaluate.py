@@ -26,18 +26,11 @@ from model.prompts import rag_prompt
 from model.tokenizer import Tokenizer
 from model.transformer import MemoryBatch, Transformer
 from pipelines import console
+from pipelines.answers import decode_answers, normalise
 from pipelines.retrieval_assign import overlap
 
 MODES = ("memory", "none", "rag")
 LEAKAGE_SPARE = 4  # extra candidates fetched so the leakage filter still leaves k references
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.replace(".", " ").split()).lower()
-
-
-def first_line(text: str) -> str:
-    return text.strip().split("\n")[0].strip()
 
 
 @dataclass
@@ -113,7 +106,6 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, qa: list[dict], source: M
     """Accuracy per mode and group on `qa` records ({"prompt", "answer", "group"}); all modes share retrievals."""
     prompts = [q["prompt"] for q in qa]
     rows = source.search(prompts)  # one retrieval per question, shared by memory and RAG mode
-    stop = {tokenizer.eos_id, *tokenizer.encode("\n")}
     results = {m: [] for m in modes}
     for mode in modes:
         for lo in range(0, len(qa), batch_size):
@@ -125,13 +117,8 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, qa: list[dict], source: M
                 texts = [prompts[i] for i in part]
             ids = [tokenizer.context_ids(t) for t in texts]
             retrieve = (lambda row, query, part=part, loaded=loaded: loaded[part[row]]) if mode == "memory" else None
-            out = [[] for _ in part]
-            for step in generate(model, ids, max_new_tokens, retrieve=retrieve, stop_ids=stop):
-                for j, t in enumerate(step.tokens):
-                    if t is not None and t not in stop:
-                        out[j].append(t)
-            for j, i in enumerate(part):
-                answer = first_line(tokenizer.decode(out[j]))
+            answers = decode_answers(model, tokenizer, ids, max_new_tokens, retrieve)
+            for j, (i, answer) in enumerate(zip(part, answers)):
                 results[mode].append({
                     "id": qa[i].get("id"), "group": qa[i].get("group"), "fact": qa[i].get("fact", "country"),
                     "answer": qa[i]["answer"], "output": answer,
