@@ -24,10 +24,11 @@ import torch
 
 from model.config import ModelConfig
 from model.encoder import encode_references, pad_references
-from model.generate import Retrieved, generate
+from model.generate import Retrieved
 from model.prompts import rag_prompt
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
+from pipelines.answers import decode_answers, normalise
 from pipelines.train_loop import TrainBatch, collate, forward_loss, param_groups, wsd_lr_factor
 
 REFS = 3  # references per window, the right one among retrieved others
@@ -147,19 +148,8 @@ def encode_bank(model: Transformer, ref_tokens: list[list[int]], pad_id: int, si
 
 
 def answer(model: Transformer, tk: Tokenizer, prompts: list[str], memories: list | None) -> list[str]:
-    ids = [tk.context_ids(p) for p in prompts]
-    stop = {tk.eos_id, *tk.encode("\n")}
     retrieve = (lambda row, query: memories[row]) if memories is not None else None
-    out = [[] for _ in prompts]
-    for step in generate(model, ids, 24, retrieve=retrieve, stop_ids=stop):
-        for j, t in enumerate(step.tokens):
-            if t is not None and t not in stop:
-                out[j].append(t)
-    return [tk.decode(o).strip().split("\n")[0].strip() for o in out]
-
-
-def norm(s: str) -> str:
-    return " ".join(s.replace(".", " ").split()).lower()
+    return decode_answers(model, tk, [tk.context_ids(p) for p in prompts], 24, retrieve)
 
 
 def evaluate(model: Transformer, tk: Tokenizer, data: dict, limit: int, seed: int) -> dict:
@@ -180,22 +170,22 @@ def evaluate(model: Transformer, tk: Tokenizer, data: dict, limit: int, seed: in
                  "rag": answer(model, tk, [rag_prompt([ref_text[r] for r in q["refs"]], q["prompt"]) for q in qs],
                                None)}
         for mode, outs in modes.items():
-            acc = sum(norm(o) == norm(q["answer"]) for o, q in zip(outs, qs)) / len(qs)
+            acc = sum(normalise(o) == normalise(q["answer"]) for o, q in zip(outs, qs)) / len(qs)
             result[f"{group}/{fact}/{mode}"] = round(acc, 3)
         answered[group, fact] = qs, modes["memory"]
     # diagnostics on the country: the right reference alone (is binding the problem?), and how often a wrong
     # answer is a retrieved distractor's country
     row_of = {r["id"]: i for i, r in enumerate(data["refs"])}
     qs, outs = answered["memory_only", "country"]
-    wrong = [(o, q) for o, q in zip(outs, qs) if norm(o) != norm(q["answer"])]
+    wrong = [(o, q) for o, q in zip(outs, qs) if normalise(o) != normalise(q["answer"])]
     result["diag/country/wrong_is_distractor"] = round(sum(
-        any(norm(o).endswith(norm(data["refs"][r]["answer"])) for r in q["refs"]) for o, q in wrong)
+        any(normalise(o).endswith(normalise(data["refs"][r]["answer"])) for r in q["refs"]) for o, q in wrong)
         / max(1, len(wrong)), 3)
     result["diag/country/right_retrieved"] = round(sum(row_of[q["doc_id"]] in q["refs"] for q in qs) / len(qs), 3)
     alone = [Retrieved(mems[[row_of[q["doc_id"]]]], n_valid[[row_of[q["doc_id"]]]]) for q in qs]
     outs = answer(model, tk, [q["prompt"] for q in qs], alone)
     result["diag/country/right_reference_alone"] = round(
-        sum(norm(o) == norm(q["answer"]) for o, q in zip(outs, qs)) / len(qs), 3)
+        sum(normalise(o) == normalise(q["answer"]) for o, q in zip(outs, qs)) / len(qs), 3)
     result["diag/samples"] = [[q["prompt"], q["answer"], o] for q, o in zip(qs[:5], outs[:5])]
     # counterfactual: a trained city's reference edited to another country, among 2 other references
     trained = [i for i, r in enumerate(data["refs"]) if r["group"] == "trained" and r["id"].startswith("city:")]
@@ -205,7 +195,7 @@ def evaluate(model: Transformer, tk: Tokenizer, data: dict, limit: int, seed: in
     for i in picks:
         ref = data["refs"][i]
         fake = rng.choice([c for c in countries if c != ref["answer"]])
-        edits.append(tk.encode(ref["text"].replace(ref["answer"], fake)))
+        edits.append(tk.encode(ref["text"].replace(ref["answer"], fake))[:model.cfg.reference_len])
         prompts.append(f"Question: Which country is {ref['entity']} in? Answer:")
         fakes.append(fake)
     if edits:
@@ -214,7 +204,7 @@ def evaluate(model: Transformer, tk: Tokenizer, data: dict, limit: int, seed: in
         mem = [Retrieved(torch.cat([em[j:j + 1], mems[others[2 * j:2 * j + 2]]]),
                          torch.cat([ev[j:j + 1], n_valid[others[2 * j:2 * j + 2]]])) for j in range(len(edits))]
         outs = answer(model, tk, prompts, mem)
-        followed = sum(norm(o).endswith(norm(f)) for o, f in zip(outs, fakes))
+        followed = sum(normalise(o).endswith(normalise(f)) for o, f in zip(outs, fakes))
         result["counterfactual/followed"] = round(followed / len(fakes), 3)
     model.train()
     return result
@@ -234,6 +224,8 @@ def run(args: dict) -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ModelConfig.from_name("tiny", **model_over)
     model = Transformer(cfg).to(dev)
+    # the bank chunks a longer reference in two; here its tail (the population) is cut, as a first chunk holds
+    data["ref_tokens"] = [t[:cfg.reference_len] for t in data["ref_tokens"]]
     t0 = time.time()
     ref_tokens = lambda rows: pad_references([data["ref_tokens"][int(r)] for r in rows], cfg.reference_len,  # noqa
                                              tk.pad_id)
