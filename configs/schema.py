@@ -155,9 +155,12 @@ class CorpusConfig:
     min_population: int = 15000
     """Smallest city considered."""
     layout: str = "varied"
-    """City references: 'varied' templates in random order, or 'fixed' (one order, the city first)."""
+    """City references: 'varied' templates in random order, 'fixed' (one order, the city first) or 'named' (fixed,
+    the city named in every sentence)."""
     reading_loss: str = "answer"
     """Reading examples train on 'answer' only or on 'all' their tokens (references and question too)."""
+    reading_distractors: str = "random"
+    """Reading examples' other references: 'random' reading cities or 'lookalike' (names sorted nearest)."""
     action: Optional[str] = None
     """The word after the command: geo."""
 

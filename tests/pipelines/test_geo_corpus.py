@@ -185,9 +185,29 @@ def test_fixed_layout_and_loss_on_whole_reading_examples(tmp_path):
     reading = [r for r in _read(tmp_path / "train.jsonl") if r["id"].startswith("train:read:")]
     assert reading and all("prompt" not in r and r["text"].startswith("Reference: ") for r in reading)
     assert all("prompt" in r for r in _read(tmp_path / "continual.jsonl"))  # stage 2 keeps its answer-only loss
-    for bad in ({"layout": "tabular"}, {"reading_loss": "question"}):
-        with pytest.raises(ValueError, match="layout=.*reading_loss="):
-            build_geo_corpus(tmp_path / "bad", n_trained=50, n_memory_only=10, **bad)
+    for key, bad in (("layout", "tabular"), ("reading_loss", "question"), ("reading_distractors", "near")):
+        with pytest.raises(ValueError, match=f"{key}='{bad}' must be one of"):
+            build_geo_corpus(tmp_path / "bad", n_trained=50, n_memory_only=10, **{key: bad})
+
+
+def test_named_layout_and_lookalike_reading_distractors(tmp_path):
+    """layout=named names the city in every sentence; reading_distractors=lookalike picks the reading cities whose
+    names sort nearest the asked one's (the look-alikes retrieval brings), not random ones."""
+    n = 400
+    build_geo_corpus(tmp_path, n_trained=50, n_memory_only=10, n_reading=n, layout="named",
+                     reading_distractors="lookalike")
+    for ref in _read(tmp_path / "references.jsonl"):
+        if ref["id"].startswith("city:"):
+            assert ref["text"].count(ref["entity"]) >= 4 and all(v in ref["text"] for v in ref["facts"].values())
+    examples = [r for r in _read(tmp_path / "train.jsonl") if r["id"].startswith("train:read:")]
+    names = sorted({c[len("Reference: "):].split(" is a city in ")[0] for r in examples
+                    for c in r["prompt"].split("\n")[:-1]}, key=str.lower)
+    assert len(names) == n
+    rank = {name: i for i, name in enumerate(names)}
+    for r in examples:
+        *contexts, question = r["prompt"].split("\n")
+        ranks = [rank[c[len("Reference: "):].split(" is a city in ")[0]] for c in contexts]
+        assert max(ranks) - min(ranks) <= 4, (ranks, contexts)  # within 2 names either side of the asked one
 
 
 def test_counterfactual_cities_state_another_country_in_the_bank(tmp_path):
