@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -71,11 +72,18 @@ _EMBEDDER: dict = {}
 
 
 @pytest.fixture(scope="session")
-def embedder():
+def embedder(tmp_path_factory):
+    """The bundled MiniLM; with MEMORY3_TEST_RANDOM_EMBEDDER=1 (a GPU machine without the model files) one of its
+    shape with random weights: the same code path, no retrieval quality."""
     from bank.embedder import Embedder
 
     if "e" not in _EMBEDDER:
-        _EMBEDDER["e"] = Embedder()
+        model = None
+        if os.environ.get("MEMORY3_TEST_RANDOM_EMBEDDER") == "1":
+            from benchmarks.encode_job import WORDS, random_embedder
+
+            model = random_embedder(str(tmp_path_factory.mktemp("embedder")), WORDS * 50)
+        _EMBEDDER["e"] = Embedder(model)
     return _EMBEDDER["e"]
 
 
