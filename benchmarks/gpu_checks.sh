@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_checks.sh train     # GPU tests, memory attention kernels, one-GPU training step (2.4B)
 #   bash benchmarks/gpu_checks.sh zero      # 2.4B warmup and continual steps through Ray Train + ZeRO-2 on 2 GPUs
 #   bash benchmarks/gpu_checks.sh serve     # one GPU: decode-step GPU tests, the engine at batch 32 beside HF
-#                                           # transformers and the measured ceiling (2.4B), batch-1 decode
+#                                           # transformers and the measured ceiling (2.4B), prefill compiled vs
+#                                           # eager, batch-1 decode
 #
 # Needs: the project on PYTHONPATH (or installed), a geo corpus in $GEO (`memory3 corpus geo`), and a
 # sentence-transformers embedder or none (a MiniLM-shaped random one is built when the bundled one is missing).
@@ -73,6 +74,9 @@ serve)
     | tail -8 >> "$OUT/pytest_gpu.txt"
   log "engine, batch 32, 128/128, beside HF transformers and the ceiling"
   timeout 280 python -m benchmarks.serve --preset 2.4b --device cuda --repeats 2 2>&1 | tee "$OUT/serve.jsonl"
+  log "the same with memory, prefill eager (MEMORY3_COMPILE_PREFILL=0)"
+  MEMORY3_COMPILE_PREFILL=0 timeout 200 python -m benchmarks.serve --preset 2.4b --device cuda --repeats 2 \
+    --modes memory --no-static --no-hf 2>&1 | tee "$OUT/serve_eager_prefill.jsonl"
   log "batch-1 decode through the CUDA-graph step"
   timeout 120 python -m benchmarks.model --preset 2.4b --device cuda --compile --decode-only 2>&1 | tee "$OUT/model.jsonl"
   ;;

@@ -6,7 +6,9 @@ first window that starts after a prompt ending on a window boundary keeps the pr
 Pure PyTorch: retrieval is a callback, so serving (FAISS + MemoryStore) and tests (fixed memories) share this loop.
 `DecodeStep` is the one-token step that this loop and the serving engine (serve/engine.py) both run: static token,
 position and memory buffers, memories written into reserved cache slots once per window, attention bounded by a
-length bucket, and on CUDA one CUDA graph per (batch bucket, length bucket, memory or not).
+length bucket, and on CUDA one CUDA graph per (batch bucket, length bucket, memory or not). `Prefill` is the prompt
+forward they both run: on CUDA `torch.compile`d, prompt lengths padded to a bucket so a few compilations serve
+every batch and length.
 """
 from __future__ import annotations
 
@@ -146,6 +148,64 @@ class MemoryWindows:
         self.valid.copy_(token_ok.flatten(1))
 
 
+class Prefill:
+    """Prompts into rows of static KV caches in one forward, each prompt window reading its own memories (§3.2);
+    returns the logits of every prompt's last token (what the first new token is drawn from).
+
+    With `compiled` the forward is `torch.compile`d (norms, rotary, masks and cache writes fuse; no per-op
+    launches) and the vocabulary projection runs only at the last tokens. Prompts are right-padded to a multiple
+    of LENGTH_BUCKET and batch, length and cache rows are marked dynamic, so whatever batches requests arrive in,
+    it compiles twice per (memory or not): one prompt, and 2 or more (torch specializes size 1). Padding sits
+    after every real token: no real token attends to it, and decoding masks its cache positions until it
+    overwrites them. `MEMORY3_COMPILE_PREFILL=0` turns compilation off (eager, unpadded)."""
+
+    LENGTH_BUCKET = 16
+    DYNAMIC = ((0, 1), (0,), (0, 3), (0, 3), (0, 1, 2))
+    """The dims of (idx, last, keys, values, mask) that vary: batch, prompt length, memory tokens."""
+
+    def __init__(self, model: Transformer, compiled: bool = False):
+        self.model = model
+        self.compiled = compiled and os.environ.get("MEMORY3_COMPILE_PREFILL", "1") == "1"
+        self._forward = _compiled(model, "_compiled_prefill", _prefill_forward) if self.compiled else _prefill_forward
+        self.bucket = self.LENGTH_BUCKET if self.compiled else 1
+
+    def __call__(self, prompts: list[list[int]], caches: list[KVCache], windows: MemoryWindows,
+                 all_logits: bool = False) -> tuple[Tensor, Tensor | None, list]:
+        """prompts (full model sequences) into `caches` (one row each); windows retrieves their memories.
+        Returns the last tokens' logits (n, V), every position's logits (n, P, V) if `all_logits` (else None), and
+        the retrieval events (row, window, ids)."""
+        dev = self.model.device
+        lengths = [len(p) for p in prompts]
+        P = min(-(-max(lengths) // self.bucket) * self.bucket, caches[0].max_len)
+        memory, events = windows.prompt_memory(prompts, P)
+        idx = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=dev)  # (n, P), right-padded
+        last = torch.tensor(lengths, device=dev) - 1
+        args = (idx, last) + (() if memory is None else (memory.keys, memory.values, memory.mask))
+        self.model.use_caches(caches)
+        if self.compiled:  # batch, prompt length and memory tokens vary without a recompilation
+            for t, dims in zip(args, self.DYNAMIC):
+                for dim in dims:
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+            for cache in caches:  # the cache rows too (module buffers: static unless these flags say otherwise)
+                torch._dynamo.maybe_mark_dynamic(cache.k, 0), torch._dynamo.maybe_mark_dynamic(cache.v, 0)
+            with torch._dynamo.config.patch(force_parameter_static_shapes=False,
+                                            force_nn_module_property_static_shapes=False):
+                hidden, logits = self._forward(self.model, *args)
+        else:
+            hidden, logits = self._forward(self.model, *args)
+        full = self.model.lm_head(self.model.norm(hidden)) if all_logits else None
+        return logits, full, events
+
+
+def _prefill_forward(model: Transformer, idx: Tensor, last: Tensor, keys: Tensor | None = None,
+                     values: Tensor | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The prefill forward over the caches in use: final hidden states (B, T, dim) and the logits at `last`
+    (B,) of each row (B, V), without projecting every position onto the vocabulary."""
+    memory = None if keys is None else MemoryBatch(keys, values, mask)
+    hidden = model(idx, memory=memory, return_hidden=True)
+    return hidden, model.lm_head(model.norm(hidden[torch.arange(idx.shape[0], device=idx.device), last]))
+
+
 class DecodeStep:
     """One token for the first n rows of the caches: `model.decode` over static buffers (`tokens`, `pos` and
     `MemoryWindows.valid`), reading `key_len` rounded up to a LENGTH_BUCKET multiple. With `graphs` (CUDA), each
@@ -165,7 +225,7 @@ class DecodeStep:
         self._graphs: dict[tuple, tuple] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         fuse = self.graphs and os.environ.get("MEMORY3_FUSE_DECODE", "1") == "1"
-        self._decode = _fused_decode(model) if fuse else model.decode
+        self._decode = _compiled(model, "_fused_decode", model.decode) if fuse else model.decode
         """With graphs, the captured step is `torch.compile`d first: norms, rotary and cache writes fuse into a
         few kernels per layer, so a replay launches hundreds of kernels instead of thousands."""
 
@@ -196,17 +256,18 @@ class DecodeStep:
         return out[:n]
 
 
-def _fused_decode(model: Transformer):
-    """`model.decode` compiled once per model. Automatic dynamic shapes: the first batch/length bucket compiles
-    a static graph, a second one a graph generic in them, so new buckets do not pay a compilation each."""
-    fused = model.__dict__.get("_fused_decode")
-    if fused is None:
+def _compiled(model: Transformer, name: str, fn):
+    """`fn` compiled once per model (kept on it as `name`). Automatic dynamic shapes: a first shape compiles a
+    static graph, a second one a graph generic in the dims that changed, so new buckets do not pay a compilation
+    each."""
+    compiled = model.__dict__.get(name)
+    if compiled is None:
         import torch._dynamo
 
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
-        fused = model.__dict__["_fused_decode"] = torch.compile(model.decode, fullgraph=True)
-    return fused
+        compiled = model.__dict__[name] = torch.compile(fn, fullgraph=True)
+    return compiled
 
 
 def _decode_step(model: Transformer, batch: int, max_len: int, memory_slots: int, valid: Tensor,
@@ -228,8 +289,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[
              generator: torch.Generator | None = None, compile: bool = False) -> Iterator[Step]:
     """Batched decoding; yields one Step per generated position. Prompts are full model sequences (sink first).
 
-    compile=True replays the one-token step from CUDA graphs (`DecodeStep`; CUDA only, the first step of each
-    batch and length bucket pays the capture)."""
+    compile=True replays the one-token step from CUDA graphs (`DecodeStep`) and compiles the prompt forward
+    (`Prefill`); CUDA only, the first step of each batch and length bucket pays the capture."""
     B, dev = len(prompts), model.device
     max_new = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
     lengths = [len(p) for p in prompts]
@@ -242,15 +303,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[
     stop_ids = stop_ids or set()
 
     windows = MemoryWindows(model, retrieve, B)
-    P = max(lengths)
-    idx = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=dev)
     step_fn = _decode_step(model, B, total, windows.reserved if retrieve else 0, windows.valid, compile)
-    model.use_caches(step_fn.caches)
     caches, windows.valid = step_fn.caches, step_fn.valid
     try:
-        memory, events = windows.prompt_memory(prompts, P)
-        logits = model(idx, memory=memory)
-        last = logits[torch.arange(B, device=dev), torch.tensor(lengths, device=dev) - 1]
+        last, _, events = Prefill(model, compiled=compile and dev.type == "cuda")(prompts, caches, windows)
         sequences = [list(p) for p in prompts]
         done = [n == 0 for n in max_new]
         for _ in range(max(max_new)):

@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from model.generate import DecodeStep, MemoryWindows, Retrieved, sample, token_logprobs
+from model.generate import DecodeStep, MemoryWindows, Prefill, Retrieved, sample, token_logprobs
 from model.transformer import KVCache, Transformer
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ class DecodeEngine:
         self._views: dict[tuple[int, int], list[KVCache]] = {}
         self.decode = DecodeStep(model, self.decode_caches, self.windows.valid, graphs=cuda_graphs)
         """The one-token step (CUDA graphs on CUDA unless cuda_graphs=False; eager elsewhere)."""
+        self.prefill = Prefill(model, compiled=cuda_graphs and self.device.type == "cuda")
+        """The prompt forward (compiled on CUDA unless cuda_graphs=False or MEMORY3_COMPILE_PREFILL=0)."""
         self.last_logits = torch.zeros(max_batch, cfg.vocab_size, device=self.device)
         self.temperature = torch.zeros(max_batch, device=self.device)
         self.top_p = torch.ones(max_batch, device=self.device)
@@ -175,20 +177,14 @@ class DecodeEngine:
         """Prompts of `requests` into slots start.. in one batched forward, writing the KV cache rows in place;
         each prompt window reads its own memories (paper §3.2), as in model.generate."""
         n = len(requests)
-        prompts = [r.prompt for r in requests]
-        lengths = [len(p) for p in prompts]
-        P = max(lengths)
         any_memory = any(r.retrieve for r in requests)
         retrieve = (lambda row, query: requests[row].retrieve(query) if requests[row].retrieve else None) \
             if any_memory else None
         windows = MemoryWindows(self.model, retrieve, n)
-        memory, events = windows.prompt_memory(prompts, P)
-        idx = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=self.device)  # (n, P), right-padded
-        self.model.use_caches(self._cache_views(start, n))
-        logits = self.model(idx, memory=memory)  # (n, P, V)
+        last, logits, events = self.prefill([r.prompt for r in requests], self._cache_views(start, n), windows,
+                                            all_logits=any(r.prompt_logprobs for r in requests))
         self.windows.take_rows(start, windows)
-        self.last_logits[start:start + n] = logits[torch.arange(n, device=self.device),
-                                        torch.tensor(lengths, device=self.device) - 1].float()
+        self.last_logits[start:start + n] = last.float()
         for i, request in enumerate(requests):
             self.temperature[start + i], self.top_p[start + i] = request.temperature, request.top_p
             generator = None
@@ -202,7 +198,7 @@ class DecodeEngine:
         for i, request in enumerate(requests):
             if request.prompt_logprobs:  # position t's logits score token t + 1 (the sink's first token has none)
                 targets = torch.tensor(request.prompt[1:], device=self.device)
-                logprob, top = self._logprobs(logits[i, :lengths[i] - 1], targets, request.logprobs or 0)
+                logprob, top = self._logprobs(logits[i, :len(request.prompt) - 1], targets, request.logprobs or 0)
                 request.emit({"type": "prompt_logprobs", "logprobs": logprob, "top": top})
             if request.max_new_tokens == 0:
                 self._finish(start + i, reason="length")

@@ -1,4 +1,5 @@
-"""GPU forms of the model: FlexAttention training form and bf16 decoding agree with the CPU reference."""
+"""GPU forms of the model: FlexAttention training form, bf16 decoding and the compiled prefill agree with the
+reference forms."""
 import copy
 
 import pytest
@@ -74,3 +75,30 @@ def test_bf16_decoding_with_memory_matches_full_forward(make_model, compiled):
     gen = torch.stack([s.logits[0] for s in steps]).float()
     ref = full[0, len(prompt) - 1: len(prompt) - 1 + len(steps)].float()
     assert (gen - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_bf16_compiled_prefill_matches_eager(make_model):
+    """The engine's prompt forward on CUDA (`Prefill(compiled=True)`: padded to a length bucket, torch.compile'd,
+    batch and length dynamic) against the eager unpadded forward, with memory, over two batch shapes."""
+    from model.generate import MemoryWindows, Prefill
+
+    model = make_model(window=64, reference_len=32, mem_tokens=8, max_seq_len=600, head_dim=64)
+    model = model.to("cuda", torch.bfloat16)
+    cfg = model.cfg
+    memories = torch.randn(3, cfg.refs_per_window, *cfg.memory_shape, device="cuda", dtype=torch.bfloat16)
+    n_valid = torch.tensor([[8, 2], [5, 0], [1, 8]], device="cuda")
+    g = torch.Generator().manual_seed(0)
+    compiled = Prefill(model, compiled=True)
+    for lengths in ([130, 70, 9], [200, 66]):
+        prompts = [SINK + torch.randint(5, cfg.vocab_size, (n - 2,), generator=g).tolist() for n in lengths]
+        out = []
+        for prefill in (Prefill(model), compiled):
+            windows = MemoryWindows(model, lambda row, q: Retrieved(memories[row], n_valid[row]), len(prompts))
+            model.setup_caches(len(prompts), cfg.max_seq_len, memory_slots=windows.reserved)
+            last, _, _ = prefill(prompts, model.caches(), windows)
+            out.append((last.float(), [c.k[:, :, :windows.reserved + min(lengths)].float() for c in model.caches()]))
+            model.clear_caches()
+        (eager, eager_k), (fast, fast_k) = out
+        assert (fast - eager).abs().max() < 5e-2 * eager.abs().max()
+        assert all((a - b).abs().max() < 5e-2 * b.abs().max() for a, b in zip(fast_k, eager_k))
+    assert compiled.compiled
