@@ -29,12 +29,10 @@ import torch
 from bank import storage
 from bank.checkpoints import load_tokenizer, local_checkpoint, parse_dtype
 from bank.chunking import Document, chunk_document, iter_file, list_corpus_files, reference_from_dict, reference_to_dict
-from bank.compact import completed_parts
 from bank.embedder import DEFAULT_EMBEDDER, Embedder, embedder_dim
 from bank.format import ERRORS, BankError, weights_sha256
-from bank.index import update_index
-from bank.manifest import (create_bank, list_shard_markers, manifest_entry, read_manifest, read_shard_table,
-                           shard_uri, write_manifest, write_shard)
+from bank.manifest import (completed_parts, create_bank, list_shard_markers, manifest_entry, read_manifest,
+                           read_shard_table, shard_uri, write_manifest, write_shard)
 from bank.reader import MemoryBank
 from bank.shard_encoder import ShardEncoder
 from configs import typed
