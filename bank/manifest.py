@@ -114,7 +114,7 @@ def write_shard_table(bank_uri: str, name: str, table, records: np.ndarray, **ma
 
     if table.num_rows != len(records):
         raise ValueError("records and metadata differ in length")
-    mem = np.ascontiguousarray(records).tobytes()
+    mem = memoryview(np.ascontiguousarray(records, dtype=np.uint8).reshape(-1))  # hashed and written, not copied
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     meta = buf.getvalue()

@@ -14,6 +14,9 @@ shards → index) once per actor count into a fresh bank, deleted after. Rates p
   per_actor: each actor's references over its own first-begun-to-last-written span, averaged: the figure its
     `memory3_encode_references_per_second` gauge shows; per_actor_over_bare is the target ratio (>= 0.9);
   per_actor_encoder: each actor's references per second of device work.
+Beside them, disk_write_mb_per_s (one fsync'd write where the banks go) and the ceiling it sets in references/s: a
+bf16 2.4B record is 450,568 bytes, so 1,200 references/s needs ~540 MB/s of disk (`--bank-dir /dev/shm` takes the
+disk out of the measurement).
 The bank is bf16 (`--quantizer null`) unless told: the VQ codecs need FAISS and CPU time of their own.
 """
 from __future__ import annotations
@@ -80,6 +83,20 @@ def random_embedder(path: str, texts: list[str]) -> str:
     return os.path.join(path, "st")
 
 
+def disk_bytes_per_second(folder: str, size: int = 512 << 20) -> float:
+    """One fsync'd file write in `folder` (shards are written so): bytes/s a bank can be written at, at most."""
+    os.makedirs(folder, exist_ok=True)
+    path, data = os.path.join(folder, ".write-probe"), bytes(size)
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t
+    os.remove(path)
+    return size / seconds
+
+
 def mean(values) -> float:
     values = list(values)
     return sum(values) / max(len(values), 1)
@@ -103,16 +120,32 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also print the bare encoder's top kernels")
     ap.add_argument("--embedder", default=None, help="sentence-transformers dir; 'random': MiniLM-shaped, random")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--bank-dir", default=None, help="where the banks go (default the workdir; e.g. /dev/shm to "
+                    "measure the pipeline apart from the disk, whose write rate is reported beside)")
     args = ap.parse_args()
     gpu = args.num_gpus > 0
     documents = args.documents or (400 if args.preset == "tiny" else 12288)
     batch = args.batch or (256 if gpu else 32)
     cfg = ModelConfig.from_name(args.preset)
 
+    from pipelines.encode import compile_encoder, encode_corpus
+
+    device = "cuda" if gpu else "cpu"
+    compile = compile_encoder({"auto": "auto", "true": True, "false": False}[args.compile.lower()], device)
+    common = {"bench": "encode_job", "preset": args.preset, "device": device_name(device), "commit": commit(),
+              "num_gpus_per_actor": args.num_gpus, "documents": documents, "batch": batch, "compile": compile,
+              "quantizer": args.quantizer}
+    t = time.perf_counter()  # first, on a quiet process (no tokenizer or Ray threads yet)
+    bare = bench_encode(cfg, device, torch.bfloat16 if gpu else torch.float32,
+                        (args.bare_references or (2048 if gpu else 256)) // batch * batch, batch, common, compile,
+                        args.profile)
+    common["bare_encoder_s"] = round(time.perf_counter() - t, 1)  # compilation included
+    if gpu:
+        torch.cuda.empty_cache()
+
     import ray
 
     from configs import load_config
-    from pipelines.encode import compile_encoder, encode_corpus
 
     work = args.workdir or tempfile.mkdtemp(prefix="memory3-encode-job-")
     os.makedirs(work, exist_ok=True)
@@ -120,24 +153,15 @@ def main() -> None:
     t = time.perf_counter()
     random_checkpoint(os.path.join(work, "checkpoint"), args.preset, texts)
     embedder = random_embedder(os.path.join(work, "embedder"), texts) if args.embedder == "random" else args.embedder
-    setup_s = time.perf_counter() - t
-    device = "cuda" if gpu else "cpu"
-    compile = compile_encoder({"auto": "auto", "true": True, "false": False}[args.compile.lower()], device)
-    common = {"bench": "encode_job", "preset": args.preset, "device": device_name(device), "commit": commit(),
-              "num_gpus_per_actor": args.num_gpus, "documents": documents, "batch": batch, "compile": compile,
-              "quantizer": args.quantizer, "setup_s": round(setup_s, 1)}
-    t = time.perf_counter()
-    bare = bench_encode(cfg, device, torch.bfloat16 if gpu else torch.float32,
-                        (args.bare_references or (2048 if gpu else 256)) // batch * batch, batch, common, compile,
-                        args.profile)
-    common["bare_encoder_s"] = round(time.perf_counter() - t, 1)  # compilation included
-    if gpu:
-        torch.cuda.empty_cache()
+    common["setup_s"] = round(time.perf_counter() - t, 1)
+    bank_dir = args.bank_dir or work
+    disk = disk_bytes_per_second(bank_dir)
+    common.update(bank_dir=bank_dir, disk_write_mb_per_s=round(disk / 1e6, 1))
     ray.init(include_dashboard=False, logging_level="WARNING")
     common["cluster"] = ray.cluster_resources()
     rates = {}
     for actors in [int(a) for a in args.actors.split(",")]:
-        bank = f"{work}/bank-{actors}"
+        bank = f"{bank_dir}/bank-{actors}"
         overrides = [f"corpus={work}/corpus.jsonl", f"bank={bank}", f"checkpoint={work}/checkpoint",
                      f"actors={actors}", f"num_gpus={args.num_gpus}",
                      f"actor_num_cpus={args.actor_cpus or (4 if gpu else 0.5)}",
@@ -161,7 +185,8 @@ def main() -> None:
                           "per_actor_over_bare": round(per_actor / bare, 3),
                           "stream_over_bare": round(s["stream_references_per_second"] / (bare * actors), 3),
                           "actor_detail": s["actors"], "write_seconds": s["write_seconds"],
-                          "bytes_written": s["bytes_written"], "record_bytes": s["record_bytes"]}), flush=True)
+                          "bytes_written": s["bytes_written"], "record_bytes": s["record_bytes"],
+                          "disk_references_per_s_ceiling": round(disk / s["record_bytes"], 1)}), flush=True)
     base = min(rates)
     for actors, r in rates.items():
         if actors != base:
