@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import time
 from typing import Callable, Iterable
 
@@ -27,23 +26,10 @@ from bank import storage
 from bank.edits import write_lock
 from bank.format import SHARDS, BankError, bytes_sha256
 from bank.index import load_index, remove_stale_index_files, renumber_rows, write_index_file
-from bank.manifest import list_shard_markers, manifest_entry, read_manifest, shard_uri, write_manifest, \
-    write_shard_table
+from bank.manifest import (list_shard_markers, manifest_entry, read_manifest, shard_uri, source_part, write_manifest,
+                           write_shard_table)
 
-_GENERATION = re.compile(r"-g\d+$")
 SHARD_EXTS = ("mem", "parquet", "json")
-
-
-def source_part(shard: str) -> str:
-    """The encode part a shard holds rows of: compacted shards are named `<part>-g<generation>`."""
-    return _GENERATION.sub("", shard)
-
-
-def completed_parts(bank_uri: str) -> frozenset[str]:
-    """Names of the encode parts already in the bank (complete shards, and the parts compacted shards came
-    from), so a re-run of `memory3 encode` never re-adds a part whose deleted rows compaction removed."""
-    names = list_shard_markers(bank_uri)
-    return frozenset(names) | {source_part(n) for n in names}
 
 
 def generation(manifest: dict) -> int:

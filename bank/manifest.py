@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 
@@ -14,6 +15,8 @@ from bank.chunking import Reference
 from bank.format import (FORMAT, MANIFEST, QUANTIZER, SHARDS, VERSION, BankError, RecordLayout, bytes_sha256)
 from model.config import ModelConfig
 from model.quantizer import MemoryQuantizer
+
+_GENERATION = re.compile(r"-g\d+$")  # compacted shards: <part>-g<generation> (bank/compact.py)
 
 
 def read_manifest(uri: str) -> dict:
@@ -111,7 +114,7 @@ def write_shard_table(bank_uri: str, name: str, table, records: np.ndarray, **ma
 
     if table.num_rows != len(records):
         raise ValueError("records and metadata differ in length")
-    mem = np.ascontiguousarray(records).tobytes()
+    mem = memoryview(np.ascontiguousarray(records, dtype=np.uint8).reshape(-1))  # hashed and written, not copied
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     meta = buf.getvalue()
@@ -135,6 +138,18 @@ def list_shard_markers(bank_uri: str) -> dict[str, dict]:
             marker = json.loads(storage.read_text(storage.join(bank_uri, SHARDS, entry)))
             markers[marker["name"]] = marker
     return markers
+
+
+def source_part(shard: str) -> str:
+    """The encode part a shard holds rows of: compacted shards are named `<part>-g<generation>`."""
+    return _GENERATION.sub("", shard)
+
+
+def completed_parts(bank_uri: str) -> frozenset[str]:
+    """Names of the encode parts already in the bank (complete shards, and the parts compacted shards came
+    from), so a re-run of `memory3 encode` never re-adds a part whose deleted rows compaction removed."""
+    names = list_shard_markers(bank_uri)
+    return frozenset(names) | {source_part(n) for n in names}
 
 
 def read_shard_table(bank_uri: str, name: str, columns: list[str] | None = None):

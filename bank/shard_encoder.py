@@ -1,8 +1,15 @@
 """References -> bank records and retrieval embeddings: the encoding step shared by `memory3 encode`'s Ray actors
 and live appends (bank/edits.py). The memory layers write each reference's sparse memory (paper §3.3), the
 quantizer (if any) compresses it (App. B), the embedder indexes its text (§3.1).
+
+On a GPU the host never waits on the encoder: each batch's memories are copied to one pinned host buffer on a
+side stream while the next batch encodes, and the embedder runs on a stream of its own, so the caller that packs
+and writes a part (pipelines/encode.py) blocks only on that part's copies, never on the next part's encoding.
 """
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,6 +23,31 @@ from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 
 
+@dataclass
+class PendingMemories:
+    """A part's memories (N, L_mem, 2, Hkv, k, D) in the encoder's dtype and n_valid (N,), on the host or on their
+    way there: `copied` fires when the side-stream copies are done; `started`/`encoded` time the device work."""
+
+    memories: torch.Tensor
+    n_valid: torch.Tensor
+    seconds: float = 0.0
+    copied: torch.cuda.Event | None = None
+    started: torch.cuda.Event | None = None
+    encoded: torch.cuda.Event | None = None
+
+    def host(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.memories, self.n_valid
+
+    def device_seconds(self) -> float:
+        """Seconds the device spent encoding this part (known once `host()` returned)."""
+        if self.started is None:
+            return self.seconds
+        self.encoded.synchronize()
+        return self.started.elapsed_time(self.encoded) / 1e3
+
+
 class ShardEncoder:
     """References → fixed-size records (sparse memory, bf16 or VQ codes) and retrieval embeddings."""
 
@@ -26,15 +58,30 @@ class ShardEncoder:
         # compiled: norms, rotary and the selection fused; every batch padded to batch_size (one graph)
         self.compile = compile
         self.encode_fn = torch.compile(encode_references, dynamic=False) if compile else encode_references
+        cuda = model.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(model.device) if cuda else None
+        on_gpu = cuda and embedder is not None and getattr(embedder.model, "device", torch.device("cpu")).type == "cuda"
+        self.embed_stream = torch.cuda.Stream(embedder.model.device) if on_gpu else None
+        if cuda:
+            torch.cuda.synchronize(model.device)  # the weights are in place before other streams read them
+
+    def warm_up(self) -> None:
+        """Encode one batch of padding, so a compiled encoder compiles now rather than in the first part."""
+        self.device_memories([Reference("warm-up", "warm-up", "", [self.tokenizer.pad_id])]).host()
 
     @torch.no_grad()
-    def device_memories(self, refs: list[Reference]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(memories (n, L_mem, 2, Hkv, k, D), n_valid (n,)) per fixed-size batch, left on the model's device, so
-        the copy to the host can overlap the next encoding (pipelines/encode.py)."""
+    def device_memories(self, refs: list[Reference]) -> PendingMemories:
+        """Encode in fixed-size batches. On a GPU this only queues the work: the result is ready after `host()`."""
         if self.model.layers[0].self_attn.cache is not None:
             raise ValueError("the model has decoding caches set up; encode with a model outside generation")
-        cfg, device = self.model.cfg, self.model.device
-        out = []
+        cfg, device, stream = self.model.cfg, self.model.device, self.copy_stream
+        t0 = time.perf_counter()
+        if stream is not None:
+            dtype = next(self.model.parameters()).dtype
+            host = torch.empty((len(refs), *cfg.memory_shape), dtype=dtype, pin_memory=True)
+            host_valid = torch.empty(len(refs), dtype=torch.long, pin_memory=True)
+            started = torch.cuda.current_stream(device).record_event(torch.cuda.Event(enable_timing=True))
+        parts = []
         for i in range(0, len(refs), self.batch_size):
             part = refs[i:i + self.batch_size]
             n = len(part)
@@ -45,24 +92,42 @@ class ShardEncoder:
             tokens, lengths = pad_references([r.tokens for r in part], cfg.reference_len, self.tokenizer.pad_id,
                                              multiple=cfg.reference_len)
             sparse = self.encode_fn(self.model, tokens.to(device), lengths.to(device), self.tokenizer.sink_ids)
-            out.append((sparse.memories[:n], sparse.n_valid[:n]))
-        return out
+            memories, n_valid = sparse.memories[:n], sparse.n_valid[:n]
+            if stream is None:
+                parts.append((memories, n_valid))
+                continue
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):  # overlaps the next batch's encoding
+                host[i:i + n].copy_(memories, non_blocking=True)
+                host_valid[i:i + n].copy_(n_valid, non_blocking=True)
+            memories.record_stream(stream)  # the allocator must not reuse them before the copy is done
+            n_valid.record_stream(stream)
+        if stream is None:
+            return PendingMemories(torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts]),
+                                   seconds=time.perf_counter() - t0)
+        encoded = torch.cuda.current_stream(device).record_event(torch.cuda.Event(enable_timing=True))
+        return PendingMemories(host, host_valid, copied=stream.record_event(), started=started, encoded=encoded)
 
     def memories(self, refs: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 CPU memories (N, L_mem, 2, Hkv, k, D) and n_valid (N,), in fixed-size batches (deterministic)."""
-        return self.to_host(self.device_memories(refs))
-
-    @staticmethod
-    def to_host(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([m.float().cpu() for m, _ in batches]), torch.cat([v.cpu() for _, v in batches])
+        memories, n_valid = self.device_memories(refs).host()
+        return memories.float(), n_valid
 
     def encode(self, refs: list[Reference]) -> tuple[np.ndarray, np.ndarray]:
         return self.records(refs, self.device_memories(refs))
 
-    def records(self, refs: list[Reference], batches: list[tuple[torch.Tensor, torch.Tensor]],
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Retrieval embeddings; on a GPU on their own stream, so they never queue behind the encoder."""
+        if self.embed_stream is None:
+            return self.embedder.encode(texts)
+        with torch.cuda.stream(self.embed_stream):
+            return self.embedder.encode(texts)
+
+    def records(self, refs: list[Reference], pending: PendingMemories,
                 embeddings: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`device_memories` output -> records (N, record_bytes) and retrieval embeddings (N, dim); `embeddings`
         given (the same texts, embedded before) are used as they are."""
-        memories, n_valid = self.to_host(batches)
-        records = self.layout.pack(memories, n_valid, self.quantizer)
-        return records, self.embedder.encode([r.text for r in refs]) if embeddings is None else embeddings
+        if embeddings is None:
+            embeddings = self.embed([r.text for r in refs])  # while the memories are still being copied
+        memories, n_valid = pending.host()
+        return self.layout.pack(memories, n_valid, self.quantizer), embeddings

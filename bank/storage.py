@@ -64,12 +64,13 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode()
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Atomic write: readers see the old file or the new one, never a partial one."""
+def write_bytes(uri: str, data: bytes | memoryview) -> None:
+    """Atomic write: readers see the old file or the new one, never a partial one. `data` may be any contiguous
+    buffer (a shard's records are written without a copy)."""
     uri = str(uri)
     if is_remote(uri):
         fs, path = filesystem(uri)
-        fs.pipe_file(path, data)
+        fs.pipe_file(path, bytes(data))
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,9 @@ def percentiles(samples: list[float]) -> dict:
 
 
 def bench_encode(cfg: ModelConfig, device: str, dtype: torch.dtype, n_refs: int, batch: int, common: dict,
-                 compile: bool = False, profile: bool = False) -> None:
+                 compile: bool = False, profile: bool = False) -> float:
+    """The bare encoder (`encode_references` on device-resident tokens, nothing copied back): prints its JSON
+    line and returns its references/s."""
     with torch.device(device):
         model = Transformer(cfg).to(dtype).eval()
     tokens = torch.randint(5, cfg.vocab_size, (n_refs, cfg.reference_len), device=device)
@@ -82,6 +84,7 @@ def bench_encode(cfg: ModelConfig, device: str, dtype: torch.dtype, n_refs: int,
                       "tokens_per_s": round(n_refs * cfg.reference_len / sec, 1),
                       "tflops": round(flops / sec / 1e12, 3), "mfu": round(flops / sec / peak, 3) if peak else None}),
           flush=True)
+    return n_refs / sec
 
 
 def synthetic_references(cfg: ModelConfig, n: int, seed: int = 0) -> list[Reference]:

@@ -34,10 +34,9 @@ kernels)
   log "encoder MFU"
   python -m benchmarks.encode --preset 2.4b --device cuda --compile 0,1 --batches 128 --references 2048 \
     --profile --skip shard,fetch,faiss > "$OUT/encode.jsonl" 2> "$OUT/encode.err"
-  log "Ray Data encode job, 1 vs 2 GPU actors"
-  python -m benchmarks.encode_job --preset 2.4b --num-gpus 1 --actors 1,2 --documents 4096 --batch 256 \
+  log "Ray Data encode job, 1 vs 2 GPU actors, beside the bare compiled encoder"
+  python -m benchmarks.encode_job --preset 2.4b --num-gpus 1 --actors 1,2 --batch 256 \
     --embedder "$(embedder)" --workdir "$W/encode_job" > "$OUT/encode_job.jsonl" 2> "$OUT/encode_job.err"
-  rm -rf "$W/encode_job"/bank-*
   ;;
 train)
   log "pytest -m gpu"

@@ -99,8 +99,8 @@ class EncodeConfig:
     """auto (cuda when num_gpus > 0), cpu or cuda."""
     dtype: str = "auto"
     """auto (bf16 on GPU, float32 on CPU), float32, bfloat16 or float16."""
-    compile: bool = False
-    """torch.compile the encoder."""
+    compile: Any = "auto"
+    """torch.compile the encoder: auto (on CUDA devices; eager on CPU), true or false."""
     overlap_writes: bool = True
     """Each encoder actor writes one part (host copy, pack, embed, write) while the next part encodes."""
     torch_threads: int = 1
@@ -111,6 +111,9 @@ class EncodeConfig:
     """Times a part is retried after its actor died (-1: always)."""
     forward_aws_env: bool = True
     """Pass the driver's AWS_* settings to the Ray workers."""
+    build_index: bool = True
+    """Build (or update) the retrieval index at the end; false: later with `memory3 index` (no FAISS needed for
+    bf16 banks)."""
     index: IndexSettings = field(default_factory=IndexSettings)
     """The retrieval index built at the end."""
 

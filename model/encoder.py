@@ -34,11 +34,20 @@ def selection_weights(q: Tensor, k: Tensor, valid: Tensor, cfg: ModelConfig) -> 
     valid (N, T) bool. Returns (N, Hkv, T) with -inf at invalid tokens.
 
     Only indices leave the selection, so it runs without autograd (in continual training it would otherwise keep
-    an fp32 (N, Hkv, G, T, T) score tensor per memory layer alive until backward), and in place where it can."""
+    an fp32 (N, Hkv, G, T, T) score tensor per memory layer alive until backward), and in place where it can.
+
+    Precision: the q.k GEMM runs in the activations' own dtype when that is bf16 (the GPU encoder), so on tensor
+    cores: its inputs lose nothing, it accumulates in fp32 (cuBLAS and CPU kernels alike), and only its output
+    is rounded to bf16 (relative error <= 2^-9 per score). The scaling, softmax and the sum over queries that
+    rank the tokens run in fp32, so two tokens swap only where their weights are within that rounding (a near
+    tie, which any change of GEMM kernel can also flip; tests/model/test_encoder.py bounds how often). fp32
+    activations (CPU) keep the all-fp32 path."""
     N, H, T, D = q.shape
+    gemm_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     with torch.no_grad():
-        qg = q.detach().float().view(N, cfg.n_kv_head, cfg.group_size, T, D)
-        scores = torch.einsum("nhgid,nhjd->nhgij", qg, k.detach().float()).div_(math.sqrt(D))  # (N, Hkv, G, Ti, Tj)
+        qg = q.detach().to(gemm_dtype).view(N, cfg.n_kv_head, cfg.group_size, T, D)
+        scores = torch.einsum("nhgid,nhjd->nhgij", qg, k.detach().to(gemm_dtype))  # (N, Hkv, G, Ti, Tj)
+        scores = scores.float().div_(math.sqrt(D))
         key_ok = valid[:, None, None, None, :]
         if cfg.selection == "softmax":
             probs = scores.masked_fill_(~key_ok, float("-inf")).softmax(dim=-1)

@@ -9,8 +9,11 @@ The paper precomputes every reference's memory before inference ("warm start", Â
 Each encoder actor loads the checkpoint and the embedder once, encodes a part's references with the memory
 layers (`encode_references` under no_grad), optionally vector-quantizes them with codebooks trained on a sample
 before the main pass (App. B), embeds their texts for retrieval, and writes the shard itself (atomic writes).
-An actor runs two parts at once: while one part's memories are copied to the host, packed, embedded and written,
-the next part encodes (one part on the device and one being written at a time; `overlap_writes`).
+An actor runs parts three at a time: while one part's memories are copied to the host, packed, embedded and
+written, the next part encodes and a third waits with its references ready, so the device never waits for Ray to
+hand over a part (one part on the device and one being written at a time; `overlap_writes`). On GPUs the encoder
+is compiled (`compile: auto`) before the first part, the copies to the host run on a side stream into pinned
+memory and the embedder on a stream of its own (bank/shard_encoder.py).
 A part is fixed by the corpus alone (bank/py), so the bank is byte-identical however the work was scheduled,
 retried or interrupted; a re-run skips parts whose shard is complete and only finishes the rest.
 
@@ -29,12 +32,10 @@ import torch
 from bank import storage
 from bank.checkpoints import load_tokenizer, local_checkpoint, parse_dtype
 from bank.chunking import Document, chunk_document, iter_file, list_corpus_files, reference_from_dict, reference_to_dict
-from bank.compact import completed_parts
 from bank.embedder import DEFAULT_EMBEDDER, Embedder, embedder_dim
 from bank.format import ERRORS, BankError, weights_sha256
-from bank.index import update_index
-from bank.manifest import (create_bank, list_shard_markers, manifest_entry, read_manifest, read_shard_table,
-                           shard_uri, write_manifest, write_shard)
+from bank.manifest import (completed_parts, create_bank, list_shard_markers, manifest_entry, read_manifest,
+                           read_shard_table, shard_uri, write_manifest, write_shard)
 from bank.reader import MemoryBank
 from bank.shard_encoder import ShardEncoder
 from configs import typed
@@ -44,15 +45,17 @@ from model.quantizer import MemoryQuantizer, resolve_factory
 from model.tokenizer import Tokenizer
 from pipelines import console
 from pipelines.encode_parts import chunk_part_row, read_parts_row
-from pipelines.index import index_options
 
 
 def set_threads(n: int) -> None:
-    """Fixed thread counts: results that do not depend on the machine, and no oversubscribed cores."""
+    """Fixed thread counts: results that do not depend on the machine, and no oversubscribed cores. FAISS is
+    needed only by quantized banks and the index, so a bf16 bank encodes without it."""
     if n > 0:
-        import faiss
-
         torch.set_num_threads(n)
+        try:
+            import faiss
+        except ImportError:
+            return
         faiss.omp_set_num_threads(n)
 
 
@@ -62,14 +65,27 @@ def choose_device(device: str, num_gpus: float) -> str:
     return device
 
 
+def compile_encoder(setting, device: str) -> bool:
+    """`compile`: auto = compiled on CUDA devices (1.65x the eager encoder on an H200), eager on CPU (where the
+    compile costs more than the tiny models' encoding); or true/false."""
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    if isinstance(setting, bool):
+        return setting
+    raise ValueError(f"compile must be auto, true or false, got {setting!r}")
+
+
 # --- Ray Data stages -------------------------------------------------------------------------------------------
 
 class EncodeShards:
-    """The encoder actor: loads the checkpoint and the embedder once, then turns each part into a bank shard.
-    Emits the throughput metrics named in the project contract (Prometheus adds a `ray_` prefix)."""
+    """The encoder actor: loads the checkpoint and the embedder once (and compiles the encoder), then turns each
+    part into a bank shard. Emits the throughput metrics named in the project contract (Prometheus adds a `ray_`
+    prefix): `memory3_encode_references_per_second` is the actor's end-to-end rate, references written per second
+    since its first part began (start-up excluded; the benchmark's per-actor rate), and
+    `memory3_encode_encoder_references_per_second` its encoder's rate, references per second of device work."""
 
     def __init__(self, checkpoint: str, bank_uri: str, embedder: str | None, batch_size: int, device: str,
-                 dtype: str, torch_threads: int, embed_batch_size: int, compile: bool = False,
+                 dtype: str, torch_threads: int, embed_batch_size: int, compile="auto",
                  embeddings_from: str | None = None):
         from ray.util import metrics
 
@@ -79,16 +95,21 @@ class EncodeShards:
         self.bank_uri, self.embeddings_from = bank_uri, embeddings_from
         self.encoder = ShardEncoder(model, tokenizer, bank.layout, bank.quantizer,
                                     Embedder(embedder, device=device, batch_size=embed_batch_size), batch_size,
-                                    compile)
+                                    compile_encoder(compile, device))
+        if self.encoder.compile:
+            self.encoder.warm_up()
         self.references = metrics.Counter("memory3_encode_references_total", description="references encoded")
         self.tokens = metrics.Counter("memory3_encode_tokens_total", description="reference tokens encoded")
         self.bytes = metrics.Counter("memory3_encode_bytes_written_total", description="bank bytes written")
         self.errors = metrics.Counter("memory3_encode_errors_total", description="malformed input records")
-        self.rate = metrics.Gauge("memory3_encode_references_per_second", description="encoder actor throughput")
-        self.busy_seconds, self.done = 0.0, 0
+        self.rate = metrics.Gauge("memory3_encode_references_per_second",
+                                  description="references an encoder actor wrote per second since its first part")
+        self.encoder_rate = metrics.Gauge("memory3_encode_encoder_references_per_second",
+                                          description="references an encoder actor encoded per second of device work")
+        self.busy_seconds, self.done, self.first_start = 0.0, 0, None
         self.actor_id = f"{os.uname().nodename}:{os.getpid()}"
-        # Ray Data may call this actor from two threads at once (`overlap_writes`): the device lock keeps one
-        # part encoding, the write lock one part being copied/packed/embedded/written, so they overlap in pairs
+        # Ray Data may call this actor from several threads at once (`overlap_writes`): the device lock keeps one
+        # part encoding, the write lock one part being copied/packed/embedded/written, so the two overlap
         self.device_lock, self.write_lock, self.count_lock = threading.Lock(), threading.Lock(), threading.Lock()
 
     def reused_embeddings(self, name: str, refs: list) -> np.ndarray | None:
@@ -103,26 +124,31 @@ class EncodeShards:
 
     def __call__(self, batch: dict) -> dict:
         out = {k: [] for k in ("file_index", "part", "source", "name", "status", "marker", "errors", "actor",
-                               "seconds", "write_seconds")}
+                               "seconds", "write_seconds", "started", "finished")}
         for i in range(len(batch["name"])):
             payload = json.loads(batch["payload"][i])
             name, refs = str(batch["name"][i]), [reference_from_dict(r) for r in payload["references"]]
             status, marker, seconds, write_seconds = ("complete" if payload.get("skip") else "empty"), None, 0.0, 0.0
+            started = finished = time.time()
             if refs:
                 with self.device_lock:
-                    t0 = time.perf_counter()
-                    batches = self.encoder.device_memories(refs)
-                    seconds = time.perf_counter() - t0
+                    started = time.time()
+                    with self.count_lock:
+                        self.first_start = self.first_start or started
+                    pending = self.encoder.device_memories(refs)  # on a GPU: queued, not waited for
                 with self.write_lock:
                     t1 = time.perf_counter()
-                    records, embeddings = self.encoder.records(refs, batches, self.reused_embeddings(name, refs))
-                    del batches  # free the device memory before the write
+                    records, embeddings = self.encoder.records(refs, pending, self.reused_embeddings(name, refs))
+                    seconds = pending.device_seconds()
+                    del pending  # the pinned host copy
                     marker = write_shard(self.bank_uri, name, refs, records, embeddings)
                     write_seconds = time.perf_counter() - t1
+                    finished = time.time()
                 with self.count_lock:
                     self.busy_seconds += seconds
                     self.done += len(refs)
-                    self.rate.set(self.done / max(self.busy_seconds, 1e-9))
+                    self.rate.set(self.done / max(finished - self.first_start, 1e-9))
+                    self.encoder_rate.set(self.done / max(self.busy_seconds, 1e-9))
                 self.references.inc(len(refs))
                 self.tokens.inc(marker["tokens"])
                 self.bytes.inc(marker["mem_bytes"] + marker["meta_bytes"])
@@ -132,7 +158,8 @@ class EncodeShards:
             for key, value in (("file_index", int(batch["file_index"][i])), ("part", int(batch["part"][i])),
                                ("source", str(batch["source"][i])), ("name", name), ("status", status),
                                ("marker", json.dumps(marker)), ("errors", json.dumps(payload["errors"])),
-                               ("actor", self.actor_id), ("seconds", seconds), ("write_seconds", write_seconds)):
+                               ("actor", self.actor_id), ("seconds", seconds), ("write_seconds", write_seconds),
+                               ("started", started), ("finished", finished)):
                 out[key].append(value)
         return out
 
@@ -249,12 +276,39 @@ def _error_key(e: dict) -> tuple:
 
 
 def encoder_pool(cfg: EncodeConfig):
-    """The encoder actors; with `overlap_writes` two calls run in each at once (EncodeShards' locks pair them)."""
+    """The encoder actors; with `overlap_writes` three calls run in each at once (one encoding, one writing, one
+    waiting for the device with its references in hand; EncodeShards' locks order them)."""
     import ray
 
-    calls = 2 if cfg.overlap_writes else 1
+    calls = 3 if cfg.overlap_writes else 1
     return ray.data.ActorPoolStrategy(size=cfg.actors, max_concurrent_calls_per_actor=calls,
                                       enable_true_multi_threading=cfg.overlap_writes)
+
+
+def actor_rates(results: list[dict]) -> dict[str, dict]:
+    """Per encoder actor: references written, device seconds, and two rates: references per second from its first
+    part begun to its last written (what its `memory3_encode_references_per_second` gauge ends at) and per second
+    of device work (its encoder's rate)."""
+    out: dict[str, dict] = {}
+    for r in results:
+        if r["status"] != "written":
+            continue
+        a = out.setdefault(r["actor"], {"references": 0, "busy_seconds": 0.0, "start": r["started"], "end": 0.0})
+        a["references"] += json.loads(r["marker"])["rows"]
+        a["busy_seconds"] += float(r["seconds"])
+        a["start"], a["end"] = min(a["start"], r["started"]), max(a["end"], r["finished"])
+    return {name: {"references": a["references"], "busy_seconds": round(a["busy_seconds"], 3),
+                   "references_per_second": round(a["references"] / max(a["end"] - a["start"], 1e-9), 2),
+                   "encoder_references_per_second": round(a["references"] / max(a["busy_seconds"], 1e-9), 2)}
+            for name, a in sorted(out.items())}
+
+
+def build_index(cfg: EncodeConfig) -> dict:
+    """The retrieval index over the whole bank (FAISS: imported only here and for codebooks)."""
+    from bank.index import update_index
+    from pipelines.index import index_options
+
+    return update_index(cfg.bank, **index_options(cfg.index))
 
 
 def restart_options(cfg: EncodeConfig) -> dict:
@@ -278,6 +332,7 @@ def encode_corpus(cfg: EncodeConfig) -> dict:
     env = storage.aws_env() if cfg.forward_aws_env else {}
     runtime_env = {"env_vars": env} if env else None
     device = choose_device(cfg.device, cfg.num_gpus)
+    compile_encoder(cfg.compile, device)  # a bad value fails here, not in every actor
     actor_options = {"num_cpus": cfg.actor_num_cpus, "num_gpus": cfg.num_gpus,
                      **({"runtime_env": runtime_env} if runtime_env else {})}
     manifest = prepare_bank(cfg, files, actor_options)
@@ -307,15 +362,16 @@ def encode_corpus(cfg: EncodeConfig) -> dict:
             results.append(row)
             line.update(json.loads(row["marker"])["rows"] if row["status"] == "written" else 0)
         manifest, errors = finalize(cfg.bank, results)
-        index = update_index(cfg.bank, **index_options(cfg.index)) if manifest["live_references"] else None
+        index = build_index(cfg) if cfg.build_index and manifest["live_references"] else None
         line.done(f"{manifest['live_references']} references, {len(errors)} bad records")
     written = [json.loads(r["marker"]) for r in results if r["status"] == "written"]
     seconds = time.perf_counter() - t0
     new_refs = sum(m["rows"] for m in written)
-    busy: dict[str, float] = {}  # per encoder actor: seconds its device spent encoding (start-up excluded)
-    for r in results:
-        busy[r["actor"]] = busy.get(r["actor"], 0.0) + float(r["seconds"])
+    actors = actor_rates(results)
+    busy = {a: s["busy_seconds"] for a, s in actors.items()}
     tokens = sum(m["tokens"] for m in written)
+    stream = [r for r in results if r["status"] == "written"]
+    stream_s = max((r["finished"] for r in stream), default=0.0) - min((r["started"] for r in stream), default=0.0)
     return {
         "bank": cfg.bank, "corpus": cfg.corpus, "files": len(files),
         "references": manifest["references"], "live_references": manifest["live_references"],
@@ -327,7 +383,10 @@ def encode_corpus(cfg: EncodeConfig) -> dict:
         "record_bytes": manifest["record"]["record_bytes"], "codec": manifest["record"]["codec"],
         "seconds": round(seconds, 3), "references_per_second": round(new_refs / seconds, 2),
         "tokens_per_second": round(tokens / seconds, 1),
-        # throughput of the actors while encoding: what scales with GPUs once start-up is paid
+        # once start-up is paid (what scales with GPUs): the actors' stream of parts from the first one begun to
+        # the last one written, each actor's rate (its gauge), and the encoders' (refs / the busiest device time)
+        "stream_references_per_second": round(new_refs / max(stream_s, 1e-9), 2),
+        "actors": actors,
         "encoder_busy_seconds": {a: round(b, 3) for a, b in sorted(busy.items())},
         "encoder_references_per_second": round(new_refs / max(max(busy.values(), default=0.0), 1e-9), 2),
         "write_seconds": round(sum(float(r["write_seconds"]) for r in results), 3),  # overlapped with encoding

@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import bank.compact as compact
-from bank.compact import compact_bank, completed_parts
+from bank.compact import compact_bank
 from bank.edits import delete_references
 from bank.format import HEADER_BYTES
 from bank.index import Retriever, index_rows
-from bank.manifest import read_manifest, read_shard_table
+from bank.manifest import completed_parts, read_manifest, read_shard_table
 from bank.reader import MemoryBank
 from test_bank import _one_thread, build_bank, embedder, make_documents, tiny_checkpoint  # noqa: F401 (fixtures)
 

@@ -113,6 +113,20 @@ def test_encode_writes_a_verified_bank_and_reports_bad_records(reference_bank, c
     assert [s["name"].split("-")[0] for s in bank.shards] == ["bad"] + ["good"] * 14 + ["more"] * 3
     rec = bank.records([bank.row_of("city-45#0")])[0]
     assert rec["doc_id"] == "city-45" and rec["metadata"] == {"country": make_documents(48)[45]["country"]}
+    # rates once start-up is paid: each actor's (its gauge's figure) over its own parts, the pool's stream
+    actors = summary["actors"]
+    assert sum(a["references"] for a in actors.values()) == len(bank)
+    assert all(0 < a["references_per_second"] <= a["encoder_references_per_second"] for a in actors.values())
+    assert summary["stream_references_per_second"] > 0
+
+
+def test_compile_is_auto_on_cuda_only():
+    from pipelines.encode import compile_encoder
+
+    assert compile_encoder("auto", "cuda") and compile_encoder("auto", "cuda:1") and not compile_encoder("auto", "cpu")
+    assert compile_encoder(True, "cpu") and not compile_encoder(False, "cuda")
+    with pytest.raises(ValueError, match="compile"):
+        compile_encoder("yes", "cpu")
 
 
 def test_encoded_memories_are_the_models(reference_bank, tiny_checkpoint):
