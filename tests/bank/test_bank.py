@@ -311,3 +311,30 @@ def test_bank_on_s3_reads_records_by_range(s3_bucket, bf16_bank, tiny_checkpoint
     storage.write_bytes(key, bytes(data))
     with pytest.raises(BankError, match=name):
         MemoryBank.open(uri).verify()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_gpu_shard_encoder_copies_to_pinned_host_memory_what_the_encoder_computed(tiny_checkpoint, compile):
+    """On a GPU, ShardEncoder copies each batch's memories to pinned host memory on a side stream while the next
+    batch encodes: what reaches the host must be exactly what the encoder computed, batch by batch."""
+    from bank.shard_encoder import ShardEncoder
+    from model.encoder import pad_references
+
+    model, tokenizer = load_checkpoint(tiny_checkpoint, "cuda", torch.bfloat16)
+    docs, _ = chunking.documents_from_dicts(make_documents(40))
+    refs = chunking.chunk_documents(docs, tokenizer, model.cfg.reference_len)
+    encoder = ShardEncoder(model, tokenizer, None, None, None, batch_size=8, compile=compile)
+    pending = encoder.device_memories(refs)  # several batches and a partial last one, all queued
+    memories, n_valid = pending.host()
+    assert memories.device.type == "cpu" and memories.is_pinned() and memories.dtype == torch.bfloat16
+    assert pending.device_seconds() > 0
+    R = model.cfg.reference_len
+    for lo in range(0, len(refs), 8):  # the same fixed-size batches straight from the encoder, on one stream
+        part = refs[lo:lo + 8]
+        batch = part + part[:1] * (8 - len(part)) if compile else part  # as the encoder batches them
+        tokens, lengths = pad_references([r.tokens for r in batch], R, tokenizer.pad_id, multiple=R)
+        with torch.no_grad():  # as the encoder runs (a compiled graph differs with autograd on)
+            direct = encoder.encode_fn(model, tokens.cuda(), lengths.cuda(), tokenizer.sink_ids)
+        assert torch.equal(n_valid[lo:lo + len(part)], direct.n_valid[:len(part)].cpu())
+        assert torch.equal(memories[lo:lo + len(part)], direct.memories[:len(part)].cpu())
