@@ -73,9 +73,9 @@ serve)
     | tail -8 >> "$OUT/pytest_gpu.txt"
   log "engine, batch 32, 128/128, beside HF transformers and the ceiling"
   timeout 280 python -m benchmarks.serve --preset 2.4b --device cuda --repeats 2 2>&1 | tee "$OUT/serve.jsonl"
-  log "the same with memory, prefill eager (MEMORY3_COMPILE_PREFILL=0)"
-  MEMORY3_COMPILE_PREFILL=0 timeout 200 python -m benchmarks.serve --preset 2.4b --device cuda --repeats 2 \
-    --modes memory --no-static --no-hf 2>&1 | tee "$OUT/serve_eager_prefill.jsonl"
+  log "the same with memory, prefill compiled (MEMORY3_COMPILE_PREFILL=1)"
+  MEMORY3_COMPILE_PREFILL=1 timeout 400 python -m benchmarks.serve --preset 2.4b --device cuda --repeats 2 \
+    --modes memory --no-static --no-hf 2>&1 | tee "$OUT/serve_compiled_prefill.jsonl"
   log "batch-1 decode through the CUDA-graph step"
   timeout 120 python -m benchmarks.model --preset 2.4b --device cuda --compile --decode-only 2>&1 | tee "$OUT/model.jsonl"
   ;;

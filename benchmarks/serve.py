@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.model import commit, device_name
 from model.config import ModelConfig
-from model.generate import Prefill, Retrieved, generate
+from model.generate import Retrieved, compile_prefill, generate
 from model.transformer import Transformer
 from serve.engine import DecodeEngine, DecodeRequest
 
@@ -217,7 +217,7 @@ def run_direct(args) -> None:
     rag_len = in_len + cfg.refs_per_window * cfg.reference_len
     bandwidth = copy_bandwidth(dev)
     wbytes = weight_bytes(model)
-    prefill = "compiled" if Prefill(model, compiled=dev == "cuda").compiled else "eager"  # as the engine's
+    prefill = "compiled" if compile_prefill(torch.device(dev)) else "eager"  # as the engine's
     common = {"bench": "serve_generator", "preset": args.preset, "device": device_name(dev), "prefill": prefill,
               "dtype": str(dtype).split(".")[-1], "commit": commit(), "batch": args.batch, "prompt_tokens": in_len,
               "new_tokens": out_len}

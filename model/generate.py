@@ -157,7 +157,9 @@ class Prefill:
     of LENGTH_BUCKET and batch, length and cache rows are marked dynamic, so whatever batches requests arrive in,
     it compiles twice per (memory or not): one prompt, and 2 or more (torch specializes size 1). Padding sits
     after every real token: no real token attends to it, and decoding masks its cache positions until it
-    overwrites them. `MEMORY3_COMPILE_PREFILL=0` turns compilation off (eager, unpadded)."""
+    overwrites them. Opt-in (`MEMORY3_COMPILE_PREFILL=1`, read by `compile_prefill`): it is right on an H200
+    (tests/model/test_gpu.py), but its speed is not yet measured and its compilations outlasted a 240 s benchmark
+    there (BENCHMARKS.md), so the engine and `generate` run the prefill eager and unpadded by default."""
 
     LENGTH_BUCKET = 16
     DYNAMIC = ((0, 1), (0,), (0, 3), (0, 3), (0, 1, 2))
@@ -165,7 +167,7 @@ class Prefill:
 
     def __init__(self, model: Transformer, compiled: bool = False):
         self.model = model
-        self.compiled = compiled and os.environ.get("MEMORY3_COMPILE_PREFILL", "1") == "1"
+        self.compiled = compiled
         self._forward = _compiled(model, "_compiled_prefill", _prefill_forward) if self.compiled else _prefill_forward
         self.bucket = self.LENGTH_BUCKET if self.compiled else 1
 
@@ -195,6 +197,11 @@ class Prefill:
             hidden, logits = self._forward(self.model, *args)
         full = self.model.lm_head(self.model.norm(hidden)) if all_logits else None
         return logits, full, events
+
+
+def compile_prefill(device: torch.device) -> bool:
+    """Whether the engine and `generate` compile their prefill: on CUDA with MEMORY3_COMPILE_PREFILL=1."""
+    return device.type == "cuda" and os.environ.get("MEMORY3_COMPILE_PREFILL", "0") == "1"
 
 
 def _prefill_forward(model: Transformer, idx: Tensor, last: Tensor, keys: Tensor | None = None,
@@ -306,7 +313,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[
     step_fn = _decode_step(model, B, total, windows.reserved if retrieve else 0, windows.valid, compile)
     caches, windows.valid = step_fn.caches, step_fn.valid
     try:
-        last, _, events = Prefill(model, compiled=compile and dev.type == "cuda")(prompts, caches, windows)
+        last, _, events = Prefill(model, compiled=compile and compile_prefill(dev))(prompts, caches, windows)
         sequences = [list(p) for p in prompts]
         done = [n == 0 for n in max_new]
         for _ in range(max(max_new)):

@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from model.generate import DecodeStep, MemoryWindows, Prefill, Retrieved, sample, token_logprobs
+from model.generate import DecodeStep, MemoryWindows, Prefill, Retrieved, compile_prefill, sample, token_logprobs
 from model.transformer import KVCache, Transformer
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,8 @@ class DecodeEngine:
         self._views: dict[tuple[int, int], list[KVCache]] = {}
         self.decode = DecodeStep(model, self.decode_caches, self.windows.valid, graphs=cuda_graphs)
         """The one-token step (CUDA graphs on CUDA unless cuda_graphs=False; eager elsewhere)."""
-        self.prefill = Prefill(model, compiled=cuda_graphs and self.device.type == "cuda")
-        """The prompt forward (compiled on CUDA unless cuda_graphs=False or MEMORY3_COMPILE_PREFILL=0)."""
+        self.prefill = Prefill(model, compiled=cuda_graphs and compile_prefill(self.device))
+        """The prompt forward (eager; compiled on CUDA with MEMORY3_COMPILE_PREFILL=1)."""
         self.last_logits = torch.zeros(max_batch, cfg.vocab_size, device=self.device)
         self.temperature = torch.zeros(max_batch, device=self.device)
         self.top_p = torch.ones(max_batch, device=self.device)
