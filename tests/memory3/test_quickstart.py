@@ -44,6 +44,10 @@ def test_short_quickstart_memory_beats_no_memory(tmp_path, ray_local):
     # every artefact the README promises
     for name in ("report.md", "report.json", "loss.png", "accuracy.png", "speed.png"):
         assert (out / name).stat().st_size > 0, name
+    by_fact = report["accuracy_by_fact"]["memory"]["memory_only"]  # the targets' facts, population left out
+    asked = round((by_fact["country"] + by_fact["continent"] + by_fact["timezone"]) / 3, 4)
+    assert f"Over country, continent and time zone (population is reported, not a target): memory {asked}," \
+        in (out / "report.md").read_text()
     assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "bank" / "manifest.json").is_file()
     answers = report["http"]["answers"]
     assert len(answers) == 2 and all(a["memories"] for a in answers)
