@@ -14,6 +14,14 @@ def test_every_shipped_preset_loads():
         ModelConfig.from_name(name)
 
 
+def test_100m_preset_has_the_paper_proportions():
+    """The GPU-scale preset between tiny and 2.4B: about 100M non-embedding parameters, half the blocks memory
+    layers, grouped KV heads, 5 references per window."""
+    cfg = ModelConfig.from_name("100m")
+    assert 0.9e8 < cfg.num_params(non_embedding=True) < 1.1e8
+    assert cfg.n_mem_layer * 2 == cfg.n_layer and cfg.n_head > cfg.n_kv_head and cfg.refs_per_window == 5
+
+
 def test_paper_shape():
     cfg = ModelConfig.from_name("2.4b")
     assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.dim) == (44, 40, 8, 80, 3200)
