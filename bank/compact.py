@@ -25,7 +25,8 @@ import numpy as np
 from bank import storage
 from bank.edits import write_lock
 from bank.format import SHARDS, BankError, bytes_sha256
-from bank.index import load_index, remove_stale_index_files, renumber_rows, write_index_file
+from bank.index import (index_settings, load_index, remove_stale_index_files, renumber_rows,
+                        write_index_file)
 from bank.manifest import (list_shard_markers, manifest_entry, read_manifest, shard_uri, source_part, write_manifest,
                            write_shard_table)
 
@@ -154,7 +155,7 @@ def commit_compaction(bank_uri: str, planned: dict, results: list[dict]) -> dict
     old_index = manifest.get("index")
     if old_index:
         manifest["index"] = write_index_file(bank_uri, renumber_rows(load_index(bank_uri, manifest), new_row),
-                                             old_index["factory"], old_index["nprobe"])
+                                             **index_settings(old_index))
     manifest.update(shards=shards, tombstones=tombstones, generation=generation(manifest) + 1)
     manifest = write_manifest(bank_uri, manifest)  # the switch: readers see the old version or this one
     remove_stale_index_files(bank_uri, old_index, manifest.get("index"))

@@ -9,7 +9,7 @@ import threading
 from bank.chunking import Part, chunk_documents, documents_from_dicts
 from bank.embedder import Embedder
 from bank.format import BankError
-from bank.index import remove_rows, update_index
+from bank.index import index_settings, remove_rows, update_index
 from bank.manifest import manifest_entry, write_manifest, write_shard
 from bank.reader import MemoryBank
 from bank.shard_encoder import ShardEncoder
@@ -57,7 +57,7 @@ def append_documents(bank_uri: str, documents: list[dict], model: Transformer, t
         write_manifest(bank_uri, manifest)
         index = manifest.get("index") or {"factory": "Flat", "nprobe": 16}  # a bank without one gets exact search
         if new_ids:
-            update_index(bank_uri, index["factory"], index["nprobe"])
+            update_index(bank_uri, **index_settings(index))
         return new_ids
 
 

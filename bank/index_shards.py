@@ -6,7 +6,8 @@ so a vector gets the same inverted list and the same code in its shard as in one
 same nprobe every shard scans the same lists, and the best k of the union of the shards' top-k (`merge_topk`) is
 the top-k of one index over all rows, ties aside: exactly for Flat, and for IVF exactly what the single IVF index
 with those codebooks returns. Ray-free: `ShardSet` searches its shards one after the other in this process;
-serve/shard_actors.py holds each shard in its own Ray actor and queries them in parallel.
+serve/shard_actors.py holds each shard in its own Ray actor and queries them in parallel. `set_search` and
+`remove_ids` are the two calls on one FAISS index that whole and sharded indexes share.
 """
 from __future__ import annotations
 
@@ -14,6 +15,48 @@ from typing import Sequence
 
 import faiss
 import numpy as np
+
+
+def set_search(index: faiss.Index, nprobe: int, refine_k_factor: int) -> None:
+    """The per-query knobs the manifest stores beside an index (bank/index.py): IVF lists probed, and for a Refine
+    stage (factory suffix `Refine(SQ8)`, `RFlat`, ...) how many candidates, k × refine_k_factor, it re-scores with
+    its finer codes (FAISS's default, 1, re-scores only the k it returns: no gain). A ShardSet or shard actors
+    (anything not a FAISS index) set it on every shard."""
+    if not isinstance(index, faiss.Index):
+        return index.set_search(nprobe, refine_k_factor)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = int(nprobe)
+    if (refine := refine_stage(index)) is not None:
+        refine.k_factor = float(refine_k_factor)
+
+
+def refine_stage(index: faiss.Index) -> faiss.IndexRefine | None:
+    """The IndexRefine (factory suffix `,Refine(SQ8)`, `,RFlat`, ...) of an index or of the IDMap over it."""
+    inner = faiss.downcast_index(index)
+    inner = faiss.downcast_index(inner.index) if isinstance(inner, faiss.IndexIDMap) else inner
+    return inner if isinstance(inner, faiss.IndexRefine) else None
+
+
+def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
+    """`remove_ids` on an IDMap over a FAISS index, kept consistent for IVF: the IDMap drops the rows from its
+    position -> row map, but an IVF keeps the old positions as its list ids (FAISS leaves renumbering them to the
+    caller; unrenumbered, later searches return wrong rows), so they are renumbered here. RuntimeError where FAISS
+    cannot remove (HNSW, Refine), before anything changed. A ShardSet removes each row from its shard."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if isinstance(index, ShardSet):
+        return index.remove_ids(ids)
+    before = faiss.vector_to_array(faiss.downcast_index(index).id_map)
+    removed = int(index.remove_ids(ids))
+    ivf = faiss.try_extract_index_ivf(index)
+    if removed and ivf is not None:
+        gone = np.flatnonzero(np.isin(before, ids))
+        new_position = np.arange(len(before)) - np.searchsorted(gone, np.arange(len(before)))
+        for lst in range(ivf.nlist):
+            if n := ivf.invlists.list_size(lst):
+                list_ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), n)  # a view: written in place
+                list_ids[:] = new_position[list_ids]
+    return removed
 
 
 def shard_starts(rows: np.ndarray, n: int) -> list[int]:
@@ -47,7 +90,7 @@ def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[
 
 class ShardSet:
     """Index shards in one process behind the calls `Retriever` and the edit path make on a FAISS index (ntotal,
-    d, search, add_with_ids, remove_ids): a sharded bank is searched and edited like a whole one."""
+    d, search, add_with_ids, remove_ids, set_search): a sharded bank is searched and edited like a whole one."""
 
     def __init__(self, shards: list[faiss.Index], starts: Sequence[int]):
         if len(shards) != len(starts) or not shards or starts[0] != 0 or list(starts) != sorted(starts):
@@ -75,10 +118,8 @@ class ShardSet:
     def remove_ids(self, ids: np.ndarray) -> int:
         ids = np.asarray(ids, dtype=np.int64)
         where = shard_of(self.starts, ids)
-        return sum(int(self.shards[i].remove_ids(ids[where == i])) for i in np.unique(where).tolist())
+        return sum(remove_ids(self.shards[i], ids[where == i]) for i in np.unique(where).tolist())
 
-    def set_nprobe(self, nprobe: int) -> None:
+    def set_search(self, nprobe: int, refine_k_factor: int) -> None:
         for shard in self.shards:
-            ivf = faiss.try_extract_index_ivf(shard)
-            if ivf is not None:
-                ivf.nprobe = int(nprobe)
+            set_search(shard, nprobe, refine_k_factor)

@@ -6,13 +6,14 @@ IVF-PQ index of 10^7 384-d vectors, both streamed so RAM stays bounded. One JSON
 - `index_build`: train + add seconds of `bank.index.trained_index` + `add_with_ids` in batches, index bytes per
   vector (file, and resident-set growth, which counts the batches in flight too);
 - `search`: single-query and batched top-5 latency p50/p99 and recall@5 against exact search (brute force over
-  the same vectors, streamed alongside the add) on a sample of queries, per nprobe; `recall_5_at_50` is the
-  share of the exact top-5 among the index's top-50 (what re-ranking 50 candidates on the bank's stored
-  embeddings would recover);
+  the same vectors, streamed alongside the add) on a sample of queries, per nprobe (and, with `--refine`, per
+  refine_k_factor: 1 re-scores nothing, the plain IVF-PQ's answer); `recall_5_at_50` is the share of the exact
+  top-5 among the index's top-50 (what re-ranking 50 candidates on finer codes can recover);
 - `fetch`: `MemoryStore.fetch` p99 of 5 references from the RAM tier (LRU hits), the disk tier (misses on shard
   files evicted from the page cache first), and on CUDA the GPU tier (decoded on the GPU) and its host tier.
 
     python -m benchmarks.scale --scale smoke              # 10^4 references, 10^5 vectors: about a minute
+    python -m benchmarks.scale --scale smoke --refine SQ8 --refine-k-factor 1 10   # IVF…,PQ32,Refine(SQ8)
     OMP_NUM_THREADS=1 nice -n 19 python -m benchmarks.scale --scale full --out /tmp/scale
 
 Vectors are unit vectors around random cluster centres (what sentence embeddings look like to an IVF), generated
@@ -38,6 +39,7 @@ import torch
 from bank.chunking import Reference
 from bank.format import RecordLayout
 from bank.index import normalized, trained_index
+from bank.index_shards import refine_stage, set_search
 from bank.manifest import create_bank, manifest_entry, shard_uri, write_manifest, write_shard
 from bank.reader import MemoryBank
 from bank.store import MemoryStore
@@ -194,11 +196,11 @@ def index_file_bytes(index, out: Path) -> int:
 
 
 def measure_search(index, queries: np.ndarray, exact: ExactTopK, nprobe: int, latency_queries: np.ndarray,
-                   batch: int, k: int = 5) -> None:
-    faiss.try_extract_index_ivf(index).nprobe = nprobe
-    _, found = index.search(queries, 50)
-    recall = {n: float(np.mean([len(set(f[:n]) & set(e)) / k for f, e in zip(found.tolist(), exact.ids.tolist())]))
-              for n in (k, 50)}
+                   batch: int, refine_k_factor: int | None = None, k: int = 5) -> None:
+    set_search(index, nprobe, refine_k_factor or 1)
+    recall = {n: float(np.mean([len(set(f) & set(e)) / k for f, e in zip(index.search(queries, n)[1].tolist(),
+                                                                      exact.ids.tolist())]))
+              for n in (k, 50)}  # two searches: a Refine stage re-scores n × k_factor candidates
     single = []
     for q in latency_queries:
         t = time.perf_counter()
@@ -209,7 +211,8 @@ def measure_search(index, queries: np.ndarray, exact: ExactTopK, nprobe: int, la
         t = time.perf_counter()
         index.search(latency_queries[i:i + batch], k)
         batched.append(time.perf_counter() - t)
-    emit(result="search", vectors=int(index.ntotal), nprobe=nprobe, k=k, recall_at_5=round(recall[k], 4),
+    emit(result="search", vectors=int(index.ntotal), nprobe=nprobe, refine_k_factor=refine_k_factor, k=k,
+         recall_at_5=round(recall[k], 4),
          recall_5_at_50=round(recall[50], 4),
          recall_queries=len(queries), single=percentiles(single), batch=batch, batched=percentiles(batched),
          batched_per_query_p50_ms=round(float(np.median(batched)) * 1e3 / batch, 3))
@@ -259,13 +262,19 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in SCALES["full"].items():
         p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
     p.add_argument("--nprobe", type=int, nargs="*", default=[16, 64])
+    p.add_argument("--refine", default=None, help="append a Refine stage on these codes to the factory: SQ8 (d B "
+                   "per vector), SQfp16 (2d B), Flat (4d B)")
+    p.add_argument("--refine-k-factor", type=int, nargs="*", default=[1, 10],
+                   help="with --refine: candidates re-scored per result, one search row each (1: none re-scored)")
     p.add_argument("--batch", type=int, default=32, help="queries per batched search")
     p.add_argument("--add-batch", type=int, default=100_000, help="vectors generated and added at a time")
     p.add_argument("--fetches", type=int, default=200, help="timed MemoryStore fetches per tier")
     p.add_argument("--out", default=None, help="folder for the bank (default: a temporary one, removed after)")
     args = p.parse_args(argv)
     s = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in SCALES[args.scale].items()}
-    emit(result="config", scale=args.scale, **s, nprobe=args.nprobe, omp_threads=faiss.omp_get_max_threads())
+    factory = f"IVF{s['nlist']},PQ{s['pq']}" + (f",Refine({args.refine})" if args.refine else "")
+    emit(result="config", scale=args.scale, **s, factory=factory, nprobe=args.nprobe,
+         refine_k_factor=args.refine_k_factor if args.refine else None, omp_threads=faiss.omp_get_max_threads())
     embeddings = Embeddings(s["clusters"])
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         bank = build_bank(str(Path(tmp) / "bank"), s["references"], embeddings, s["pool"], s["quantizer"])
@@ -274,14 +283,16 @@ def main(argv: list[str] | None = None) -> None:
             measure_fetch(bank, tier, device, args.fetches)
         queries = embeddings.fresh(s["queries"], stream=0)
         exact = ExactTopK(queries, 5)
-        factory = f"IVF{s['nlist']},PQ{s['pq']}"
         index = build_index(embeddings, s["vectors"], factory, s["train"], s["pq_train"], args.add_batch, exact)
+        refine = refine_stage(index)
         emit(result="index_bytes", factory=factory, vectors=int(index.ntotal),
              file_bytes_per_vector=round(index_file_bytes(index, Path(tmp)) / index.ntotal, 2),
+             refine_code_bytes_per_vector=faiss.downcast_index(refine.refine_index).code_size if refine else 0,
              peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
         latency = embeddings.fresh(s["latency_queries"], stream=2)
         for nprobe in args.nprobe:
-            measure_search(index, queries, exact, nprobe, latency, args.batch)
+            for k_factor in args.refine_k_factor if refine else [None]:
+                measure_search(index, queries, exact, nprobe, latency, args.batch, k_factor)
 
 
 if __name__ == "__main__":

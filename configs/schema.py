@@ -24,6 +24,8 @@ class IndexSettings:
     """FAISS factory over normalised embeddings: Flat = exact cosine; e.g. IVF4096,PQ32 for large banks."""
     nprobe: int = 16
     """IVF lists searched per query."""
+    refine_k_factor: int = 10
+    """With a Refine stage in the factory (e.g. IVF4096,PQ32,Refine(SQ8)): candidates re-scored per result."""
     use_gpu: Any = "auto"
     """Train the index on GPU: auto (when FAISS sees one), true or false."""
     train_size: int = 200_000

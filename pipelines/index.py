@@ -14,7 +14,7 @@ def index_options(cfg: IndexSettings) -> dict:
     """update_index's keyword arguments; use_gpu "auto" is None (FAISS decides)."""
     return {"factory": cfg.factory, "nprobe": cfg.nprobe,
             "use_gpu": None if cfg.use_gpu in (None, "auto") else bool(cfg.use_gpu), "train_size": cfg.train_size,
-            "shards": cfg.shards}
+            "shards": cfg.shards, "refine_k_factor": cfg.refine_k_factor}
 
 
 def main(cfg: IndexConfig) -> int:

@@ -29,7 +29,7 @@ def test_two_shard_actors_return_what_one_index_returns(ray_local, tmp_path, fac
         got_d, got = remote.search(queries, 5)
         np.testing.assert_array_equal(got, want)
         np.testing.assert_allclose(got_d, want_d, rtol=1e-5)
-        remote.set_nprobe(64)  # every list: an IVF-Flat-like scan of all codes, still one index's answer
+        remote.set_search(64, 1)  # every list: an IVF-Flat-like scan of all codes, still one index's answer
         if ivf is not None:
             ivf.nprobe = 64
             np.testing.assert_array_equal(remote.search(queries, 5)[1], whole.search(queries, 5)[1])
