@@ -243,9 +243,9 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     right one's, the look-alikes retrieval brings (Kiwira beside Kisinga and Kikinda), so warmup teaches telling
     them apart.
     """
-    for key, value, allowed in (("layout", layout, ("varied", *LAYOUTS)), ("reading_loss", reading_loss,
-                                ("answer", "all")), ("reading_distractors", reading_distractors,
-                                                     ("random", "lookalike"))):
+    choices = {"layout": (layout, ("varied", *LAYOUTS)), "reading_loss": (reading_loss, ("answer", "all")),
+               "reading_distractors": (reading_distractors, ("random", "lookalike"))}
+    for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key}={value!r} must be one of {', '.join(map(repr, allowed))}")
     out = Path(out_dir)
