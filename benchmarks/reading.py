@@ -232,10 +232,12 @@ def run(args: dict) -> None:
     w = train_stage(model, data["warmup"], steps=hp["warmup_steps"], micro=hp["warmup_micro"], lr=hp["warmup_lr"],
                     seed=seed, pad_id=tk.pad_id, sink_ids=tk.sink_ids)
     t1 = time.time()
+    print(f"warmup: {t1 - t0:.0f} s", file=sys.stderr, flush=True)  # a run cut by a time limit still says how far
     c = train_stage(model, data["continual"], steps=hp["continual_steps"], micro=hp["continual_micro"],
                     lr=hp["continual_lr"], seed=seed + 1, ref_tokens=ref_tokens, pad_id=tk.pad_id,
                     sink_ids=tk.sink_ids)
     t2 = time.time()
+    print(f"continual: {t2 - t1:.0f} s", file=sys.stderr, flush=True)
     result = evaluate(model, tk, data, int(hp["limit"]), seed)
     mo = [v for k, v in result.items() if k.startswith("memory_only/") and k.endswith("/memory")]
     print(json.dumps({"tag": hp["tag"], "data": data_dir.name, **hp, "model": model_over,

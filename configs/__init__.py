@@ -29,9 +29,22 @@ def defaults(name: str) -> DictConfig:
     """The typed defaults of a command: its schema with configs/<name>.yaml over it (a preset name expanded)."""
     path = CONFIG_DIR / f"{name}.yaml"
     yaml = OmegaConf.load(path) if path.is_file() else OmegaConf.create({})
-    if isinstance(yaml.get("model"), str):
-        yaml.model = ModelConfig.from_name(yaml.model).to_dict()
+    if "model" in yaml:
+        yaml.model = expand_model(OmegaConf.to_container(yaml.model) if OmegaConf.is_config(yaml.model) else yaml.model)
     return merged(name, OmegaConf.structured(SCHEMAS[name]) if name in SCHEMAS else OmegaConf.create({}), yaml)
+
+
+def expand_model(value):
+    """A config's `model`: a preset name, a preset with changes ({preset: NAME, KEY: VALUE, ...}), or fields."""
+    if isinstance(value, str):
+        return ModelConfig.from_name(value).to_dict()
+    if isinstance(value, dict) and "preset" in value:
+        changes = {k: v for k, v in value.items() if k != "preset"}
+        try:
+            return ModelConfig.from_name(value["preset"], **changes).to_dict()
+        except ValueError as e:
+            raise ConfigError(f"bad model setting: {e}") from None
+    return value
 
 
 def merged(name: str, *parts) -> DictConfig:
@@ -55,8 +68,8 @@ def load_config(name: str, overrides: list[str] = ()) -> DictConfig:
         if profile[-1] not in profiles:
             raise ConfigError(f"profile={profile[-1]} is not one of {sorted(profiles)} (configs/{name}.yaml)")
         chosen = OmegaConf.to_container(profiles[profile[-1]])
-        if isinstance(chosen.get("model"), str):
-            chosen["model"] = ModelConfig.from_name(chosen["model"]).to_dict()
+        if "model" in chosen:
+            chosen["model"] = expand_model(chosen["model"])
         cfg = merged(name, cfg, chosen, {"profile": profile[-1]})
     preset = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "model"]
     if preset:  # a preset on the command line replaces the whole model section, then model.* overrides apply

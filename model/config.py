@@ -51,6 +51,10 @@ class ModelConfig:
     """The constant '<s> <ref>' prefix that stands for the paper's '<s>Reference:' BOS (§3.2)."""
     selection: str = "softmax"
     """Token-selection weights: 'softmax' (the paper's definition) or 'exp' (its cheaper approximation)."""
+    memory_positions: str = "parallel"
+    """Where a window's memories sit: 'parallel' (the paper, §3.2: all share one reference_len interval, so their
+    order carries nothing) or 'ranked' (the window's j-th retrieved memory sits j intervals further from the
+    context, so the retrieval rank is a cue the model can read: `Transformer` docs, BENCHMARKS.md #14)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -64,6 +68,8 @@ class ModelConfig:
             problems.append(f"mem_tokens={self.mem_tokens} must be in 1..reference_len={self.reference_len}")
         if self.selection not in ("softmax", "exp"):
             problems.append(f"selection={self.selection!r} must be 'softmax' or 'exp'")
+        if self.memory_positions not in ("parallel", "ranked"):
+            problems.append(f"memory_positions={self.memory_positions!r} must be 'parallel' or 'ranked'")
         for name in ("vocab_size", "n_layer", "head_dim", "mlp_hidden", "window", "refs_per_window", "max_seq_len"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from model.transformer import KVCache, MemoryBatch, Transformer
+from model.transformer import KVCache, MemoryBatch, Transformer, rank_memory_positions
 
 
 @dataclass
@@ -141,7 +141,8 @@ class MemoryWindows:
             return
         rows = torch.tensor(sorted(self.changed), device=self.current.device)
         self.changed.clear()
-        kv = self.current[rows].permute(2, 3, 0, 4, 1, 5, 6).flatten(4, 5)  # (L, 2, n, Hkv, M*k, D)
+        ranked = rank_memory_positions(self.current[rows], self.cfg)
+        kv = ranked.permute(2, 3, 0, 4, 1, 5, 6).flatten(4, 5)  # (L, 2, n, Hkv, M*k, D)
         for layer, cache in enumerate(caches[:self.cfg.n_mem_layer]):
             cache.write_memory(rows, kv[layer, 0], kv[layer, 1])
         token_ok = torch.arange(self.cfg.mem_tokens, device=rows.device) < self.n_valid[..., None]  # (B, M, k)

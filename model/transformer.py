@@ -10,7 +10,9 @@ Notable:
   concatenated every step; each step reads only `key_len` context positions (a length bucket), not max_seq_len.
 - Sequence layout: `[<s> <ref>] [memories] [<s> context...]`. The sink `<s> <ref>` stands for the paper's
   "<s>Reference:" BOS. RoPE positions: sink at 0..sink_len-1, memories share the next reference_len positions
-  (parallel position encoding), context after them (`ModelConfig.rope_position`).
+  (parallel position encoding), context after them (`ModelConfig.rope_position`). With
+  `memory_positions="ranked"` a window's j-th retrieved memory is moved j * reference_len positions further back
+  (`rank_memory_positions`), so the model can tell the best match from the distractors by where it sits.
 - Weight names and rotary convention match Hugging Face Llama, so its checkpoints load by renaming only.
 """
 from __future__ import annotations
@@ -49,6 +51,7 @@ class MemoryBatch:
         input_pos: (B, T) context index of each query token.
         """
         B, M, L, _, H, k, D = memories.shape
+        memories = rank_memory_positions(memories, cfg)
         kv = memories.permute(3, 0, 2, 4, 1, 5, 6).reshape(2, B, L, H, M * k, D)  # (2, B, L, H, M*k, D)
         token_ok = torch.arange(k, device=n_valid.device) < n_valid[..., None]  # (B, M, k)
         window = cfg.window_of(input_pos).clamp(max=visible.shape[1] - 1)  # (B, T)
@@ -81,6 +84,20 @@ def rope_tables(cfg: ModelConfig, positions: Tensor, dtype: torch.dtype) -> tupl
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rank_memory_positions(memories: Tensor, cfg: ModelConfig) -> Tensor:
+    """Memories (B, M, n_mem_layer, 2, n_kv_head, k, head_dim) laid out for `cfg.memory_positions`. Slot m holds a
+    window's rank m % refs_per_window memory (slots go window by window, best retrieved first). 'ranked' rotates
+    its keys back by rank * reference_len positions: RoPE rotations compose, so that equals encoding the
+    reference that much earlier, and the best match sits right before the context."""
+    if cfg.memory_positions == "parallel":
+        return memories
+    M, dtype = memories.shape[1], memories.dtype
+    shift = -(torch.arange(M, device=memories.device) % cfg.refs_per_window) * cfg.reference_len
+    cos, sin = (t.reshape(1, M, 1, 1, 1, cfg.head_dim) for t in rope_tables(cfg, shift[None], torch.float32))
+    keys = apply_rope(memories[:, :, :, 0].float(), cos, sin).to(dtype)
+    return torch.stack([keys, memories[:, :, :, 1]], dim=3)
 
 
 class KVCache(nn.Module):

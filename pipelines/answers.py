@@ -20,10 +20,12 @@ def first_line(text: str) -> str:
 
 def decode_answers(model: Transformer, tokenizer: Tokenizer, ids: list[list[int]], max_new_tokens: int,
                    retrieve: Callable[[int, list[int]], Retrieved] | None = None) -> list[str]:
-    """Greedy answers to already tokenised prompts, cut at the end of text or the first line break."""
+    """Greedy answers to already tokenised prompts, cut at the end of text or the first line break. A long prompt
+    (a RAG prompt of long references) gets the new tokens that still fit in the model's context."""
     stop = {tokenizer.eos_id, *tokenizer.encode("\n")}
     out: list[list[int]] = [[] for _ in ids]
-    for step in generate(model, ids, max_new_tokens, retrieve=retrieve, stop_ids=stop):
+    budget = [max(0, min(max_new_tokens, model.cfg.max_seq_len - len(p))) for p in ids]
+    for step in generate(model, ids, budget, retrieve=retrieve, stop_ids=stop):
         for j, t in enumerate(step.tokens):
             if t is not None and t not in stop:
                 out[j].append(t)

@@ -158,6 +158,11 @@ def check_memory_slots(model: ModelConfig, memory: TrainMemorySettings) -> None:
                          f"at most {windows} windows) = {reads} memories per training window > the model's "
                          f"refs_per_window={model.refs_per_window} decode slots; lower memory.refs_per_window or "
                          f"memory.lookback, or raise model.refs_per_window")
+    if model.memory_positions == "ranked" and (memory.lookback or memory.refs_per_window != model.refs_per_window):
+        raise ValueError(f"model.memory_positions=ranked places a window's memories by retrieval rank, as decoding "
+                         f"does: it needs memory.lookback=0 and memory.refs_per_window=model.refs_per_window="
+                         f"{model.refs_per_window} (got {memory.lookback} and {memory.refs_per_window}), e.g. "
+                         f"memory.lookback=0 memory.refs_per_window={model.refs_per_window}")
 
 
 def newest_checkpoint(run_dir: str, world_size: int) -> str | None:

@@ -54,3 +54,17 @@ def test_unknown_key_and_bad_profile(capsys):
 def test_profile_values_sit_under_command_line_overrides():
     cfg = cli.load_config("quickstart", ["profile=smoke", "warmup.max_steps=3"])
     assert cfg.profile == "smoke" and cfg.warmup.max_steps == 3 and cfg.continual.max_steps == 10
+
+
+def test_a_model_preset_with_changes():
+    """`model: {preset: NAME, KEY: VALUE}` in a YAML is the preset with those fields changed; `model=NAME` on the
+    command line is the preset itself; a bad field is named."""
+    from configs import ConfigError, expand_model
+    from model.config import ModelConfig
+
+    cfg = cli.load_config("quickstart", [])
+    assert cfg.model.memory_positions == "ranked"
+    assert cfg.model.n_layer == ModelConfig.from_name("tiny").n_layer
+    assert cli.load_config("quickstart", ["model=tiny"]).model.memory_positions == "parallel"
+    with pytest.raises(ConfigError, match="memory_positions='sideways'"):
+        expand_model({"preset": "tiny", "memory_positions": "sideways"})

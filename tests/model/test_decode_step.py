@@ -1,6 +1,7 @@
 """The decode step of model.generate and the serving engine (`Transformer.decode`, `DecodeStep`) against the forms
 it replaces: memories in reserved cache slots equal the per-step concatenation, and attention over a length bucket
 equals attention over the whole cache."""
+import pytest
 import torch
 
 from model.generate import DecodeStep, MemoryWindows, Retrieved
@@ -23,10 +24,11 @@ def _prefilled(model, B, T, memories, n_valid):
     return windows
 
 
-def test_reserved_memory_slots_equal_concatenated_memories(make_model):
+@pytest.mark.parametrize("positions", ["parallel", "ranked"])
+def test_reserved_memory_slots_equal_concatenated_memories(make_model, positions):
     """eq. 4 while decoding: one softmax over [memories, causal context]; the memories may sit in the cache's
     reserved slots (written once per window) or be concatenated to the cache at every step."""
-    model = make_model()
+    model = make_model(memory_positions=positions)
     cfg = model.cfg
     B, T, M = 3, 21, cfg.refs_per_window
     memories = torch.randn(B, M, *cfg.memory_shape)

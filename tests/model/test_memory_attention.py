@@ -1,11 +1,12 @@
 """Explicit-memory attention: the training form, the decoding form and the definition agree (paper eq. 4)."""
 import math
 
+import pytest
 import torch
 
 from model.encoder import encode_references
 from model.generate import Retrieved, generate
-from model.transformer import MemoryBatch, apply_rope, rope_tables
+from model.transformer import MemoryBatch, apply_rope, rank_memory_positions, rope_tables
 
 SINK = [2, 4]
 
@@ -71,10 +72,11 @@ def _window_memories(model, n_windows, n_slots, seed=0):
     return mem.memories.view(n_windows, n_slots, *mem.memories.shape[1:]), mem.n_valid.view(n_windows, n_slots)
 
 
-def test_training_form_equals_window_by_window_decoding_form(make_model):
+@pytest.mark.parametrize("positions", ["parallel", "ranked"])
+def test_training_form_equals_window_by_window_decoding_form(make_model, positions):
     """The block-masked forward (every window sees its own memories) equals processing the sequence one window at
     a time with the KV cache, swapping the memory part before each window."""
-    model = make_model()
+    model = make_model(memory_positions=positions)
     cfg = model.cfg
     W, M = 4, cfg.refs_per_window
     T = cfg.sink_len + W * cfg.window
@@ -97,10 +99,11 @@ def test_training_form_equals_window_by_window_decoding_form(make_model):
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_decoding_with_memory_swaps_equals_full_forward(make_model):
+@pytest.mark.parametrize("positions", ["parallel", "ranked"])
+def test_kv_cache_decoding_with_memory_swaps_equals_full_forward(make_model, positions):
     """Greedy decoding re-retrieves every window; replaying the final sequence in one forward with each window's
     memories must give the same logits at every generated position."""
-    model = make_model()
+    model = make_model(memory_positions=positions)
     cfg = model.cfg
     bank_mem, bank_valid = _window_memories(model, 6, cfg.refs_per_window, seed=1)
     calls = []
@@ -140,6 +143,44 @@ def test_kv_cache_decoding_with_memory_swaps_equals_full_forward(make_model):
         torch.testing.assert_close(gen_logits, full[len(prompts[b]) - 1: len(prompts[b]) - 1 + n], atol=1e-4,
                                    rtol=1e-4)
     assert len({r for r, _ in calls}) == 2 and len(calls) > 4  # both rows re-retrieved while generating
+
+
+def test_ranked_positions_equal_encoding_the_reference_earlier(make_model):
+    """'ranked' moves a window's j-th memory j * reference_len positions back: its stored keys (rotated at their
+    position in the reference) come out rotated as if that position were j * reference_len smaller, values
+    untouched, in every window of the slot layout."""
+    model = make_model(memory_positions="ranked")
+    cfg = model.cfg
+    W, M = 2, cfg.refs_per_window
+    raw = torch.randn(1, W * M, *cfg.memory_shape)  # un-rotated keys and values
+    at = torch.randint(0, cfg.reference_seq_len, (cfg.mem_tokens,))  # each kept token's position
+
+    def rotated(keys, shift):  # keys (..., k, D) rotated at `at` - shift
+        cos, sin = rope_tables(cfg, (at - shift)[None], torch.float32)  # (1, 1, k, D)
+        return apply_rope(keys, cos[0], sin[0])
+
+    stored = raw.clone()
+    stored[:, :, :, 0] = rotated(raw[:, :, :, 0], 0)
+    got = rank_memory_positions(stored, cfg)
+    for m in range(W * M):
+        want = rotated(raw[:, m, :, 0], (m % M) * cfg.reference_len)
+        torch.testing.assert_close(got[:, m, :, 0], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[:, :, :, 1], stored[:, :, :, 1])
+
+
+@pytest.mark.parametrize("positions", ["parallel", "ranked"])
+def test_memory_order_matters_only_when_ranked(make_model, positions):
+    """Parallel positions make the read order-free (§3.2); ranked ones make the best match distinguishable."""
+    model = make_model(memory_positions=positions)
+    cfg = model.cfg
+    mems, n_valid = _window_memories(model, 1, cfg.refs_per_window)
+    idx = torch.randint(5, cfg.vocab_size, (1, cfg.sink_len + 7))
+    pos = torch.arange(idx.shape[1])[None]
+    visible = torch.ones(1, 1, cfg.refs_per_window, dtype=torch.bool)
+    out = [model(idx, memory=MemoryBatch.from_references(m[None], v[None], visible, pos, cfg))
+           for m, v in ((mems[0], n_valid[0]), (mems[0].flip(0), n_valid[0].flip(0)))]
+    same = torch.allclose(out[0], out[1], atol=1e-5, rtol=1e-5)
+    assert same == (positions == "parallel")
 
 
 def test_retrieval_schedule_matches_paper_count(make_model):

@@ -120,6 +120,19 @@ def test_select_references_drops_own_document_and_copies():
     assert select_references([1, 3], records, train, {"d1"}, 2, 0.9, counts) == [-1, -1]
 
 
+def test_ranked_memory_positions_need_the_decoding_layout():
+    """Ranked memory positions mean 'the window's j-th retrieved reference': training must lay slots out as
+    decoding does (its own references only, as many as the model's slots), else a bad setting is named."""
+    from configs.schema import TrainMemorySettings
+    from pipelines.train import check_memory_slots
+
+    ranked = ModelConfig.from_name("tiny", memory_positions="ranked")
+    with pytest.raises(ValueError, match="memory.lookback=0 memory.refs_per_window=3"):
+        check_memory_slots(ranked, TrainMemorySettings(refs_per_window=1, lookback=2))
+    check_memory_slots(ranked, TrainMemorySettings(refs_per_window=3, lookback=0))
+    check_memory_slots(ModelConfig.from_name("tiny"), TrainMemorySettings(refs_per_window=1, lookback=2))
+
+
 def test_memory_slots_lookback_and_duplicates():
     rows = np.array([[[7], [8], [7], [-1], [9], [5]]])  # (B=1, W=6, r=1)
     unique, slot_ref, visible = memory_slots(rows, lookback=2)
