@@ -120,7 +120,17 @@ def ask_over_http(cfg: DictConfig, checkpoint: str, bank: Path, questions: list[
         r.raise_for_status()
         body = r.json()
         return {"question": q["question"], "expected": q["answer"], "answer": body["choices"][0]["text"].strip(),
-                "memories": [m.get("id") for m in body.get("memories", [])]}
+                "memories": [m.get("id") for m in body.get("memories", [])], "expected_logprob": score(q)}
+
+    def score(q: dict) -> float:
+        """Log-likelihood of the expected answer, scored as evaluation harnesses do (echo, no new tokens): a
+        smoother sign than exact match that an added document changed what the model says."""
+        text = f"{q['prompt']} {q['answer']}"
+        r = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": "memory3", "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0})
+        r.raise_for_status()
+        lp = r.json()["choices"][0]["logprobs"]
+        return round(sum(v for v, at in zip(lp["token_logprobs"], lp["text_offset"]) if at >= len(q["prompt"])), 3)
 
     try:
         serve.run(app, name="memory3-quickstart", route_prefix="/")
@@ -219,7 +229,8 @@ def report_markdown(report: dict) -> str:
     lines += ["", f"Added `{http['added_document']}` with POST /v1/memories, then asked about it:", ""]
     for before, after in zip(http["before_add"], http["after_add"]):
         lines.append(f"- {after['question']} → before **{before['answer']}**, after **{after['answer']}** "
-                     f"(expected {after['expected']})")
+                     f"(expected {after['expected']}; its log-likelihood {before['expected_logprob']:.2f} → "
+                     f"{after['expected_logprob']:.2f})")
     lines += ["", "Plots: loss.png (training), accuracy.png, speed.png.", "",
               f"Memory vs no memory on memory-only cities: {acc['memory'].get('memory_only')} vs "
               f"{acc['none'].get('memory_only')}; RAG {acc.get('rag', {}).get('memory_only')}."]

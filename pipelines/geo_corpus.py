@@ -302,10 +302,10 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
         doc = _city_doc(city, country, continent_of[country], group, rng, layout)
         city_docs.append(doc)
         gid = city["geonameid"]
-        if gid in flipped:  # the bank states another country (continent to match)
+        if gid in flipped:  # the bank states another country, the rest as it was: an edit as a user makes one
             fake = rng.choice([c for c in country_names if c != country])
-            edited = {**_city_doc(city, fake, continent_of[fake], "counterfactual", rng, layout),
-                      "true_answer": country}
+            edited = {**doc, "text": doc["text"].replace(country, fake), "group": "counterfactual", "answer": fake,
+                      "facts": {**doc["facts"], "country": fake}, "true_answer": country}
             bank_docs.append(edited)
             question, answer = _question(edited, "country", rng)
             stage2.append(_prompt_record(f"train:cf:{gid}", _prompt(question), answer, None))

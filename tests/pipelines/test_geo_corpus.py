@@ -220,6 +220,8 @@ def test_counterfactual_cities_state_another_country_in_the_bank(tmp_path):
     warm = {r["text"] for r in _read(tmp_path / "train.jsonl")}
     for r in flipped:
         assert r["answer"] != r["true_answer"] and r["text"].split(".")[0].count(r["answer"]) == 1
+        # only the country is edited, as a user edits a fact (the quickstart's counterfactual probe does the same)
+        assert any(r["text"].replace(r["answer"], r["true_answer"]) in t for t in warm)
         gid = r["id"].split(":")[1]
         assert stage2[f"train:cf:{gid}"]["text"].endswith(f" {r['answer']}")  # stage 2 follows the bank
         assert any(t.endswith(f" {r['true_answer']}") and r["entity"] in t for t in warm)  # warmup knew the truth
