@@ -344,6 +344,10 @@ class EvalConfig:
     """Prompts timed per mode at batch 1."""
     speed_tokens: int = 32
     """Tokens generated per timed prompt."""
+    device: str = "cpu"
+    """Where the model decodes: cpu or cuda (retrieval embeds on the CPU either way)."""
+    dtype: str = "auto"
+    """Model precision: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16."""
     seed: int = 0
     """Sampling seed of the evaluation."""
     out: Optional[str] = None
@@ -511,6 +515,7 @@ class QuickstartConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: Dict[str, Any] = field(default_factory=dict)
     scaling: Dict[str, Any] = field(default_factory=dict)
+    deepspeed: Dict[str, Any] = field(default_factory=dict)
     warmup: Dict[str, Any] = field(default_factory=dict)
     continual: Dict[str, Any] = field(default_factory=dict)
     encode: Dict[str, Any] = field(default_factory=dict)

