@@ -79,6 +79,9 @@ class EncodeConfig:
     existing bank's own codec; null: bf16; else a FAISS factory string (paper App. B)."""
     quantizer_sample: int = 512
     """References (first in corpus order) whose memories train the quantizer."""
+    quantizer_threads: int = 0
+    """FAISS threads that train the codebooks (0: every core of the node; the training runs alone, before any
+    encoding: single-threaded, the 16,384-centroid k-means of a Residual2x14 level takes many minutes)."""
     embedder: Optional[str] = None
     """Retrieval embedder: null = all-MiniLM-L6-v2, or a sentence-transformers folder."""
     embed_batch_size: int = 64
@@ -263,6 +266,8 @@ class TrainMemorySettings:
     """Retriever actors in the precompute pass."""
     retrieval_cpus: float = 0.5
     """CPUs per retrieval actor."""
+    retrieval_gpus: float = 0
+    """GPUs per retrieval actor (> 0: the embedder runs there; the pass ends before training takes the GPUs)."""
     retrieval_batch: int = 32
     """Sequences per retrieval batch."""
 
@@ -338,7 +343,7 @@ class EvalConfig:
     """References per window (default: the model's refs_per_window)."""
     batch_size: int = 16
     """Questions decoded together."""
-    max_new_tokens: int = 8
+    max_new_tokens: int = 16
     """Answer length limit."""
     speed_prompts: int = 8
     """Prompts timed per mode at batch 1."""

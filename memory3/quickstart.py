@@ -99,9 +99,13 @@ def probes(cfg: DictConfig, checkpoint: str, bank: Path, held_refs: list[dict], 
     counter = evaluate(model, tokenizer, edited_qa, memory_source(), modes=["memory", "none"])
     kept = [r for r, q in zip(counter["results"]["memory"], edited_qa)
             if r["output"].strip().lower() == q["true_answer"].lower()]
+    # each edit not followed, with whether its edited reference was retrieved first (else retrieval missed it)
+    misses = [{"question": q["question"], "edited": q["answer"], "weights": q["true_answer"], "output": r["output"],
+               "edit_retrieved_first": r["references"][:1] == [f"edit:{q['doc_id']}#0"]}
+              for r, q in zip(counter["results"]["memory"], edited_qa) if not r["correct"]]
     return {"knowledge_update": update["accuracy"], "knowledge_update_by_fact": update["accuracy_by_fact"],
             "counterfactual": counter["accuracy"], "counterfactual_kept_weights": round(len(kept) / max(1, len(picked)), 4),
-            "counterfactual_examples": counter["results"]["memory"][:3]}
+            "counterfactual_misses": misses}
 
 
 def ask_over_http(cfg: DictConfig, checkpoint: str, bank: Path, questions: list[dict], added: dict,

@@ -165,7 +165,7 @@ class EncodeShards:
 
 
 def _train_quantizer(checkpoint: str, references: list[dict], factory: str, batch_size: int, device: str,
-                     dtype: str, torch_threads: int) -> bytes:
+                     dtype: str, torch_threads: int, quantizer_threads: int) -> bytes:
     """Codebooks from the memories of a sample of references (paper App. B), as serialized FAISS bytes."""
     set_threads(torch_threads)
     model, tokenizer = load_checkpoint(local_checkpoint(checkpoint), device, parse_dtype(dtype, device))
@@ -173,6 +173,9 @@ def _train_quantizer(checkpoint: str, references: list[dict], factory: str, batc
     memories, _ = ShardEncoder(model, tokenizer, None, None, None, batch_size).memories(refs)
     quantizer = MemoryQuantizer(factory, model.cfg.head_dim)
     vectors = memories.view(-1, model.cfg.head_dim)
+    # k-means over the sample (16,384 centroids for a Residual2x14 level) is the slow part: it runs before any
+    # encoding, alone, so it may take every core of its node
+    set_threads(quantizer_threads or os.cpu_count() or 1)
     quantizer.train(vectors[vectors.abs().sum(-1) > 0])  # padding slots are zeros, not memories
     return quantizer.to_bytes()
 
@@ -228,7 +231,7 @@ def prepare_bank(cfg: EncodeConfig, files: list[str], run_options: dict) -> dict
 
         task = ray.remote(_train_quantizer).options(**run_options)  # same resources as an encoder actor
         data = ray.get(task.remote(ckpt, sample, factory, cfg.batch_size, choose_device(cfg.device, cfg.num_gpus),
-                                   cfg.dtype, cfg.torch_threads))
+                                   cfg.dtype, cfg.torch_threads, cfg.quantizer_threads))
         quantizer = MemoryQuantizer.from_bytes(data, factory, model_cfg.head_dim)
     dim = embedder_dim(cfg.embedder)
     return create_bank(cfg.bank, config=model_cfg, model_sha256=model_sha, tokenizer_sha256=tokenizer.sha256,

@@ -103,7 +103,7 @@ def answer_logprob(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[in
 
 
 def evaluate(model: Transformer, tokenizer: Tokenizer, qa: list[dict], source: MemorySource,
-             modes=MODES, batch_size: int = 16, max_new_tokens: int = 8) -> dict:
+             modes=MODES, batch_size: int = 16, max_new_tokens: int = 16) -> dict:
     """Accuracy per mode and group on `qa` records ({"prompt", "answer", "group"}); all modes share retrievals."""
     prompts = [q["prompt"] for q in qa]
     rows = source.search(prompts)  # one retrieval per question, shared by memory and RAG mode

@@ -108,13 +108,14 @@ class ReferenceAssigner:
     """Ray Data actor: adds `ref_rows` (W lists of refs_per_window bank rows) to each training sequence."""
 
     def __init__(self, bank_uri: str, tokenizer_json: str, model: dict, n_windows: int, refs_per_window: int,
-                 candidates: int, overlap_threshold: float, embedder: str | None = None):
+                 candidates: int, overlap_threshold: float, embedder: str | None = None, device: str = "cpu"):
         from bank.embedder import Embedder
         from bank.index import Retriever
         from bank.reader import MemoryBank
 
         self.bank = MemoryBank.open(bank_uri)
-        self.retriever = Retriever.open(bank_uri, embedder=Embedder(embedder) if embedder else None)
+        self.retriever = Retriever.open(bank_uri, embedder=Embedder(embedder, device=device) if embedder else None,
+                                        bank=self.bank, device=device)
         self.tk = Tokenizer.from_str(tokenizer_json)
         self.cfg = ModelConfig.from_dict(model)
         self.n_windows, self.k = n_windows, refs_per_window
@@ -150,8 +151,10 @@ class ReferenceAssigner:
 
 def assign_references(ds, *, bank_uri: str, tokenizer_json: str, cfg: ModelConfig, n_windows: int,
                       refs_per_window: int, candidates: int, overlap_threshold: float, embedder: str | None,
-                      actors: int, cpus_per_actor: float, batch_size: int, env_vars: dict | None = None):
-    """The precompute pass: `ds` (prepared sequences) -> `ds` with ref_rows, leak_same_document, leak_overlap."""
+                      actors: int, cpus_per_actor: float, batch_size: int, gpus_per_actor: float = 0,
+                      env_vars: dict | None = None):
+    """The precompute pass: `ds` (prepared sequences) -> `ds` with ref_rows, leak_same_document, leak_overlap.
+    gpus_per_actor > 0 embeds the queries on a GPU (it runs before training takes the GPUs)."""
     import ray
 
     return ds.map_batches(
@@ -159,8 +162,8 @@ def assign_references(ds, *, bank_uri: str, tokenizer_json: str, cfg: ModelConfi
         fn_constructor_kwargs={"bank_uri": bank_uri, "tokenizer_json": tokenizer_json, "model": cfg.to_dict(),
                                "n_windows": n_windows, "refs_per_window": refs_per_window,
                                "candidates": candidates, "overlap_threshold": overlap_threshold,
-                               "embedder": embedder},
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+                               "embedder": embedder, "device": "cuda" if gpus_per_actor > 0 else "cpu"},
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
         **({"runtime_env": {"env_vars": env_vars}} if env_vars else {}))
 
 

@@ -249,7 +249,7 @@ def precompute_retrieval(plan: TrainPlan, cfg: TrainConfig, env: dict) -> tuple[
         cfg=plan.model, n_windows=windows, refs_per_window=mem.refs_per_window,
         candidates=mem.candidates, overlap_threshold=mem.overlap_threshold, embedder=mem.embedder,
         actors=mem.retrieval_actors, cpus_per_actor=mem.retrieval_cpus, batch_size=mem.retrieval_batch,
-        env_vars=env)
+        gpus_per_actor=mem.retrieval_gpus, env_vars=env)
     out_fs, out_path = arrow_filesystem(folder)
     assigned.write_parquet(out_path, filesystem=out_fs)
     seconds = time.perf_counter() - t0
