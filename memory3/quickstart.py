@@ -66,6 +66,7 @@ def probes(cfg: DictConfig, checkpoint: str, bank: Path, held_refs: list[dict], 
            qa: list[dict], refs: dict) -> dict:
     """Knowledge update: documents added after training through the live add path (what POST /v1/memories runs)
     are answered. Counterfactual: a fact of a city the weights know, edited in memory, changes the answer."""
+    from bank.checkpoints import parse_dtype
     from bank.edits import append_documents, delete_references
     from bank.embedder import Embedder
     from model.checkpoint import load_checkpoint
@@ -75,8 +76,6 @@ def probes(cfg: DictConfig, checkpoint: str, bank: Path, held_refs: list[dict], 
     shutil.rmtree(probe_bank, ignore_errors=True)
     shutil.copytree(bank, probe_bank)
     bank = probe_bank
-    from bank.checkpoints import parse_dtype
-
     dtype = parse_dtype(cfg.eval.dtype, cfg.eval.device)
     model, tokenizer = load_checkpoint(checkpoint, cfg.eval.device, dtype)
     embedder = Embedder()
