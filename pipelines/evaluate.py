@@ -196,11 +196,11 @@ def read_jsonl(uri: str) -> list[dict]:
 
 def run(cfg: EvalConfig) -> dict:
     cfg = typed("eval", cfg)
-    model, tokenizer = load_checkpoint(cfg.checkpoint, cfg.device, parse_dtype(cfg.dtype, cfg.device))
+    dtype = parse_dtype(cfg.dtype, cfg.device)
+    model, tokenizer = load_checkpoint(cfg.checkpoint, cfg.device, dtype)
     if tokenizer is None:
         raise ValueError(f"checkpoint {cfg.checkpoint} has no tokenizer.json")
-    source = open_memory_source(cfg.bank, k=cfg.refs or model.cfg.refs_per_window, device=cfg.device,
-                                dtype=parse_dtype(cfg.dtype, cfg.device),
+    source = open_memory_source(cfg.bank, k=cfg.refs or model.cfg.refs_per_window, device=cfg.device, dtype=dtype,
                                 expect_model_sha=weights_sha256(cfg.checkpoint), expect_tokenizer_sha=tokenizer.sha256,
                                 leakage_filter=tokenizer if cfg.leakage_threshold < 1 else None,
                                 leakage_threshold=cfg.leakage_threshold)
