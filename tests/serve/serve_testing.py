@@ -48,7 +48,8 @@ def build_bank(path: str, checkpoint: str, documents: list[dict], quantizer: str
     q = None
     if quantizer:
         refs = chunk_documents(documents_from_dicts(documents)[0], tokenizer, model.cfg.reference_len)
-        data = _train_quantizer(checkpoint, [reference_to_dict(r) for r in refs], quantizer, 32, "cpu", "float32", 1)
+        data = _train_quantizer(checkpoint, [reference_to_dict(r) for r in refs], quantizer, 32, "cpu", "float32",
+                                torch_threads=1, quantizer_threads=1)
         q = MemoryQuantizer.from_bytes(data, quantizer, model.cfg.head_dim)
     create_bank(path, config=model.cfg, model_sha256=weights_sha256(checkpoint), tokenizer_sha256=tokenizer.sha256,
                 quantizer=q, embedder=embedder.spec(), shard_documents=8)
