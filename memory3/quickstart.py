@@ -270,11 +270,11 @@ class Stages:
     def __call__(self, key: str, title: str):
         self.n += 1
         t = time.perf_counter()
-        earlier = self.finished.get(key, {}).get("seconds", 0)
+        earlier = self.finished[key]["seconds"] if key in self.reused else 0
         with console.stage(f"[{self.n}/{self.total}] {title}") as line:
             yield line
         self.seconds[key] = round(time.perf_counter() - t + earlier, 1)
-        if key in self.finished and not earlier:  # finished now: recorded with its seconds
+        if key in self.finished and key not in self.reused:  # finished now: recorded with its seconds
             self.finished[key]["seconds"] = self.seconds[key]
             storage.write_text(str(self.record), json.dumps(self.finished))
 
