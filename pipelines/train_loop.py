@@ -208,6 +208,15 @@ def load_init_weights(model: Transformer, uri: str) -> None:
     model.load_state_dict(state)
 
 
+def skip_cpu_inference_allreduce() -> None:
+    """DeepSpeed's CPU backend JIT-builds (g++) a shared-memory all-reduce on init that only its inference path uses.
+    That build waits forever on the lock file an interrupted build leaves (Ctrl-C during a first run hung every later
+    run), so CPU training marks the op unavailable; gradients reduce over Ray's gloo group either way."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def _maybe_fail(config: dict, step: int, rank: int, world: int) -> None:
     """Test hook for FailureConfig: one worker dies once at `fail_at_step` (a marker file makes it once)."""
     if config.get("fail_at_step") is None or step != int(config["fail_at_step"]) or rank != min(1, world - 1):
@@ -239,6 +248,8 @@ def train_loop_per_worker(config: dict) -> None:
     mcfg = ModelConfig.from_dict(config["model"])
     ds, optim = config["deepspeed"], config["optim"]
     device = torch.device("cuda", torch.cuda.current_device()) if config["use_gpu"] else torch.device("cpu")
+    if not config["use_gpu"]:
+        skip_cpu_inference_allreduce()
 
     with device:  # built where it trains (a 2.4B random init takes a minute on CPU); same seed: same on every rank
         model = Transformer(mcfg)

@@ -26,7 +26,7 @@ from pipelines.prepare import prepare
 from pipelines.retrieval_assign import lcs_length, overlap, select_references
 from pipelines.train import plan_run, train
 from pipelines.train_loop import (IGNORE, ReferenceTokens, TrainBatch, collate, forward_loss, memory_slots,
-                                  wsd_lr_factor)
+                                  skip_cpu_inference_allreduce, wsd_lr_factor)
 
 MODEL = {"n_layer": 2, "n_head": 2, "n_kv_head": 1, "head_dim": 32, "mlp_hidden": 128, "vocab_size": 384,
          "max_seq_len": 96, "n_mem_layer": 1, "reference_len": 32, "mem_tokens": 8, "window": 32}
@@ -159,6 +159,26 @@ def test_wsd_schedule_and_collate_targets():
     b = collate({"tokens": [np.array([2, 4, 2, 10, 11, 12]), np.array([2, 4, 2, 20])]}, 8, pad_id=0, sink_len=2)
     assert b.inputs.tolist() == [[2, 4, 2, 10, 11, 12, 0], [2, 4, 2, 20, 0, 0, 0]]
     assert b.targets.tolist() == [[IGNORE, IGNORE, 10, 11, 12, IGNORE, IGNORE], [IGNORE, IGNORE, 20] + [IGNORE] * 4]
+
+
+def test_cpu_training_never_waits_on_a_stale_deepspeed_build_lock(tmp_path, monkeypatch):
+    """An interrupted JIT build leaves torch's lock file behind; DeepSpeed's CPU init used to wait on it forever."""
+    import threading
+
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("the shared-memory op is built only by DeepSpeed's CPU accelerator")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "lock").touch()
+    skip_cpu_inference_allreduce()
+    built = []
+    init = threading.Thread(target=lambda: built.append(build_shm_op()), daemon=True)
+    init.start()
+    init.join(timeout=60)
+    assert built == [None], "DeepSpeed's CPU init is waiting on a stale build lock"
 
 
 def test_continual_step_encodes_references_with_live_weights():
