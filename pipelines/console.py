@@ -166,11 +166,14 @@ class Stage:
         """The key numbers of the stage, shown at the end of its line."""
         self.bar.set_postfix_str(summary, refresh=False)
 
-    def close(self) -> float:
+    def close(self, finished: bool = True) -> float:
+        """Ends the line: a finished stage's bar is full; one stopped by an error or Ctrl-C shows where it stopped."""
         self._stop.set()
         if self._poller is not None:
             self._poller.join(timeout=5)
-        if self.bar.total:
+        if not finished:
+            self.bar.set_postfix_str("stopped", refresh=False)
+        elif self.bar.total:
             self.bar.n = self.bar.total
         seconds = time.perf_counter() - self.started
         self.bar.close()
@@ -185,10 +188,12 @@ def stage(title: str) -> Iterator[Stage]:
         yield _active
         return
     _active = Stage(title)
+    finished = False
     try:
         yield _active
+        finished = True
     finally:
-        seconds = _active.close()
+        seconds = _active.close(finished)
         _active = None
         if _terminal is not None:  # the log gets the stage's end too
-            print(f"[stage] {title}: {seconds:.1f}s", flush=True)
+            print(f"[stage] {title}: {seconds:.1f}s{'' if finished else ', stopped'}", flush=True)
