@@ -171,6 +171,8 @@ class CorpusConfig:
     """Reading examples' other references: 'random' reading cities or 'lookalike' (names sorted nearest)."""
     reading_any_country: float = 0.0
     """Share of reading cities placed in a random country, so warmup copies every country name from a text."""
+    continual_any_country: float = 0.0
+    """Share of continual cities placed in a random country, so stage 2 copies every country name from memory."""
     action: Optional[str] = None
     """The word after the command: geo."""
 

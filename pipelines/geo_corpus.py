@@ -223,7 +223,7 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
                      n_continual: int = 0, n_reading: int = 0, n_counterfactual: int = 0, distractors: int = 2,
                      questions_per_city: int = 2, min_population: int = 15000, layout: str = "varied",
                      reading_loss: str = "answer", reading_distractors: str = "random",
-                     reading_any_country: float = 0.0) -> dict:
+                     reading_any_country: float = 0.0, continual_any_country: float = 0.0) -> dict:
     """Write references/train/continual/qa JSONL and summary.json into out_dir; return the summary.
 
     Groups of cities (paper.md §10 and the demo's claim):
@@ -246,14 +246,18 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     reading_any_country: the share of reading cities placed in a random country (their text and answer say it),
     so that warmup teaches copying every country name from a reference, not only the common ones that a
     counterfactual edit rarely names.
+    continual_any_country: the same for continual cities: their bank reference and stage-2 answer say the random
+    country, so stage 2 copies rare country names out of memory, as a counterfactual edit asks.
     """
     choices = {"layout": (layout, ("varied", *LAYOUTS)), "reading_loss": (reading_loss, ("answer", "all")),
                "reading_distractors": (reading_distractors, ("random", "lookalike"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key}={value!r} must be one of {', '.join(map(repr, allowed))}")
-    if not 0 <= reading_any_country <= 1:
-        raise ValueError(f"reading_any_country={reading_any_country} must be a share between 0 and 1")
+    for key, share in {"reading_any_country": reading_any_country,
+                       "continual_any_country": continual_any_country}.items():
+        if not 0 <= share <= 1:
+            raise ValueError(f"{key}={share} must be a share between 0 and 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -297,8 +301,9 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     trained = sorted(warm[:n_trained], key=lambda c: c["geonameid"])
     reading = sorted(warm[n_trained:], key=lambda c: c["geonameid"])
     flipped = {c["geonameid"] for c in rng.sample(trained, n_counterfactual)}
-    n_moved = round(reading_any_country * len(reading))
-    moved = {c["geonameid"] for c in rng.sample(reading, n_moved)} if n_moved else set()
+    moved = set()  # cities placed in a random country
+    for cities, share in ((reading, reading_any_country), (continual, continual_any_country)):
+        moved |= {c["geonameid"] for c in rng.sample(cities, round(share * len(cities)))}
 
     groups = [(c, "trained") for c in trained] + [(c, "memory_only") for c in memory]
     groups += [(c, "continual") for c in continual] + [(c, "reading") for c in reading]
@@ -309,7 +314,7 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
         country = names[city["countrycode"]]
         doc = _city_doc(city, country, continent_of[country], group, rng, layout)
         gid = city["geonameid"]
-        if gid in moved:  # a reading city in a random country: its text and its answer say that one
+        if gid in moved:  # a reading or continual city in a random country: its text and its answer say that one
             fake = rng.choice([c for c in country_names if c != country])
             doc = {**doc, "text": doc["text"].replace(country, fake), "answer": fake,
                    "facts": {**doc["facts"], "country": fake}}
@@ -388,7 +393,7 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
         "seed": seed,
         "params": {"n_trained": n_trained, "n_memory_only": n_memory_only, "n_continual": n_continual,
                    "n_reading": n_reading, "n_counterfactual": n_counterfactual, "distractors": distractors,
-                   "reading_any_country": reading_any_country,
+                   "reading_any_country": reading_any_country, "continual_any_country": continual_any_country,
                    "questions_per_city": questions_per_city, "min_population": min_population,
                    "layout": layout, "reading_loss": reading_loss,
                    "reading_distractors": reading_distractors},
@@ -416,6 +421,7 @@ def main(cfg: Any) -> dict:
         min_population=int(get("min_population", 15000)), layout=str(get("layout", "varied")),
         reading_loss=str(get("reading_loss", "answer")),
         reading_distractors=str(get("reading_distractors", "random")),
-        reading_any_country=float(get("reading_any_country", 0.0)))
+        reading_any_country=float(get("reading_any_country", 0.0)),
+        continual_any_country=float(get("continual_any_country", 0.0)))
     print(json.dumps(summary, sort_keys=True))
     return summary

