@@ -173,6 +173,8 @@ class CorpusConfig:
     """Share of reading cities placed in a random country, so warmup copies every country name from a text."""
     continual_any_country: float = 0.0
     """Share of continual cities placed in a random country, so stage 2 copies every country name from memory."""
+    continual_any_timezone: float = 0.0
+    """Share of continual cities given a random time zone (and asked it), so stage 2 copies zones from memory."""
     action: Optional[str] = None
     """The word after the command: geo."""
 

