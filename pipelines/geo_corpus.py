@@ -172,6 +172,12 @@ def _city_doc(city: dict, country: str, continent: str, group: str, rng: random.
             "entity": name, "group": group, "answer": country, "facts": facts}
 
 
+def _restated(doc: dict, fact: str, value: str) -> dict:
+    """The document with one fact stated otherwise, in its text and its facts (the country is also its answer)."""
+    doc = {**doc, "text": doc["text"].replace(doc["facts"][fact], value), "facts": {**doc["facts"], fact: value}}
+    return {**doc, "answer": value} if fact == "country" else doc
+
+
 def _question(doc: dict, fact: str, rng: random.Random) -> tuple[str, str]:
     """(question, answer) about one fact of a city document."""
     return rng.choice(QUESTIONS[fact]).format(city=doc["entity"]), doc["facts"][fact]
@@ -320,18 +326,13 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
         doc = _city_doc(city, country, continent_of[country], group, rng, layout)
         gid = city["geonameid"]
         if gid in moved:  # a reading or continual city in a random country: its text and its answer say that one
-            fake = rng.choice([c for c in country_names if c != country])
-            doc = {**doc, "text": doc["text"].replace(country, fake), "answer": fake,
-                   "facts": {**doc["facts"], "country": fake}}
+            doc = _restated(doc, "country", rng.choice([c for c in country_names if c != country]))
         if gid in retimed:  # a continual city in a random time zone: its reference and its answer say that one
-            zone = rng.choice([z for z in zones if z != doc["facts"]["timezone"]])
-            doc = {**doc, "text": doc["text"].replace(doc["facts"]["timezone"], zone),
-                   "facts": {**doc["facts"], "timezone": zone}}
+            doc = _restated(doc, "timezone", rng.choice([z for z in zones if z != doc["facts"]["timezone"]]))
         city_docs.append(doc)
         if gid in flipped:  # the bank states another country, the rest as it was: an edit as a user makes one
-            fake = rng.choice([c for c in country_names if c != country])
-            edited = {**doc, "text": doc["text"].replace(country, fake), "group": "counterfactual", "answer": fake,
-                      "facts": {**doc["facts"], "country": fake}, "true_answer": country}
+            edited = {**_restated(doc, "country", rng.choice([c for c in country_names if c != country])),
+                      "group": "counterfactual", "true_answer": country}
             bank_docs.append(edited)
             question, answer = _question(edited, "country", rng)
             stage2.append(_prompt_record(f"train:cf:{gid}", _prompt(question), answer, None))
