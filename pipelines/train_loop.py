@@ -248,8 +248,6 @@ def train_loop_per_worker(config: dict) -> None:
     mcfg = ModelConfig.from_dict(config["model"])
     ds, optim = config["deepspeed"], config["optim"]
     device = torch.device("cuda", torch.cuda.current_device()) if config["use_gpu"] else torch.device("cpu")
-    if not config["use_gpu"]:
-        skip_cpu_inference_allreduce()
 
     with device:  # built where it trains (a 2.4B random init takes a minute on CPU); same seed: same on every rank
         model = Transformer(mcfg)
@@ -260,6 +258,8 @@ def train_loop_per_worker(config: dict) -> None:
     schedule = functools.partial(wsd_lr_factor, max_steps=config["max_steps"], warmup_steps=optim["warmup_steps"],
                                  decay_fraction=optim["decay_fraction"], min_lr_ratio=optim["min_lr_ratio"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if not config["use_gpu"]:  # after the model's seeded init: probing DeepSpeed's ops must not move its RNG
+        skip_cpu_inference_allreduce()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(ds))
     state = {"step": 0, "epoch": 0, "micro": 0}  # micro: micro-batches consumed in the current epoch
