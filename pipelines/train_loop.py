@@ -258,7 +258,7 @@ def train_loop_per_worker(config: dict) -> None:
     schedule = functools.partial(wsd_lr_factor, max_steps=config["max_steps"], warmup_steps=optim["warmup_steps"],
                                  decay_fraction=optim["decay_fraction"], min_lr_ratio=optim["min_lr_ratio"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    if not config["use_gpu"]:  # after the model's seeded init: probing DeepSpeed's ops must not move its RNG
+    if not config["use_gpu"]:  # just before deepspeed.initialize, which probed the ops here before
         skip_cpu_inference_allreduce()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(ds))
