@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bank import storage
-from configs import load_config
+from configs import ConfigError, load_config
 from pipelines import console
 
 
@@ -107,10 +107,10 @@ def probes(cfg: DictConfig, checkpoint: str, bank: Path, held_refs: list[dict], 
             "counterfactual_misses": misses}
 
 
-def ask_over_http(cfg: DictConfig, checkpoint: str, bank: Path, questions: list[dict], added: dict,
+def ask_over_http(cfg: DictConfig, checkpoint: str, bank: Path, questions: list[dict], added: list[dict],
                   added_qa: list[dict]) -> dict:
     """Start the Ray Serve app on 127.0.0.1 and use it as a person would: ask memory-only questions through the
-    OpenAI-compatible API, then add a document live (POST /v1/memories) and ask about it."""
+    OpenAI-compatible API, then add documents live (POST /v1/memories) and ask about them."""
     import secrets
 
     import httpx
@@ -129,7 +129,7 @@ def ask_over_http(cfg: DictConfig, checkpoint: str, bank: Path, questions: list[
             "model": "memory3", "prompt": q["prompt"], "max_tokens": 8, "temperature": 0, "stop": ["\n"]})
         r.raise_for_status()
         body = r.json()
-        return {"question": q["question"], "expected": q["answer"], "answer": body["choices"][0]["text"].strip(),
+        return {"question": q["question"], "doc_id": q["doc_id"], "expected": q["answer"], "answer": body["choices"][0]["text"].strip(),
                 "memories": [m.get("id") for m in body.get("memories", [])], "expected_logprob": score(q)}
 
     def score(q: dict) -> float:
@@ -148,12 +148,12 @@ def ask_over_http(cfg: DictConfig, checkpoint: str, bank: Path, questions: list[
         answers = [ask(q) for q in questions]
         before = [ask(q) for q in added_qa]
         r = httpx.post(f"{url}/v1/memories", timeout=300, headers={"Authorization": f"Bearer {token}"},
-                       json={"documents": [{"id": added["id"], "text": added["text"]}]})
+                       json={"documents": [{"id": d["id"], "text": d["text"]} for d in added]})
         r.raise_for_status()
         after = [ask(q) for q in added_qa]
     finally:
         serve.shutdown()  # the quickstart started Serve: leave nothing running
-    return {"answers": answers, "added_document": added["id"], "before_add": before, "after_add": after}
+    return {"answers": answers, "added_documents": [d["id"] for d in added], "before_add": before, "after_add": after}
 
 
 def plot_report(out: Path, report: dict) -> list[str]:
@@ -236,7 +236,9 @@ def report_markdown(report: dict) -> str:
              "## Over HTTP (Ray Serve, OpenAI-compatible)", ""]
     for a in http["answers"]:
         lines.append(f"- {a['question']} → **{a['answer']}** (expected {a['expected']}; memories {a['memories']})")
-    lines += ["", f"Added `{http['added_document']}` with POST /v1/memories, then asked about it:", ""]
+    added = ", ".join(f"`{d}`" for d in http["added_documents"])
+    lines += ["", f"Added {added} with POST /v1/memories, then asked about them: the expected answer's "
+              f"log-likelihood rose by {added_gain(http):.2f} nats per question on average.", ""]
     for before, after in zip(http["before_add"], http["after_add"]):
         lines.append(f"- {after['question']} → before **{before['answer']}**, after **{after['answer']}** "
                      f"(expected {after['expected']}; its log-likelihood {before['expected_logprob']:.2f} → "
@@ -285,6 +287,12 @@ class Stages:
         return self.finished[key]["result"]
 
 
+def added_gain(http: dict) -> float:
+    """Mean rise of the expected answer's log-likelihood per question asked about the documents added live."""
+    gains = [a["expected_logprob"] - b["expected_logprob"] for b, a in zip(http["before_add"], http["after_add"])]
+    return sum(gains) / max(1, len(gains))
+
+
 def held_out(qa: list[dict], n: int) -> set[str]:
     """The last n memory-only cities, kept out of the bank and added after training (knowledge-update probe)."""
     memory_only = list(dict.fromkeys(q["doc_id"] for q in qa if q["group"] == "memory_only"))
@@ -316,6 +324,10 @@ def main(cfg: DictConfig) -> int:
     from pipelines.ray_runtime import ensure_ray
 
     t_start = time.perf_counter()
+    if not 1 <= cfg.serve.added <= cfg.probes.knowledge_update:
+        raise ConfigError(f"serve.added={cfg.serve.added}: the cities added over HTTP are some of the "
+                          f"probes.knowledge_update={cfg.probes.knowledge_update} held out of the bank; give "
+                          f"1 to {cfg.probes.knowledge_update}, e.g. serve.added=5")
     out = Path(cfg.out).resolve()
     if cfg.fresh:
         clear_out(out)
@@ -386,10 +398,11 @@ def main(cfg: DictConfig) -> int:
 
     with stage("serve", "Ray Serve endpoint: questions over HTTP, a document added live") as line:
         asked = [q for q in eval_qa if q["group"] == "memory_only"][: cfg.serve.questions]
-        added = refs[held[0]["doc_id"]]
-        http = ask_over_http(cfg, checkpoint, bank, asked, added, [q for q in held if q["doc_id"] == added["id"]])
+        added = [refs[i] for i in list(dict.fromkeys(q["doc_id"] for q in held))[: cfg.serve.added]]
+        added_ids = {d["id"] for d in added}
+        http = ask_over_http(cfg, checkpoint, bank, asked, added, [q for q in held if q["doc_id"] in added_ids])
         right = sum(a["answer"] == a["expected"] for a in http["answers"])
-        line.done(f"{right}/{len(http['answers'])} answered right; after adding {added['entity']}: "
+        line.done(f"{right}/{len(http['answers'])} answered right; after adding {len(added)} cities: "
                   f"{sum(a['answer'] == a['expected'] for a in http['after_add'])}/{len(http['after_add'])}")
 
     from model.config import ModelConfig

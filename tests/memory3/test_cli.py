@@ -51,6 +51,15 @@ def test_unknown_key_and_bad_profile(capsys):
     assert "profile=nope is not one of ['gpu', 'smoke']" in capsys.readouterr().err
 
 
+def test_quickstart_adds_no_more_cities_over_http_than_it_held_out(tmp_path, capsys):
+    """Checked before any work starts: out holds only the command's log."""
+    out = tmp_path / "qs"
+    assert cli.main(["quickstart", f"out={out}", "probes.knowledge_update=3", "serve.added=4"]) == 2
+    err = capsys.readouterr().err
+    assert "serve.added=4" in err and "probes.knowledge_update=3" in err and "e.g. serve.added=" in err, err
+    assert [p.name for p in out.iterdir()] == ["quickstart.log"]
+
+
 def test_profile_values_sit_under_command_line_overrides():
     cfg = cli.load_config("quickstart", ["profile=smoke", "warmup.max_steps=3"])
     assert cfg.profile == "smoke" and cfg.warmup.max_steps == 3 and cfg.continual.max_steps == 10

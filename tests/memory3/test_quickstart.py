@@ -18,7 +18,7 @@ def free_port() -> int:
 
 
 def test_short_quickstart_memory_beats_no_memory(tmp_path, ray_local):
-    from memory3.quickstart import main
+    from memory3.quickstart import added_gain, main
 
     overrides = [f"out={tmp_path / 'qs'}", f"serve.port={free_port()}",
                  "corpus.n_trained=300", "corpus.n_continual=400", "corpus.n_memory_only=80",
@@ -51,15 +51,17 @@ def test_short_quickstart_memory_beats_no_memory(tmp_path, ray_local):
     assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "bank" / "manifest.json").is_file()
     answers = report["http"]["answers"]
     assert len(answers) == 2 and all(a["memories"] for a in answers)
-    # a document added over HTTP (POST /v1/memories) is retrieved for the questions about it afterwards
-    added = report["http"]["added_document"]
-    assert all(f"{added}#0" not in a["memories"] for a in report["http"]["before_add"])
-    assert report["http"]["after_add"] and all(f"{added}#0" in a["memories"] for a in report["http"]["after_add"])
-    # ... and changes what the model says about it: its facts' expected answers become likelier together (one
-    # city's four facts on a briefly trained model: single facts may move either way)
-    gain = [a["expected_logprob"] - b["expected_logprob"]
-            for b, a in zip(report["http"]["before_add"], report["http"]["after_add"])]
-    assert sum(gain) > 1.0, gain
+    # documents added over HTTP (POST /v1/memories) are retrieved for the questions about them afterwards
+    http = report["http"]
+    assert len(http["added_documents"]) == 5 and len(http["after_add"]) == 20  # 5 cities, 4 facts each
+    assert all(f"{a['doc_id']}#0" not in a["memories"] for a in http["before_add"])
+    assert all(f"{a['doc_id']}#0" in a["memories"] for a in http["after_add"])
+    # ... and change what the model says about them: their facts' expected answers become likelier on average
+    # (a briefly trained model: one city, or one fact, may move either way; over the knowledge-update cities of
+    # such runs a question gains 1.7 nats on average)
+    gain = [a["expected_logprob"] - b["expected_logprob"] for b, a in zip(http["before_add"], http["after_add"])]
+    assert added_gain(http) > 0.5, gain
+    assert f"rose by {added_gain(http):.2f} nats per question" in (out / "report.md").read_text()
     # the modes are compared on the same retrieved references, question by question
     assert [r["references"] for r in results["memory"]] == [r["references"] for r in results["rag"]]
     assert all(r["references"] for r in results["memory"])
