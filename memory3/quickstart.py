@@ -238,7 +238,7 @@ def report_markdown(report: dict) -> str:
         lines.append(f"- {a['question']} → **{a['answer']}** (expected {a['expected']}; memories {a['memories']})")
     added = ", ".join(f"`{d}`" for d in http["added_documents"])
     lines += ["", f"Added {added} with POST /v1/memories, then asked about them: the expected answer's "
-              f"log-likelihood rose by {added_gain(http):.2f} nats per question on average.", ""]
+              f"log-likelihood moved by {added_gain(http):+.2f} nats per question on average.", ""]
     for before, after in zip(http["before_add"], http["after_add"]):
         lines.append(f"- {after['question']} → before **{before['answer']}**, after **{after['answer']}** "
                      f"(expected {after['expected']}; its log-likelihood {before['expected_logprob']:.2f} → "

@@ -61,7 +61,7 @@ def test_short_quickstart_memory_beats_no_memory(tmp_path, ray_local):
     # such runs a question gains 1.7 nats on average)
     gain = [a["expected_logprob"] - b["expected_logprob"] for b, a in zip(http["before_add"], http["after_add"])]
     assert added_gain(http) > 0.5, gain
-    assert f"rose by {added_gain(http):.2f} nats per question" in (out / "report.md").read_text()
+    assert f"moved by {added_gain(http):+.2f} nats per question" in (out / "report.md").read_text()
     # the modes are compared on the same retrieved references, question by question
     assert [r["references"] for r in results["memory"]] == [r["references"] for r in results["rag"]]
     assert all(r["references"] for r in results["memory"])
