@@ -129,7 +129,8 @@ def ask_over_http(cfg: DictConfig, checkpoint: str, bank: Path, questions: list[
             "model": "memory3", "prompt": q["prompt"], "max_tokens": 8, "temperature": 0, "stop": ["\n"]})
         r.raise_for_status()
         body = r.json()
-        return {"question": q["question"], "doc_id": q["doc_id"], "expected": q["answer"], "answer": body["choices"][0]["text"].strip(),
+        return {"question": q["question"], "doc_id": q["doc_id"], "expected": q["answer"],
+                "answer": body["choices"][0]["text"].strip(),
                 "memories": [m.get("id") for m in body.get("memories", [])], "expected_logprob": score(q)}
 
     def score(q: dict) -> float:
@@ -288,7 +289,7 @@ class Stages:
 
 
 def added_gain(http: dict) -> float:
-    """Mean rise of the expected answer's log-likelihood per question asked about the documents added live."""
+    """Mean change of the expected answer's log-likelihood per question asked about the documents added live."""
     gains = [a["expected_logprob"] - b["expected_logprob"] for b, a in zip(http["before_add"], http["after_add"])]
     return sum(gains) / max(1, len(gains))
 
@@ -396,7 +397,7 @@ def main(cfg: DictConfig) -> int:
         line.done(f"memory-only EM: memory {acc['memory']['memory_only']:.2f}, none {acc['none']['memory_only']:.2f},"
                   f" RAG {acc['rag']['memory_only']:.2f}")
 
-    with stage("serve", "Ray Serve endpoint: questions over HTTP, a document added live") as line:
+    with stage("serve", "Ray Serve endpoint: questions over HTTP, documents added live") as line:
         asked = [q for q in eval_qa if q["group"] == "memory_only"][: cfg.serve.questions]
         added = [refs[i] for i in list(dict.fromkeys(q["doc_id"] for q in held))[: cfg.serve.added]]
         added_ids = {d["id"] for d in added}
