@@ -104,9 +104,17 @@ class RecordLayout:
             raise ValueError(f"memories of shape {tuple(memories.shape[1:])} do not fit layout {self.memory_shape}")
         if self.codec == "bfloat16":
             payload = memories.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy()
-            payload = payload.view(np.uint8).reshape(n, self.payload_bytes)
         else:
-            payload = quantizer.encode(memories.detach().float().cpu()).reshape(n, self.payload_bytes)
+            payload = quantizer.encode(memories.detach().float().cpu())
+        return self.pack_payload(payload.view(np.uint8).reshape(n, -1), n_valid)
+
+    def pack_payload(self, payload: np.ndarray, n_valid: Tensor) -> np.ndarray:
+        """payload (N, payload_bytes) uint8 (bf16 bytes or VQ codes, e.g. quantized on the encoder's GPU) and
+        n_valid (N,) -> records (N, record_bytes): the header (n_valid, CRC32 of the payload) in front."""
+        n = payload.shape[0]
+        if payload.shape[1:] != (self.payload_bytes,):
+            raise ValueError(f"payload of {payload.shape[1:]} bytes per record does not fit layout "
+                             f"({self.payload_bytes})")
         records = np.empty((n, self.record_bytes), dtype=np.uint8)
         records[:, HEADER_BYTES:] = payload
         header = records[:, :HEADER_BYTES].view("<u4")  # (n, 2)

@@ -2,9 +2,10 @@
 and live appends (bank/edits.py). The memory layers write each reference's sparse memory (paper §3.3), the
 quantizer (if any) compresses it (App. B), the embedder indexes its text (§3.1).
 
-On a GPU the host never waits on the encoder: each batch's memories are copied to one pinned host buffer on a
-side stream while the next batch encodes, and the embedder runs on a stream of its own, so the caller that packs
-and writes a part (pipelines/encode.py) blocks only on that part's copies, never on the next part's encoding.
+On a GPU the host never waits on the encoder: each batch's memories (or, with a quantizer, their codes, computed on
+the GPU: 14 B a vector instead of 160) are copied to one pinned host buffer on a side stream while the next batch
+encodes, and the embedder runs on a stream of its own, so the caller that packs and writes a part
+(pipelines/encode.py) blocks only on that part's copies, never on the next part's encoding.
 """
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ from model.transformer import Transformer
 
 @dataclass
 class PendingMemories:
-    """A part's memories (N, L_mem, 2, Hkv, k, D) in the encoder's dtype and n_valid (N,), on the host or on their
-    way there: `copied` fires when the side-stream copies are done; `started`/`encoded` time the device work."""
+    """A part's memories (N, L_mem, 2, Hkv, k, D) in the encoder's dtype, or with `codes` the quantizer's codes
+    (N, L_mem, 2, Hkv, k, code_size) uint8, and n_valid (N,), on the host or on their way there: `copied` fires when
+    the side-stream copies are done; `started`/`encoded` time the device work."""
 
     memories: torch.Tensor
     n_valid: torch.Tensor
+    codes: bool = False
     seconds: float = 0.0
     copied: torch.cuda.Event | None = None
     started: torch.cuda.Event | None = None
@@ -70,15 +73,18 @@ class ShardEncoder:
         self.device_memories([Reference("warm-up", "warm-up", "", [self.tokenizer.pad_id])]).host()
 
     @torch.no_grad()
-    def device_memories(self, refs: list[Reference]) -> PendingMemories:
-        """Encode in fixed-size batches. On a GPU this only queues the work: the result is ready after `host()`."""
+    def device_memories(self, refs: list[Reference], quantize: bool = True) -> PendingMemories:
+        """Encode in fixed-size batches. On a GPU this only queues the work: the result is ready after `host()`;
+        with a quantizer (and `quantize`) it holds the codes, quantized on the GPU."""
         if self.model.layers[0].self_attn.cache is not None:
             raise ValueError("the model has decoding caches set up; encode with a model outside generation")
         cfg, device, stream = self.model.cfg, self.model.device, self.copy_stream
         t0 = time.perf_counter()
+        codes = quantize and self.quantizer is not None  # quantized where encoded: on a GPU, by the torch codec
         if stream is not None:
             dtype = next(self.model.parameters()).dtype
-            host = torch.empty((len(refs), *cfg.memory_shape), dtype=dtype, pin_memory=True)
+            shape = (*cfg.memory_shape[:-1], self.quantizer.code_size) if codes else cfg.memory_shape
+            host = torch.empty((len(refs), *shape), dtype=torch.uint8 if codes else dtype, pin_memory=True)
             host_valid = torch.empty(len(refs), dtype=torch.long, pin_memory=True)
             started = torch.cuda.current_stream(device).record_event(torch.cuda.Event(enable_timing=True))
         parts = []
@@ -93,6 +99,8 @@ class ShardEncoder:
                                              multiple=cfg.reference_len)
             sparse = self.encode_fn(self.model, tokens.to(device), lengths.to(device), self.tokenizer.sink_ids)
             memories, n_valid = sparse.memories[:n], sparse.n_valid[:n]
+            if codes:
+                memories = self.quantizer.encode_tensor(memories)
             if stream is None:
                 parts.append((memories, n_valid))
                 continue
@@ -103,14 +111,15 @@ class ShardEncoder:
             memories.record_stream(stream)  # the allocator must not reuse them before the copy is done
             n_valid.record_stream(stream)
         if stream is None:
-            return PendingMemories(torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts]),
+            return PendingMemories(torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts]), codes,
                                    seconds=time.perf_counter() - t0)
         encoded = torch.cuda.current_stream(device).record_event(torch.cuda.Event(enable_timing=True))
-        return PendingMemories(host, host_valid, copied=stream.record_event(), started=started, encoded=encoded)
+        return PendingMemories(host, host_valid, codes, copied=stream.record_event(), started=started,
+                               encoded=encoded)
 
     def memories(self, refs: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 CPU memories (N, L_mem, 2, Hkv, k, D) and n_valid (N,), in fixed-size batches (deterministic)."""
-        memories, n_valid = self.device_memories(refs).host()
+        memories, n_valid = self.device_memories(refs, quantize=False).host()
         return memories.float(), n_valid
 
     def encode(self, refs: list[Reference]) -> tuple[np.ndarray, np.ndarray]:
@@ -130,4 +139,6 @@ class ShardEncoder:
         if embeddings is None:
             embeddings = self.embed([r.text for r in refs])  # while the memories are still being copied
         memories, n_valid = pending.host()
+        if pending.codes:
+            return self.layout.pack_payload(memories.numpy().reshape(len(refs), -1), n_valid), embeddings
         return self.layout.pack(memories, n_valid, self.quantizer), embeddings

@@ -17,7 +17,8 @@ shards → index) once per actor count into a fresh bank, deleted after. Rates p
 Beside them, disk_write_mb_per_s (one fsync'd write where the banks go) and the ceiling it sets in references/s: a
 bf16 2.4B record is 450,568 bytes, so 1,200 references/s needs ~540 MB/s of disk (`--bank-dir /dev/shm` takes the
 disk out of the measurement).
-The bank is bf16 (`--quantizer null`) unless told: the VQ codecs need FAISS and CPU time of their own.
+The bank is bf16 (`--quantizer null`) unless told; `--quantizer auto` writes the preset's VQ codes (2.4b: the paper's
+39,432-byte records), quantized on the GPU by the torch codec, after the codebooks train on the node's cores.
 """
 from __future__ import annotations
 
@@ -115,6 +116,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="references per encoder forward (default 32 / 256)")
     ap.add_argument("--compile", default="auto", help="auto (compiled on GPUs), true or false")
     ap.add_argument("--quantizer", default="null", help="the bank's codec: null = bf16, auto, or a FAISS factory")
+    ap.add_argument("--quantizer-sample", type=int, default=512,
+                    help="references whose memories train the codebooks (before encoding: not in the rates)")
     ap.add_argument("--no-index", action="store_true", help="skip the FAISS index at the end (build_index=false)")
     ap.add_argument("--bare-references", type=int, default=None, help="for the bare encoder (default 256 / 2048)")
     ap.add_argument("--profile", action="store_true", help="also print the bare encoder's top kernels")
@@ -167,6 +170,7 @@ def main() -> None:
                      f"actor_num_cpus={args.actor_cpus or (4 if gpu else 0.5)}",
                      f"shard_documents={args.shard_documents or (2 * batch if gpu else max(1, documents // 32))}",
                      f"batch_size={batch}", f"compile={compile}", f"quantizer={args.quantizer}",
+                     f"quantizer_sample={args.quantizer_sample}",
                      f"build_index={not args.no_index}", f"torch_threads={4 if gpu else 1}"] + \
                     ([f"embedder={embedder}"] if embedder else [])
         s = encode_corpus(load_config("encode", overrides))

@@ -1,8 +1,9 @@
 """Vector-quantized banks (paper App. B): bytes per reference, reconstruction error per memory layer on the memories
-of a real encoded bank, and decode throughput of the torch decoder against FAISS's `sa_decode`. One JSON line each.
+of a real encoded bank, and decode / encode throughput of the torch codec against FAISS's `sa_decode` /
+`sa_encode`. One JSON line each.
 
     python -m benchmarks.quantize --bank runs/quickstart/bank_warmup                 # CPU, the tiny demo's bank
-    python -m benchmarks.quantize --bank runs/quickstart/bank_warmup --device cuda   # GPU: torch decodes there
+    python -m benchmarks.quantize --bank runs/quickstart/bank_warmup --device cuda   # GPU: torch codes there
 
 The codebooks are trained as the encode job trains them (non-padding key/value vectors of the first references),
 and the error is measured on references they never saw.
@@ -70,23 +71,28 @@ def reconstruction(bank: MemoryBank, factory: str, train_rows, test_rows, device
 
 
 def throughput(q: MemoryQuantizer, bank: MemoryBank, rows, device: str, repeats: int) -> None:
-    """Vectors decoded per second: FAISS `sa_decode` on the host vs the torch decoder on `device` (codes copied
-    from host memory each call, result left on the device: what a fetch does)."""
+    """Vectors decoded and encoded per second: FAISS `sa_decode`/`sa_encode` on the host vs the torch codec on
+    `device`. Decoding copies the codes from host memory each call and leaves the vectors on the device (what a
+    fetch does); encoding starts from bf16 memories on the device and leaves the codes there (what a GPU encoder
+    does before copying them to the host)."""
     memories, _ = bank.memories(rows)
-    codes = q.encode(memories.float())
+    vectors = np.ascontiguousarray(memories.float().reshape(-1, q.dim).numpy())
+    codes = q.index.sa_encode(vectors)
     host = torch.from_numpy(codes)
     if device == "cuda":
         host = host.pin_memory()
-    n = codes.size // q.code_size
-    decoder = q.torch_decoder(device)
-    paths = {"faiss": lambda: q.index.sa_decode(codes.reshape(-1, q.code_size))}
-    if decoder is not None:
-        paths["torch"] = lambda: decoder(host.to(device, non_blocking=True))
-    for path, fn in paths.items():
+    on_device = memories.to(device, torch.bfloat16)
+    codec = q.torch_codec(device)
+    paths = {("decode", "faiss"): lambda: q.index.sa_decode(codes),
+             ("encode", "faiss"): lambda: q.index.sa_encode(vectors)}
+    if codec is not None:
+        paths["decode", "torch"] = lambda: codec.decode(host.to(device, non_blocking=True))
+        paths["encode", "torch"] = lambda: codec.encode(on_device)
+    for (op, path), fn in paths.items():
         seconds = timed(fn, device if path == "torch" else "cpu", repeats)
-        emit(result="decode_throughput", factory=q.factory, path=path,
-             device=device_name(device if path == "torch" else "cpu"), references=len(rows), vectors=n,
-             vectors_per_second=round(n / seconds), ms_per_call=round(seconds * 1e3, 3))
+        emit(result=f"{op}_throughput", factory=q.factory, path=path,
+             device=device_name(device if path == "torch" else "cpu"), references=len(rows), vectors=len(vectors),
+             vectors_per_second=round(len(vectors) / seconds), ms_per_call=round(seconds * 1e3, 3))
 
 
 def main() -> None:
@@ -96,10 +102,10 @@ def main() -> None:
                    help="FAISS factories to measure (default: the auto codec for the bank's head_dim, and OPQ+PQ8)")
     p.add_argument("--train", type=int, default=1024, help="references whose vectors train the codebooks")
     p.add_argument("--test", type=int, default=512, help="held-out references the error is measured on")
-    p.add_argument("--device", default="cpu", help="where the torch decoder runs: cpu or cuda")
-    p.add_argument("--batches", nargs="*", type=int, default=[5, 320], help="references per decode call")
+    p.add_argument("--device", default="cpu", help="where the torch codec runs: cpu or cuda")
+    p.add_argument("--batches", nargs="*", type=int, default=[5, 320], help="references per decode / encode call")
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads of FAISS (training and sa_decode)")
+    p.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads of FAISS (training, sa_decode, sa_encode)")
     p.add_argument("--torch-threads", type=int, default=1)
     args = p.parse_args()
     import faiss

@@ -3,8 +3,8 @@
 The paper compresses every 80-dim key and value vector with the FAISS composite index
 `OPQ20x80-Residual2x14-PQ8x10` (14 bytes per vector, 8.75% of bf16), trained on vectors from sampled references,
 decoded before the GPU reads them. FAISS's standalone codec API (`sa_encode`/`sa_decode`) encodes and is the
-reference decoder; `TorchDecoder` decodes the same codes with torch on any device (a GPU replica ships 14 B per
-vector to the GPU instead of 160), for the factories it understands. The factory string is configuration;
+reference codec; `TorchCodec` encodes and decodes the same codes with torch on any device (a GPU encoder ships 14 B
+per vector to the host and a GPU replica 14 B to the GPU, instead of 160), for the factories it understands. The factory string is configuration;
 `quantizer: auto` picks one per model shape (`default_factory`).
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ class MemoryQuantizer:
 
         self.factory = factory
         self.dim = dim
-        self._decoders: dict[str, TorchDecoder | None] = {}
+        self._codecs: dict[str, TorchCodec | None] = {}
         try:
             self.index = index if index is not None else faiss.index_factory(dim, factory)
         except RuntimeError as e:
@@ -70,37 +70,50 @@ class MemoryQuantizer:
         if len(x) > max_vectors:
             x = x[np.random.default_rng(seed).choice(len(x), max_vectors, replace=False)]
         self.index.train(x)
+        self._codecs.clear()  # codecs copy the codebooks
 
     def encode(self, memories: Tensor | np.ndarray) -> np.ndarray:
-        """(..., head_dim) float -> (..., code_size) uint8."""
+        """(..., head_dim) float -> (..., code_size) uint8 on the host."""
+        return self.encode_tensor(torch.as_tensor(memories)).cpu().numpy()
+
+    def encode_tensor(self, memories: Tensor) -> Tensor:
+        """(..., head_dim) float -> (..., code_size) uint8 on the memories' device: with torch there when the
+        factory is one TorchCodec reads (on a GPU: millions of vectors a second, the paper's codec on FAISS a few
+        thousand per host thread), else with FAISS on the host."""
         if not self.is_trained:
             raise RuntimeError("quantizer is not trained")
+        if memories.shape[-1] != self.dim:
+            raise ValueError(f"expected vectors of dim {self.dim}, got shape {tuple(memories.shape)}")
+        codec = self.torch_codec(memories.device)
+        if codec is not None:
+            return codec.encode(memories)
         shape = memories.shape[:-1]
-        return self.index.sa_encode(_as_vectors(memories, self.dim)).reshape(*shape, self.code_size)
+        codes = self.index.sa_encode(_as_vectors(memories, self.dim)).reshape(*shape, self.code_size)
+        return torch.from_numpy(codes).to(memories.device)
 
     def decode(self, codes: np.ndarray | Tensor, device="cpu") -> Tensor:
         """(..., code_size) uint8 -> (..., head_dim) float32 on `device`: with torch there on CUDA when the
-        factory is one TorchDecoder reads, else with FAISS on the host (CPU: FAISS is as fast, BENCHMARKS.md)."""
+        factory is one TorchCodec reads, else with FAISS on the host (CPU: FAISS is as fast, BENCHMARKS.md)."""
         device = torch.device(device)
-        decoder = self.torch_decoder(device) if device.type != "cpu" else None
-        if decoder is not None:
-            return decoder(torch.as_tensor(codes).to(device, non_blocking=True))
+        codec = self.torch_codec(device) if device.type != "cpu" else None
+        if codec is not None:
+            return codec.decode(torch.as_tensor(codes).to(device, non_blocking=True))
         if isinstance(codes, Tensor):
             codes = codes.cpu().numpy()
         shape = codes.shape[:-1]
         flat = np.ascontiguousarray(codes.reshape(-1, self.code_size))
         return torch.from_numpy(self.index.sa_decode(flat).reshape(*shape, self.dim)).to(device)
 
-    def torch_decoder(self, device="cpu") -> "TorchDecoder | None":
-        """The torch decoder of these (trained) codebooks on `device`, built once per device; None when the
-        factory is not one it reads."""
+    def torch_codec(self, device="cpu") -> "TorchCodec | None":
+        """The torch codec of these (trained) codebooks on `device`, built once per device; None when the factory
+        is not one it reads."""
         key = str(torch.device(device))
-        if key not in self._decoders:
+        if key not in self._codecs:
             try:
-                self._decoders[key] = TorchDecoder.from_faiss(self.index).to(device)
+                self._codecs[key] = TorchCodec.from_faiss(self.index).to(device)
             except NotImplementedError:
-                self._decoders[key] = None
-        return self._decoders[key]
+                self._codecs[key] = None
+        return self._codecs[key]
 
     def to_bytes(self) -> bytes:
         import faiss
@@ -114,19 +127,25 @@ class MemoryQuantizer:
         return cls(factory, dim, faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)))
 
 
-class TorchDecoder:
-    """FAISS standalone codes -> vectors in torch: bit unpacking, codebook gathers and the inverse rotation, on any
-    device. Reads (OPQ/PCA/rotation,)* then PQ, IVF-PQ (Flat or multi-index coarse) or Index2Layer (the paper's
-    `Residual2x14,PQ8x10`); codebooks are copied out of the FAISS index once. Equal to `sa_decode` (tested)."""
+class TorchCodec:
+    """FAISS standalone codes <-> vectors in torch, on any device, with codebooks copied out of the FAISS index once.
+    Reads (OPQ/PCA/rotation,)* then PQ, IVF-PQ (Flat or multi-index coarse) or Index2Layer (the paper's
+    `Residual2x14,PQ8x10`). Decoding: bit unpacking, codebook gathers, the inverse rotation; equal to `sa_decode`
+    (tested). Encoding: the rotation, then each stage's nearest centroids per sub-space as GEMMs on the stage's
+    residual, bits packed as FAISS packs them; the codes `sa_encode` writes up to near-ties (tested). The paper's
+    codec searches 2 x 16,384 coarse centroids per vector: FAISS does it on the host at a few thousand vectors a
+    second per thread, a GPU at millions (BENCHMARKS.md), so a GPU encoder ships 14 B per vector to the host."""
 
-    def __init__(self, dim: int, code_size: int, stages: list[tuple[Tensor, int, int]],
+    def __init__(self, dim: int, code_size: int, stages: list[tuple[Tensor, int, int, bool]],
                  transforms: list[tuple[Tensor, Tensor | None]]):
         self.dim, self.code_size = dim, code_size
-        self.stages = stages  # (codebooks (M, K, dsub), first bit, bits per code): summed, each concatenated over M
-        self.transforms = transforms  # (A (d_out, d_in), b (d_out,) or None), applied in reverse: x = (y - b) @ A
+        # (codebooks (M, K, dsub), first bit, bits per code, additive): a stage's sub-space reconstructions are
+        # concatenated over M; additive stages are summed into the vector (a non-residual IVF's list is not)
+        self.stages = stages
+        self.transforms = transforms  # (A (d_out, d_in), b (d_out,) or None): y = x @ A.T + b, x = (y - b) @ A
 
     @classmethod
-    def from_faiss(cls, index) -> "TorchDecoder":
+    def from_faiss(cls, index) -> "TorchCodec":
         import faiss
 
         index = faiss.downcast_index(index)
@@ -147,24 +166,29 @@ class TorchDecoder:
             stages = [_coarse_stage(index.q1.quantizer, index.code_size_1), _pq_stage(index.pq, 8 * index.code_size_1)]
         elif type(index) is faiss.IndexIVFPQ:
             coarse = index.coarse_code_size()
-            stages = [_pq_stage(index.pq, 8 * coarse)]
-            if index.by_residual:
-                stages.insert(0, _coarse_stage(index.quantizer, coarse))
+            books, first, nbits, _ = _coarse_stage(index.quantizer, coarse)
+            stages = [(books, first, nbits, bool(index.by_residual)), _pq_stage(index.pq, 8 * coarse)]
         else:
             raise NotImplementedError(f"FAISS index {type(index).__name__}")
         return cls(dim, code_size, stages, transforms)
 
-    def to(self, device) -> "TorchDecoder":
-        """This decoder with its codebooks on `device`."""
-        return TorchDecoder(self.dim, self.code_size, [(c.to(device), o, n) for c, o, n in self.stages],
-                            [(a.to(device), None if b is None else b.to(device)) for a, b in self.transforms])
+    def to(self, device) -> "TorchCodec":
+        """This codec with its codebooks on `device`."""
+        return TorchCodec(self.dim, self.code_size, [(c.to(device), o, n, a) for c, o, n, a in self.stages],
+                          [(a.to(device), None if b is None else b.to(device)) for a, b in self.transforms])
 
-    def __call__(self, codes: Tensor) -> Tensor:
+    @property
+    def device(self) -> torch.device:
+        return self.stages[0][0].device
+
+    def decode(self, codes: Tensor) -> Tensor:
         """(..., code_size) uint8 -> (..., dim) float32, on the codes' device."""
         shape = codes.shape[:-1]
         codes = codes.reshape(-1, self.code_size)
         x = None
-        for books, first_bit, nbits in self.stages:
+        for books, first_bit, nbits, additive in self.stages:
+            if not additive:
+                continue
             m, k, dsub = books.shape
             ids = unpack_bits(codes, first_bit, nbits, m)  # (N, M)
             part = books[torch.arange(m, device=codes.device), ids.clamp(max=k - 1)].reshape(-1, m * dsub)
@@ -172,6 +196,50 @@ class TorchDecoder:
         for a, b in reversed(self.transforms):
             x = (x - b if b is not None else x) @ a
         return x.reshape(*shape, self.dim)
+
+    __call__ = decode
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, chunk: int = 1 << 14) -> Tensor:
+        """(..., dim) float -> (..., code_size) uint8 on the codebooks' device, `chunk` vectors at a time (the
+        distance tables of a chunk: chunk x M x K floats)."""
+        shape = x.shape[:-1]
+        x = x.reshape(-1, self.dim).to(self.device, torch.float32)
+        codes = torch.zeros(len(x), self.code_size, dtype=torch.uint8, device=self.device)
+        for i in range(0, len(x), chunk):
+            codes[i:i + chunk] = self._encode_chunk(x[i:i + chunk])
+        return codes.reshape(*shape, self.code_size)
+
+    def _encode_chunk(self, x: Tensor) -> Tensor:
+        for a, b in self.transforms:
+            x = x @ a.T if b is None else torch.addmm(b, x, a.T)
+        packed = torch.zeros(len(x), self.code_size + 8, dtype=torch.int64, device=x.device)  # spare bytes: spans
+        for books, first_bit, nbits, additive in self.stages:
+            ids = nearest_centroids(x, books)  # (N, M)
+            pack_bits(packed, ids, first_bit, nbits)
+            if additive:
+                m, _, dsub = books.shape
+                x = x - books[torch.arange(m, device=x.device), ids].reshape(-1, m * dsub)
+        return packed[:, :self.code_size].to(torch.uint8)
+
+
+def nearest_centroids(x: Tensor, books: Tensor) -> Tensor:
+    """x (N, M * dsub), books (M, K, dsub) -> the nearest centroid per sub-space (N, M) int64, by squared L2:
+    argmin_k ||c_k||^2 - 2 x.c_k, one batched GEMM over the M sub-spaces (FAISS's PQ assignment)."""
+    m, _, dsub = books.shape
+    sub = x.reshape(len(x), m, dsub).transpose(0, 1)  # (M, N, dsub)
+    norms = (books * books).sum(-1)[:, None, :]  # (M, 1, K)
+    return torch.baddbmm(norms, sub, books.transpose(1, 2), alpha=-2).argmin(-1).T
+
+
+def pack_bits(packed: Tensor, ids: Tensor, first_bit: int, nbits: int) -> None:
+    """Write (N, count) fields of `nbits` bits, little-endian from bit `first_bit`, into `packed` (N, bytes) int64
+    holding one byte per element (FAISS's BitstringWriter layout; `unpack_bits` reads it back)."""
+    starts = first_bit + nbits * torch.arange(ids.shape[1], device=ids.device)
+    span = (nbits + 7) // 8 + 1  # bytes a field can touch
+    shifted = ids << (starts % 8)  # (N, count): the field at its bit offset within its first byte
+    for j in range(span):
+        packed.scatter_add_(1, (starts // 8 + j).expand_as(ids), (shifted >> (8 * j)) & 0xFF)  # disjoint bits
 
 
 def unpack_bits(codes: Tensor, first_bit: int, nbits: int, count: int) -> Tensor:
@@ -186,14 +254,14 @@ def unpack_bits(codes: Tensor, first_bit: int, nbits: int, count: int) -> Tensor
     return (value >> (starts % 8)) & ((1 << nbits) - 1)
 
 
-def _pq_stage(pq, first_bit: int) -> tuple[Tensor, int, int]:
+def _pq_stage(pq, first_bit: int) -> tuple[Tensor, int, int, bool]:
     import faiss
 
     books = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
-    return torch.from_numpy(books.copy()), first_bit, pq.nbits
+    return torch.from_numpy(books.copy()), first_bit, pq.nbits, True
 
 
-def _coarse_stage(quantizer, code_bytes: int) -> tuple[Tensor, int, int]:
+def _coarse_stage(quantizer, code_bytes: int) -> tuple[Tensor, int, int, bool]:
     """A coarse quantizer's centroids: a multi-index is a product quantizer over its list number's bits; a flat
     one is a single table indexed by the whole list number."""
     import faiss
@@ -203,7 +271,7 @@ def _coarse_stage(quantizer, code_bytes: int) -> tuple[Tensor, int, int]:
         return _pq_stage(quantizer.pq, 0)
     if isinstance(quantizer, faiss.IndexFlat):
         table = quantizer.reconstruct_n(0, quantizer.ntotal)
-        return torch.from_numpy(table[None].copy()), 0, 8 * code_bytes
+        return torch.from_numpy(table[None].copy()), 0, 8 * code_bytes, True
     raise NotImplementedError(f"coarse quantizer {type(quantizer).__name__}")
 
 

@@ -18,7 +18,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from bank import chunking, storage
-from bank.format import BankError, weights_sha256
+from bank.format import HEADER_BYTES, BankError, RecordLayout, weights_sha256
 from bank.manifest import create_bank
 from bank.reader import MemoryBank
 from bank.store import MemoryStore
@@ -338,3 +338,32 @@ def test_gpu_shard_encoder_copies_to_pinned_host_memory_what_the_encoder_compute
             direct = encoder.encode_fn(model, tokens.cuda(), lengths.cuda(), tokenizer.sink_ids)
         assert torch.equal(n_valid[lo:lo + len(part)], direct.n_valid[:len(part)].cpu())
         assert torch.equal(memories[lo:lo + len(part)], direct.memories[:len(part)].cpu())
+
+
+@pytest.mark.gpu
+def test_gpu_shard_encoder_ships_codes_quantized_on_the_gpu(tiny_checkpoint):
+    """With a quantizer, a GPU encoder quantizes where it encodes and copies codes (code_size bytes a vector, not
+    2 x head_dim) to the host: the records equal packing the same memories with FAISS on the host, up to the
+    near-ties the GPU's GEMM may break the other way."""
+    from bank.shard_encoder import ShardEncoder
+
+    model, tokenizer = load_checkpoint(tiny_checkpoint, "cuda", torch.bfloat16)
+    docs, _ = chunking.documents_from_dicts(make_documents(40))
+    refs = chunking.chunk_documents(docs, tokenizer, model.cfg.reference_len)
+    memories, n_valid = ShardEncoder(model, tokenizer, None, None, None, batch_size=8).memories(refs)
+    q = MemoryQuantizer("OPQ8_32,Residual2x5,PQ8x6", model.cfg.head_dim)
+    q.train(memories.view(-1, model.cfg.head_dim))
+    layout = RecordLayout.create(model.cfg, q)
+    encoder = ShardEncoder(model, tokenizer, layout, q, None, batch_size=8)
+    pending = encoder.device_memories(refs)
+    codes, codes_valid = pending.host()
+    assert pending.codes and codes.is_pinned() and codes.dtype == torch.uint8
+    assert codes.shape == (len(refs), *model.cfg.memory_shape[:-1], q.code_size)
+    assert torch.equal(codes_valid, n_valid)
+    expected = layout.pack(memories, n_valid, q)  # FAISS on the host, from the same memories
+    records, _ = encoder.records(refs, pending, embeddings=np.zeros((len(refs), 1), dtype=np.float32))
+    assert records.shape == expected.shape
+    payload = slice(HEADER_BYTES, None)
+    same = (records[:, payload].reshape(-1, q.code_size) == expected[:, payload].reshape(-1, q.code_size)).all(1)
+    assert same.mean() > 0.999, same.mean()
+    assert np.array_equal(records[:, :4], expected[:, :4])  # n_valid in each header

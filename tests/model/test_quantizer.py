@@ -1,5 +1,5 @@
-"""Vector-quantized memory: bounded reconstruction error, the torch decoder equal to FAISS's, the `auto` codec per
-model shape, and the byte counts `memory3 info` reports."""
+"""Vector-quantized memory: bounded reconstruction error, the torch codec's codes and vectors equal to FAISS's, the
+`auto` codec per model shape, and the byte counts `memory3 info` reports."""
 import numpy as np
 import pytest
 import torch
@@ -8,8 +8,8 @@ from configs import load_config
 from memory3.info import describe
 from model.config import ModelConfig
 from model.encoder import encode_references
-from model.quantizer import (PAPER_FACTORY, MemoryQuantizer, TorchDecoder, default_factory, factory_for,
-                             relative_error, resolve_factory)
+from model.quantizer import (PAPER_FACTORY, MemoryQuantizer, TorchCodec, default_factory, factory_for, pack_bits,
+                             relative_error, resolve_factory, unpack_bits)
 
 
 
@@ -84,36 +84,58 @@ def one_faiss_thread():
 # Each supported codec structure, small enough to train in seconds: PQ alone, OPQ + PQ, the paper's
 # OPQ + Residual (2-part multi-index coarse) + PQ with codes that straddle bytes, IVF-PQ with a flat coarse
 # quantizer, and a PCA rotation in front of it.
-DECODER_FACTORIES = ["PQ4x6", "OPQ8_32,PQ8x8", "OPQ8_32,Residual2x5,PQ4x6", "IVF16,PQ8x6", "PCAR32,IVF16,PQ4x8"]
+CODEC_FACTORIES = ["PQ4x6", "OPQ8_32,PQ8x8", "OPQ8_32,Residual2x5,PQ4x6", "IVF16,PQ8x6", "PCAR32,IVF16,PQ4x8"]
 
 
-@pytest.mark.parametrize("factory", DECODER_FACTORIES)
-def test_torch_decoder_equals_faiss_sa_decode(factory, one_faiss_thread):
+@pytest.mark.parametrize("factory", CODEC_FACTORIES)
+def test_torch_codec_equals_faiss_sa_encode_and_sa_decode(factory, one_faiss_thread):
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((3000, 32)) * rng.uniform(0.1, 3.0, 32) + rng.uniform(-1, 1, 32)).astype(np.float32)
     q = MemoryQuantizer(factory, 32)
     q.train(x)
     codes = q.encode(x[:1000].reshape(10, 100, 32))  # leading shape is kept
+    assert codes.shape == (10, 100, q.code_size)
     expected = q.index.sa_decode(codes.reshape(-1, q.code_size)).reshape(10, 100, 32)
-    decoder = q.torch_decoder()
-    assert decoder is not None
-    got = decoder(torch.from_numpy(codes))
+    codec = q.torch_codec()
+    assert codec is not None
+    got = codec.decode(torch.from_numpy(codes))
     assert got.dtype == torch.float32 and got.shape == (10, 100, 32)
     assert np.abs(got.numpy() - expected).max() < 1e-4
     assert relative_error(torch.from_numpy(x[:1000]), got.reshape(-1, 32)) < 0.9  # real vectors, not noise
-    again = MemoryQuantizer.from_bytes(q.to_bytes(), factory, 32).torch_decoder()  # codebooks as a bank stores them
-    torch.testing.assert_close(again(torch.from_numpy(codes)), got, atol=0, rtol=0)
+    again = MemoryQuantizer.from_bytes(q.to_bytes(), factory, 32).torch_codec()  # codebooks as a bank stores them
+    torch.testing.assert_close(again.decode(torch.from_numpy(codes)), got, atol=0, rtol=0)
+    # encoding: FAISS's codes bit for bit (every stage's nearest centroids, packed as FAISS packs them), in chunks
+    encoded = codec.encode(torch.from_numpy(x).reshape(30, 100, 32), chunk=128)
+    assert encoded.dtype == torch.uint8 and encoded.shape == (30, 100, q.code_size)
+    np.testing.assert_array_equal(encoded.reshape(-1, q.code_size).numpy(), q.index.sa_encode(x))
+
+
+def test_bits_pack_and_unpack_as_faiss_lays_them_out():
+    rng = np.random.default_rng(3)
+    for first_bit, nbits, count in [(0, 14, 2), (32, 10, 8), (3, 6, 5), (0, 8, 4), (5, 16, 3)]:
+        ids = torch.from_numpy(rng.integers(0, 1 << nbits, (50, count)))
+        size = (first_bit + nbits * count + 7) // 8
+        packed = torch.zeros(50, size + 8, dtype=torch.int64)
+        pack_bits(packed, ids, first_bit, nbits)
+        codes = packed[:, :size].to(torch.uint8)
+        assert packed[:, size:].eq(0).all() and packed.le(255).all()  # every field inside its bytes
+        torch.testing.assert_close(unpack_bits(codes, first_bit, nbits, count), ids, atol=0, rtol=0)
+        bits = np.unpackbits(codes.numpy(), axis=1, bitorder="little")  # FAISS's BitstringWriter: little-endian
+        for j in range(count):
+            field = bits[:, first_bit + j * nbits: first_bit + (j + 1) * nbits]
+            np.testing.assert_array_equal(field @ (1 << np.arange(nbits)), ids[:, j].numpy())
 
 
 def test_unsupported_factories_fall_back_to_faiss(one_faiss_thread):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2000, 16)).astype(np.float32)
-    q = MemoryQuantizer("RQ2x6", 16)  # a residual quantizer the torch decoder does not read
+    q = MemoryQuantizer("RQ2x6", 16)  # a residual quantizer the torch codec does not read
     q.train(x)
     with pytest.raises(NotImplementedError, match="IndexResidualQuantizer"):
-        TorchDecoder.from_faiss(q.index)
-    assert q.torch_decoder() is None and q.torch_decoder("cuda") is None  # never built, on any device
+        TorchCodec.from_faiss(q.index)
+    assert q.torch_codec() is None and q.torch_codec("cuda") is None  # never built, on any device
     codes = q.encode(x[:50])
+    np.testing.assert_array_equal(codes, q.index.sa_encode(x[:50]))
     np.testing.assert_array_equal(q.decode(codes).numpy(), q.index.sa_decode(codes))
 
 
@@ -127,3 +149,20 @@ def test_auto_codec_per_model_shape():
     for dim in (64, 80, 96, 128):  # about the paper's 14 B per 80 dims (0.175 B a dim)
         code_size = MemoryQuantizer(factory_for(dim), dim).code_size
         assert 0.14 < code_size / dim < 0.25, (dim, code_size)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("factory", ["OPQ8_32,Residual2x5,PQ4x6", "IVF16,PQ8x6"])
+def test_gpu_torch_codec_encodes_as_faiss(factory, one_faiss_thread):
+    """The codes a GPU encoder ships: FAISS's, up to near-ties the GPU's GEMM may break the other way."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((20000, 32)) * rng.uniform(0.1, 3.0, 32)).astype(np.float32)
+    q = MemoryQuantizer(factory, 32)
+    q.train(x[:4000])
+    codes = q.encode_tensor(torch.from_numpy(x).cuda())
+    assert codes.device.type == "cuda" and codes.dtype == torch.uint8
+    expected = q.index.sa_encode(x)
+    assert (codes.cpu().numpy() == expected).all(1).mean() > 0.999
+    restored = q.decode(codes, "cuda").cpu()
+    assert relative_error(torch.from_numpy(x), restored) <= 1.001 * relative_error(
+        torch.from_numpy(x), torch.from_numpy(q.index.sa_decode(expected)))
