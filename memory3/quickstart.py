@@ -222,7 +222,8 @@ def report_markdown(report: dict) -> str:
     acc, probe, http = report["accuracy"], report["probes"], report["http"]
     lines = ["# memory3 quickstart report", "",
              f"Model: `{report['model']}` preset, {report['parameters']:,} parameters; bank of "
-             f"{report['bank']['references']} references. Total time {report['seconds']:.0f} s "
+             f"{report['bank']['references']} references ({report['bank']['codec']}, "
+             f"{report['bank']['record_bytes']:,} B each). Total time {report['seconds']:.0f} s "
              f"({', '.join(f'{k} {v:.0f} s' for k, v in report['stages'].items())}).", "",
              "Exact match, every mode on the same retrieved references (retrieval over the whole bank, as served): "
              "`memory_only` cities exist only in the memory bank, `continual` cities' facts were only ever seen "
@@ -286,6 +287,15 @@ class Stages:
         if key not in self.finished:
             self.finished[key] = {"result": run()}
         return self.finished[key]["result"]
+
+
+def bank_codec(bank: Path) -> dict:
+    """How the bank stores a memory: bf16 or the quantizer's codes, and the bytes of one reference's record."""
+    from bank.reader import MemoryBank
+
+    opened = MemoryBank.open(str(bank))
+    quantizer = opened.manifest.get("quantizer") or {}
+    return {"codec": quantizer.get("factory", opened.layout.codec), "record_bytes": opened.layout.record_bytes}
 
 
 def added_gain(http: dict) -> float:
@@ -414,7 +424,7 @@ def main(cfg: DictConfig) -> int:
         "speed": result["speed"], "probes": probe, "http": http,
         "training": {"warmup": {k: warm[k] for k in ("steps", "first_loss", "loss", "seconds")},
                      "continual": {k: cont[k] for k in ("steps", "first_loss", "loss", "seconds")}},
-        "bank": {"references": bank_summary.get("references"), "uri": str(bank)},
+        "bank": {"references": bank_summary.get("references"), "uri": str(bank), **bank_codec(bank)},
         "n_questions": result["n_questions"],
         "stages": stage.seconds,
         "resumed": stage.reused,

@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from configs import load_config
+from model.config import ModelConfig
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +42,9 @@ def test_short_quickstart_memory_beats_no_memory(tmp_path, ray_local):
     assert report["accuracy_by_fact"]["memory"]["memory_only"].keys() == {"country", "continent", "timezone",
                                                                          "population"}
     assert set(acc) == {"memory", "none", "rag"} and set(report["speed"]) == {"memory", "none", "rag"}
+    tiny = ModelConfig.from_name("tiny")  # quantizer auto: the CPU preset's bank stays bf16
+    assert report["bank"]["codec"] == "bfloat16" and report["bank"]["record_bytes"] == 8 + tiny.memory_bytes()["sparse"]
+    assert f"(bfloat16, {report['bank']['record_bytes']:,} B each)" in (out / "report.md").read_text()
     # every artefact the README promises
     for name in ("report.md", "report.json", "loss.png", "accuracy.png", "speed.png"):
         assert (out / name).stat().st_size > 0, name
