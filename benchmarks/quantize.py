@@ -105,7 +105,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="where the torch codec runs: cpu or cuda")
     p.add_argument("--batches", nargs="*", type=int, default=[5, 320], help="references per decode / encode call")
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads of FAISS (training, sa_decode, sa_encode)")
+    p.add_argument("--faiss-threads", type=int, default=1,
+                   help="OpenMP threads of FAISS (training, sa_decode, sa_encode)")
     p.add_argument("--torch-threads", type=int, default=1)
     args = p.parse_args()
     import faiss

@@ -140,12 +140,15 @@ def run_http(args) -> None:
     else:
         checkpoint, bank, prompts = build_fixture(work, args.documents)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    app = build_app({"checkpoint": checkpoint, "bank": bank, "decoding": {"max_batch_size": args.max_batch}})
+    app = build_app({"checkpoint": checkpoint, "bank": bank,
+                     "decoding": {"max_batch_size": args.max_batch,
+                                  "retrieval_concurrency": args.retrieval_concurrency}})
     serve.run(app, name="memory3-bench", route_prefix="/")
     url = f"http://127.0.0.1:{args.port}"
     wait_healthy(url, 600)
     common = {"bench": "serve_http", "device": "cpu", "commit": commit(), "max_tokens": args.max_tokens,
-              "max_batch": args.max_batch, "checkpoint": "random-tiny" if not args.checkpoint else checkpoint}
+              "max_batch": args.max_batch, "retrieval_concurrency": args.retrieval_concurrency,
+              "checkpoint": "random-tiny" if not args.checkpoint else checkpoint}
     try:
         for concurrency in args.concurrency:
             for mode in args.modes:
@@ -323,6 +326,8 @@ def main() -> None:
     ap.add_argument("--no-static", dest="static", action="store_false",
                     help="direct path: skip model.generate's static batch (the same step; saves its compilation)")
     ap.add_argument("--max-batch", type=int, default=8, help="HTTP path: generator decode slots")
+    ap.add_argument("--retrieval-concurrency", type=int, default=0,
+                    help="HTTP path: window retrievals in flight at once per generator (0: all slots, 1: serial)")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--local-ray", action="store_true", help="HTTP path: a fresh local Ray even if RAY_ADDRESS")
     args = ap.parse_args()

@@ -401,6 +401,8 @@ class DecodingSettings:
     """Decode slots per generator replica."""
     retrieval_timeout_s: float = 30
     """A window's retrieval + memory load slower than this fails its request."""
+    retrieval_concurrency: int = 0
+    """Window retrievals in flight at once (a prefill's, a step's); 0 = max_batch_size, 1 = one after another."""
     torch_threads: int = 0
     """torch intra-op threads per replica; 0 = Ray's default."""
     seed: Optional[int] = None

@@ -13,6 +13,7 @@ every batch and length.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -66,9 +67,14 @@ def token_logprobs(logits: Tensor, chosen: Tensor, k: int) -> tuple[Tensor, Tens
 class MemoryWindows:
     """Per-row bookkeeping of which window's memories each sequence currently reads."""
 
-    def __init__(self, model: Transformer, retrieve: Retriever | None, batch: int):
+    def __init__(self, model: Transformer, retrieve: Retriever | None, batch: int,
+                 pool: ThreadPoolExecutor | None = None):
         self.cfg = model.cfg
         self.retrieve = retrieve
+        self.pool = pool
+        """Where the retrievals of one call (a prefill's windows, the rows that start a window in one step) run at
+        once: a served retriever is a network round trip that batches concurrent queries into one embedding and
+        one search (serve/retriever.py). None: one after another, on the calling thread."""
         c, dev, dtype = self.cfg, model.device, model.embed_tokens.weight.dtype
         self.slots = c.refs_per_window
         self.current = torch.zeros(batch, self.slots, c.n_mem_layer, 2, c.n_kv_head, c.mem_tokens, c.head_dim,
@@ -91,6 +97,19 @@ class MemoryWindows:
         n_valid[:m] = got.n_valid[:m]
         return mem, n_valid, list(got.ids[:m])
 
+    def fetch_many(self, asks: list[tuple[int, list[int]]]) -> list[tuple[Tensor, Tensor, list] | Exception]:
+        """`fetch` for each (row, query), in order, on the pool when there is one; a failed retrieval is returned
+        as its exception, so one request's failure leaves the others' results."""
+        def one(ask):
+            try:
+                return self.fetch(*ask)
+            except Exception as e:  # noqa: BLE001 - reported per row by the caller
+                return e
+
+        if self.pool is None or len(asks) < 2:
+            return [one(a) for a in asks]
+        return list(self.pool.map(one, asks))
+
     def prompt_memory(self, prompts: list[list[int]], total_len: int) -> tuple[MemoryBatch | None, list]:
         """Memories for prefill: each prompt window retrieves with its own tokens and is visible to itself only."""
         if self.retrieve is None:
@@ -98,13 +117,16 @@ class MemoryWindows:
         B, W = len(prompts), self.cfg.n_windows(total_len)
         mems = torch.zeros(B, W, *self.current.shape[1:], dtype=self.current.dtype, device=self.current.device)
         n_valid = torch.zeros(B, W, self.slots, dtype=torch.long, device=self.current.device)
+        asks = [(b, w) for b, p in enumerate(prompts) for w in range(self.cfg.n_windows(len(p)))]
+        spans = [self.cfg.window_span(w) for _, w in asks]
+        got = self.fetch_many([(b, prompts[b][max(lo, self.cfg.sink_len):hi]) for (b, _), (lo, hi) in zip(asks, spans)])
         events = []
-        for b, p in enumerate(prompts):
-            for w in range(self.cfg.n_windows(len(p))):
-                lo, hi = self.cfg.window_span(w)
-                mems[b, w], n_valid[b, w], ids = self.fetch(b, p[max(lo, self.cfg.sink_len):hi])
-                events.append((b, w, ids))
-            self.current[b], self.n_valid[b] = mems[b, w], n_valid[b, w]
+        for (b, w), result in zip(asks, got):
+            if isinstance(result, Exception):
+                raise result
+            mems[b, w], n_valid[b, w], ids = result
+            events.append((b, w, ids))
+            self.current[b], self.n_valid[b] = mems[b, w], n_valid[b, w]  # the last window's stay
         self.changed.update(range(B))
         visible = torch.eye(W, dtype=torch.bool, device=mems.device).repeat_interleave(self.slots, dim=1)
         pos = torch.arange(total_len, device=mems.device).expand(B, -1)
@@ -112,16 +134,24 @@ class MemoryWindows:
                                             self.cfg)
         return batch, events
 
-    def before_token(self, row: int, index: int, sequence: list[int], prompt_len: int) -> list | None:
-        """Called before decoding the token at `index`: re-retrieve when a new window starts after generated text."""
-        if self.retrieve is None or not self.cfg.starts_window(index):
-            return None
-        lo, hi = self.cfg.window_span(self.cfg.window_of(index) - 1)
-        if hi <= prompt_len:  # the previous window was all prompt: its memories stay (paper §3.2)
-            return None
-        self.current[row], self.n_valid[row], ids = self.fetch(row, sequence[lo:hi])
-        self.changed.add(row)
-        return ids
+    def before_tokens(self, rows: list[tuple[int, int, list[int], int]]) -> dict[int, list | Exception]:
+        """Called before decoding one token in each of `rows` (row, index of the token, its sequence, prompt
+        length): the rows where a new window starts after generated text re-retrieve, with the previous window's
+        tokens as query, all at once. Returns {row: the retrieved ids, or the exception its retrieval raised}."""
+        asks = []
+        for row, index, sequence, prompt_len in rows:
+            if self.retrieve is None or not self.cfg.starts_window(index):
+                continue
+            lo, hi = self.cfg.window_span(self.cfg.window_of(index) - 1)
+            if hi > prompt_len:  # a previous window that was all prompt keeps its memories (paper §3.2)
+                asks.append((row, sequence[lo:hi]))
+        done = {}
+        for (row, _), result in zip(asks, self.fetch_many(asks)):
+            if not isinstance(result, Exception):
+                self.current[row], self.n_valid[row], result = result
+                self.changed.add(row)
+            done[row] = result
+        return done
 
     def take_rows(self, start: int, other: "MemoryWindows") -> None:
         """Rows start.. take the current memories of `other` (a prefill of some rows, e.g. into free engine slots)."""
@@ -333,11 +363,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[
             if all(done):
                 break
             pos = [len(s) - 1 for s in sequences]  # index of the token fed next
-            for b in range(B):
-                if not done[b]:
-                    ids = windows.before_token(b, pos[b], sequences[b], lengths[b])
-                    if ids is not None:
-                        events.append((b, model.cfg.window_of(pos[b]), ids))
+            retrieved = windows.before_tokens([(b, pos[b], sequences[b], lengths[b]) for b in range(B) if not done[b]])
+            for b, ids in retrieved.items():
+                if isinstance(ids, Exception):
+                    raise ids
+                events.append((b, model.cfg.window_of(pos[b]), ids))
             windows.write_caches(caches)
             step_fn.tokens.copy_(chosen[:, None])
             step_fn.pos.copy_(torch.tensor(pos, device=dev)[:, None])

@@ -2,10 +2,10 @@
 
 The paper compresses every 80-dim key and value vector with the FAISS composite index
 `OPQ20x80-Residual2x14-PQ8x10` (14 bytes per vector, 8.75% of bf16), trained on vectors from sampled references,
-decoded before the GPU reads them. FAISS's standalone codec API (`sa_encode`/`sa_decode`) encodes and is the
-reference codec; `TorchCodec` encodes and decodes the same codes with torch on any device (a GPU encoder ships 14 B
-per vector to the host and a GPU replica 14 B to the GPU, instead of 160), for the factories it understands. The factory string is configuration;
-`quantizer: auto` picks one per model shape (`default_factory`).
+decoded before the GPU reads them. FAISS's standalone codec API (`sa_encode`/`sa_decode`) is the reference codec;
+`TorchCodec` encodes and decodes the same codes with torch on any device (a GPU encoder ships 14 B per vector to
+the host and a GPU replica 14 B to the GPU, instead of 160), for the factories it understands. The factory string
+is configuration; `quantizer: auto` picks one per model shape (`default_factory`).
 """
 from __future__ import annotations
 

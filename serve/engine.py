@@ -16,7 +16,12 @@ The decode step is model.generate's `DecodeStep`: memories sit in reserved slots
 once per window), attention reads the batch's length bucket only, and on CUDA the step replays a CUDA graph per
 batch-size bucket; greedy batches take the argmax on the device, and the step's one host sync is reading the tokens.
 
-Pure PyTorch plus one thread: the Ray Serve replica (serve/generator.py) feeds it and reads its events.
+The retrievals that fall due together (a prefill's prompt windows, the rows that start a window in the same step)
+run at once on a thread pool: a served request's retrieval is two round trips (retriever, memory store), and the
+retriever embeds and searches concurrent queries as one batch, so a step waits for one retrieval, not for one per
+row.
+
+Pure PyTorch plus threads: the Ray Serve replica (serve/generator.py) feeds it and reads its events.
 Events, delivered by `request.emit` from the engine thread:
     {"type": "retrieval", "window": w, "ids": [...]}      memories read from window w on
     {"type": "prompt_logprobs", "logprobs": [...], "top": [[[id, logprob], ...], ...]}   prompt tokens 1.. (if asked)
@@ -30,6 +35,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -76,11 +82,14 @@ class _Slot:
 
 class DecodeEngine:
     def __init__(self, model: Transformer, max_batch: int = 8, seed: int | None = None, idle_wait_s: float = 0.5,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, retrieval_concurrency: int = 0):
         cfg = model.cfg
         self.model, self.cfg, self.max_batch, self.idle_wait_s = model, cfg, max_batch, idle_wait_s
         self.device = model.device
-        self.windows = MemoryWindows(model, self._retrieve_for_slot, max_batch)
+        concurrency = retrieval_concurrency or max_batch
+        self.retrievals = ThreadPoolExecutor(concurrency, thread_name_prefix="retrieval") if concurrency > 1 else None
+        """A prefill's window retrievals, and a step's, run at once (each request's retrieve may block)."""
+        self.windows = MemoryWindows(model, self._retrieve_for_slot, max_batch, self.retrievals)
         model.setup_caches(max_batch, cfg.max_seq_len, memory_slots=self.windows.reserved)
         self.decode_caches = model.caches()
         model.clear_caches()
@@ -122,6 +131,8 @@ class DecodeEngine:
         with self.wakeup:
             self.wakeup.notify()
         self.thread.join(timeout=10)
+        if self.retrievals is not None:
+            self.retrievals.shutdown(wait=False, cancel_futures=True)
 
     # --- engine thread ---
     @torch.inference_mode()
@@ -180,7 +191,7 @@ class DecodeEngine:
         any_memory = any(r.retrieve for r in requests)
         retrieve = (lambda row, query: requests[row].retrieve(query) if requests[row].retrieve else None) \
             if any_memory else None
-        windows = MemoryWindows(self.model, retrieve, n)
+        windows = MemoryWindows(self.model, retrieve, n, self.retrievals)
         last, logits, events = self.prefill([r.prompt for r in requests], self._cache_views(start, n), windows,
                                             all_logits=any(r.prompt_logprobs for r in requests))
         self.windows.take_rows(start, windows)
@@ -247,17 +258,15 @@ class DecodeEngine:
                 self._finish(i, reason="stop")
             elif slot.generated >= slot.request.max_new_tokens:
                 self._finish(i, reason="length")
-        for i, slot in enumerate(self.slots):  # paper §3.1: a new window retrieves with the previous one's text
-            if slot is None or slot.request.retrieve is None:
-                continue
-            index = len(slot.sequence) - 1  # the token fed next
-            try:
-                ids = self.windows.before_token(i, index, slot.sequence, len(slot.request.prompt))
-            except Exception as e:
-                self._finish(i, error=f"retrieval failed: {e}")
-                continue
-            if ids is not None:
-                slot.request.emit({"type": "retrieval", "window": self.cfg.window_of(index), "ids": list(ids)})
+        # paper §3.1: a new window retrieves with the previous one's text (index: the token fed next)
+        reading = [(i, len(s.sequence) - 1, s.sequence, len(s.request.prompt)) for i, s in enumerate(self.slots)
+                   if s is not None and s.request.retrieve is not None]
+        for i, ids in self.windows.before_tokens(reading).items():
+            if isinstance(ids, Exception):
+                self._finish(i, error=f"retrieval failed: {ids}")
+            else:
+                window = self.cfg.window_of(len(self.slots[i].sequence) - 1)
+                self.slots[i].request.emit({"type": "retrieval", "window": window, "ids": list(ids)})
         if not any(self.slots):
             return
         n = self._rows()

@@ -147,6 +147,40 @@ def test_a_failing_prompt_retrieval_fails_only_its_request(model, bank):
         engine.stop()
 
 
+@pytest.mark.parametrize("concurrency", [0, 1])
+def test_retrievals_that_fall_due_together_run_at_once(model, bank, concurrency):
+    """A prefill's windows and the rows that start a window in the same step are retrieved concurrently (a served
+    retriever batches concurrent queries into one search): here each retrieval waits until all three rows'
+    retrievals are in flight. Serial (`retrieval_concurrency=1`) the first one waits alone and every request fails,
+    which shows the check can fail."""
+    barrier = threading.Barrier(3, timeout=10 if concurrency != 1 else 1)
+    plain = make_retrieve(bank)
+
+    def together(query):
+        barrier.wait()
+        return plain(query)
+
+    prompts = [prompt_of(30 + i, 14) for i in range(3)]  # equal lengths: the rows start windows in the same steps
+    collectors = [Collector() for _ in prompts]
+    engine = DecodeEngine(model, max_batch=3, seed=0, retrieval_concurrency=concurrency)
+    try:
+        with engine.wakeup:  # admitted (and prefilled) as one batch
+            for p, c in zip(prompts, collectors):
+                engine.submit(DecodeRequest(p, 20, retrieve=together, emit=c))
+        for c in collectors:
+            assert c.done.wait(60)
+    finally:
+        engine.stop()
+    if concurrency == 1:
+        assert all(c.end["type"] == "error" for c in collectors), [c.end for c in collectors]
+        return
+    for p, c in zip(prompts, collectors):
+        assert c.end == {"type": "finish", "reason": "length"}
+        tokens, events = reference(model, p, 20, make_retrieve(bank))
+        assert c.tokens == tokens and c.retrievals == events
+        assert len(events) >= 3  # prompt windows and decode windows, every one through the barrier
+
+
 class LogprobCollector(Collector):
     def __init__(self):
         super().__init__()
