@@ -13,7 +13,7 @@ every batch and length.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -85,6 +85,8 @@ class MemoryWindows:
         self.valid = torch.zeros(batch, self.reserved, dtype=torch.bool, device=dev)
         """(B, reserved) which reserved slots hold a memory token: the static buffer `Transformer.decode` reads."""
         self.changed: set[int] = set()  # rows whose memories are not yet in the caches
+        self.ahead: dict[int, tuple[int, Future]] = {}
+        """row -> (index of the token that starts its next window, that window's retrieval, begun a step early)."""
 
     def fetch(self, row: int, query: list[int]) -> tuple[Tensor, Tensor, list]:
         got = self.retrieve(row, query) if self.retrieve else None
@@ -97,18 +99,32 @@ class MemoryWindows:
         n_valid[:m] = got.n_valid[:m]
         return mem, n_valid, list(got.ids[:m])
 
-    def fetch_many(self, asks: list[tuple[int, list[int]]]) -> list[tuple[Tensor, Tensor, list] | Exception]:
-        """`fetch` for each (row, query), in order, on the pool when there is one; a failed retrieval is returned
-        as its exception, so one request's failure leaves the others' results."""
-        def one(ask):
-            try:
-                return self.fetch(*ask)
-            except Exception as e:  # noqa: BLE001 - reported per row by the caller
-                return e
+    def _fetch_or_error(self, row: int, query: list[int], on_pool: bool = False
+                        ) -> tuple[Tensor, Tensor, list] | Exception:
+        """`fetch`, a failure returned as its exception (one request's failure leaves the others' results). On the
+        pool, the copies are done before the result is: the caller's stream is not this thread's."""
+        try:
+            mem, n_valid, ids = self.fetch(row, query)
+        except Exception as e:  # noqa: BLE001 - reported per row by the caller
+            return e
+        if on_pool and mem.is_cuda:
+            torch.cuda.current_stream(mem.device).synchronize()
+        return mem, n_valid, ids
 
+    def fetch_many(self, asks: list[tuple[int, list[int]]]) -> list[tuple[Tensor, Tensor, list] | Exception]:
+        """`_fetch_or_error` for each (row, query), in order, at once on the pool when there is one."""
         if self.pool is None or len(asks) < 2:
-            return [one(a) for a in asks]
-        return list(self.pool.map(one, asks))
+            return [self._fetch_or_error(*a) for a in asks]
+        return list(self.pool.map(lambda ask: self._fetch_or_error(*ask, on_pool=True), asks))
+
+    def window_query(self, index: int, sequence: list[int], prompt_len: int) -> list[int] | None:
+        """The retrieval query due before the token at `index` is fed: the previous window's tokens when a new window
+        starts there after generated text (paper §3.1), else None (a previous window that was all prompt keeps its
+        memories, §3.2)."""
+        if self.retrieve is None or not self.cfg.starts_window(index):
+            return None
+        lo, hi = self.cfg.window_span(self.cfg.window_of(index) - 1)
+        return list(sequence[lo:hi]) if hi > prompt_len else None
 
     def prompt_memory(self, prompts: list[list[int]], total_len: int) -> tuple[MemoryBatch | None, list]:
         """Memories for prefill: each prompt window retrieves with its own tokens and is visible to itself only."""
@@ -136,33 +152,55 @@ class MemoryWindows:
 
     def before_tokens(self, rows: list[tuple[int, int, list[int], int]]) -> dict[int, list | Exception]:
         """Called before decoding one token in each of `rows` (row, index of the token, its sequence, prompt
-        length): the rows where a new window starts after generated text re-retrieve, with the previous window's
-        tokens as query, all at once. Returns {row: the retrieved ids, or the exception its retrieval raised}."""
-        asks = []
+        length): the rows where a new window starts after generated text take that window's memories, retrieved
+        with the previous window's tokens as query: begun a step early (`prefetch`), or now, all at once.
+        Returns {row: the retrieved ids, or the exception its retrieval raised}, in the order of `rows`."""
+        due, asks = {}, []
         for row, index, sequence, prompt_len in rows:
-            if self.retrieve is None or not self.cfg.starts_window(index):
+            query = self.window_query(index, sequence, prompt_len)
+            early = self.ahead.pop(row, None)
+            if query is None:
                 continue
-            lo, hi = self.cfg.window_span(self.cfg.window_of(index) - 1)
-            if hi > prompt_len:  # a previous window that was all prompt keeps its memories (paper §3.2)
-                asks.append((row, sequence[lo:hi]))
+            if early is not None and early[0] == index:
+                due[row] = early[1]
+            else:
+                due[row] = None
+                asks.append((row, query))
+        now = dict(zip((row for row, _ in asks), self.fetch_many(asks)))
         done = {}
-        for (row, _), result in zip(asks, self.fetch_many(asks)):
+        for row, early in due.items():
+            result = early.result() if early is not None else now[row]
             if not isinstance(result, Exception):
                 self.current[row], self.n_valid[row], result = result
                 self.changed.add(row)
             done[row] = result
         return done
 
+    def prefetch(self, rows: list[tuple[int, int, list[int], int]]) -> None:
+        """Begin on the pool the retrievals `before_tokens` will take at the next step, for each of `rows` (row,
+        index of the token fed at the next step, its sequence, prompt length): the query, the window before
+        `index`, is known a step before the memories are needed, so the retrieval overlaps this step's forward and
+        the next step need not wait for it. Without a pool, nothing: `before_tokens` retrieves then."""
+        if self.pool is None:
+            return
+        for row, index, sequence, prompt_len in rows:
+            query = self.window_query(index, sequence, prompt_len)
+            if query is not None:
+                self.ahead[row] = (index, self.pool.submit(self._fetch_or_error, row, query, True))
+
     def take_rows(self, start: int, other: "MemoryWindows") -> None:
         """Rows start.. take the current memories of `other` (a prefill of some rows, e.g. into free engine slots)."""
         rows = slice(start, start + len(other.n_valid))
         self.current[rows], self.n_valid[rows] = other.current, other.n_valid
         self.changed.update(range(rows.start, rows.stop))
+        for row in range(rows.start, rows.stop):
+            self.ahead.pop(row, None)
 
     def clear_row(self, row: int) -> None:
-        """The row reads no memory until it is given some again."""
+        """The row reads no memory until it is given some again (a retrieval begun for it is dropped)."""
         self.n_valid[row] = 0
         self.changed.add(row)
+        self.ahead.pop(row, None)
 
     def write_caches(self, caches: list[KVCache]) -> None:
         """Memories that changed since the last call into the reserved slots of the memory layers' caches: once

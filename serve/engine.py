@@ -18,8 +18,8 @@ batch-size bucket; greedy batches take the argmax on the device, and the step's 
 
 The retrievals that fall due together (a prefill's prompt windows, the rows that start a window in the same step)
 run at once on a thread pool: a served request's retrieval is two round trips (retriever, memory store), and the
-retriever embeds and searches concurrent queries as one batch, so a step waits for one retrieval, not for one per
-row.
+retriever embeds and searches concurrent queries as one batch. A decode window's query (the window before it) is
+complete a step before its memories are needed, so its retrieval begins then and overlaps that step's forward.
 
 Pure PyTorch plus threads: the Ray Serve replica (serve/generator.py) feeds it and reads its events.
 Events, delivered by `request.emit` from the engine thread:
@@ -267,6 +267,10 @@ class DecodeEngine:
             else:
                 window = self.cfg.window_of(len(self.slots[i].sequence) - 1)
                 self.slots[i].request.emit({"type": "retrieval", "window": window, "ids": list(ids)})
+        # the next step's window starts: their queries are known now, so their retrievals overlap this forward
+        self.windows.prefetch([(i, len(s.sequence), s.sequence, len(s.request.prompt)) for i, s in enumerate(self.slots)
+                               if s is not None and s.request.retrieve is not None
+                               and s.generated + 1 < s.request.max_new_tokens])
         if not any(self.slots):
             return
         n = self._rows()

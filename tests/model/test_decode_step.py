@@ -74,3 +74,54 @@ def test_decode_step_pads_to_a_batch_bucket_and_rounds_the_length_up(make_model)
     model.clear_caches()
     assert got.shape == (3, cfg.vocab_size)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_window_retrieval_begun_a_step_early_is_taken_not_repeated(make_model):
+    """`prefetch` begins a window's retrieval on the pool a step before `before_tokens` needs it (the query, the
+    window before, is complete then): the early result is taken, not fetched again; a stale one (another index,
+    a cleared row) is dropped and the window fetched anew; without a pool nothing begins early."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = make_model()
+    cfg = model.cfg
+    calls, fail = [], set()
+    memories = torch.randn(3, cfg.refs_per_window, *cfg.memory_shape)
+
+    def retrieve(row, query):
+        calls.append((row, tuple(query)))
+        if row in fail:
+            raise RuntimeError("retriever down")
+        return Retrieved(memories[row], torch.tensor([3, 1]), ids=[f"r{row}"])
+
+    prompt_len = cfg.sink_len + 3
+    index = next(i for i in range(prompt_len + cfg.window, cfg.max_seq_len) if cfg.starts_window(i))
+    seq = torch.randint(5, cfg.vocab_size, (index + cfg.window,)).tolist()
+    lo, hi = cfg.window_span(cfg.window_of(index) - 1)
+    with ThreadPoolExecutor(2) as pool:
+        windows = MemoryWindows(model, retrieve, 3, pool)
+        windows.prefetch([(0, index, seq, prompt_len), (1, index - 1, seq, prompt_len)])  # row 1: no window starts
+        windows.ahead[0][1].result()
+        assert calls == [(0, tuple(seq[lo:hi]))]
+        assert windows.before_tokens([(0, index, seq, prompt_len), (1, index - 1, seq, prompt_len)]) == {0: ["r0"]}
+        assert len(calls) == 1 and not windows.ahead  # taken, not fetched again
+        assert torch.equal(windows.current[0], memories[0]) and windows.n_valid[0].tolist() == [3, 1]
+
+        windows.prefetch([(1, index, seq, prompt_len)])
+        later = index + cfg.window  # the row reached another window first: the early result is stale
+        assert windows.before_tokens([(1, later, seq + [7] * cfg.window, prompt_len)]) == {1: ["r1"]}
+        assert calls[-1] == (1, tuple((seq + [7] * cfg.window)[index:later]))
+
+        windows.prefetch([(2, index, seq, prompt_len)])
+        windows.clear_row(2)  # the request ended; a new one in its slot must not read the old retrieval
+        n_calls = len(calls)
+        assert windows.before_tokens([(2, index, seq, prompt_len)]) == {2: ["r2"]} and len(calls) == n_calls + 1
+
+        fail.add(0)  # a failure begun early comes back as the row's exception
+        windows.prefetch([(0, index, seq, prompt_len)])
+        error = windows.before_tokens([(0, index, seq, prompt_len)])[0]
+        assert isinstance(error, RuntimeError) and "retriever down" in str(error)
+
+    serial = MemoryWindows(model, retrieve, 3)
+    n_calls = len(calls)
+    serial.prefetch([(1, index, seq, prompt_len)])
+    assert len(calls) == n_calls and not serial.ahead
