@@ -305,11 +305,19 @@ class DecodeStep:
         """With graphs, the captured step is `torch.compile`d first: norms, rotary and cache writes fuse into a
         few kernels per layer, so a replay launches hundreds of kernels instead of thousands."""
 
+    def _bucket(self, n: int, key_len: int) -> tuple[int, int]:
+        rows = next((b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= b <= self.batch), self.batch)
+        return rows, min(-(-key_len // self.LENGTH_BUCKET) * self.LENGTH_BUCKET, self.max_len)
+
+    def captured(self, n: int, key_len: int, memory: bool) -> bool:
+        """Whether a call with these arguments replays a graph (or runs eager) rather than compiling and capturing
+        one: work on other threads (a retrieval begun early) then runs beside a replay, never beside a capture."""
+        return not self.graphs or (*self._bucket(n, key_len), memory) in self._graphs
+
     def __call__(self, n: int, key_len: int, memory: bool) -> Tensor:
         """Logits (n, V) of the tokens in `tokens[:n]` at `pos[:n]`; key_len > every pos. The result is only
         valid until the next call (it lives in the graphs' memory)."""
-        rows = next((b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= b <= self.batch), self.batch)
-        key_len = min(-(-key_len // self.LENGTH_BUCKET) * self.LENGTH_BUCKET, self.max_len)
+        rows, key_len = self._bucket(n, key_len)
         args = (self.tokens[:rows], self.pos[:rows], key_len, self.valid[:rows] if memory else None)
         if rows not in self._views:
             self._views[rows] = [cache.rows(0, rows) for cache in self.caches]

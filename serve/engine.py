@@ -267,10 +267,6 @@ class DecodeEngine:
             else:
                 window = self.cfg.window_of(len(self.slots[i].sequence) - 1)
                 self.slots[i].request.emit({"type": "retrieval", "window": window, "ids": list(ids)})
-        # the next step's window starts: their queries are known now, so their retrievals overlap this forward
-        self.windows.prefetch([(i, len(s.sequence), s.sequence, len(s.request.prompt)) for i, s in enumerate(self.slots)
-                               if s is not None and s.request.retrieve is not None
-                               and s.generated + 1 < s.request.max_new_tokens])
         if not any(self.slots):
             return
         n = self._rows()
@@ -278,6 +274,12 @@ class DecodeEngine:
         self.decode.pos[:n, 0].copy_(torch.tensor(pos), non_blocking=True)
         self.windows.write_caches(self.decode_caches)
         memory = any(s is not None and s.request.retrieve is not None for s in self.slots[:n])
+        if self.decode.captured(n, max(pos) + 1, memory):
+            # the next step's window starts: their queries are complete now, so their retrievals overlap this
+            # forward (not a step that compiles and captures a CUDA graph: nothing else runs beside a capture)
+            self.windows.prefetch([(i, len(s.sequence), s.sequence, len(s.request.prompt))
+                                   for i, s in enumerate(self.slots) if s is not None and s.request.retrieve
+                                   is not None and s.generated + 1 < s.request.max_new_tokens])
         self.last_logits[:n] = self.decode(n, max(pos) + 1, memory).float()  # (n, V)
 
     @staticmethod
