@@ -87,6 +87,8 @@ class MemoryWindows:
         self.changed: set[int] = set()  # rows whose memories are not yet in the caches
         self.ahead: dict[int, tuple[int, Future]] = {}
         """row -> (index of the token that starts its next window, that window's retrieval, begun a step early)."""
+        self.dropped: list[Future] = []
+        """Retrievals begun early whose row ended or moved on; `settle` waits for them."""
 
     def fetch(self, row: int, query: list[int]) -> tuple[Tensor, Tensor, list]:
         got = self.retrieve(row, query) if self.retrieve else None
@@ -158,12 +160,11 @@ class MemoryWindows:
         due, asks = {}, []
         for row, index, sequence, prompt_len in rows:
             query = self.window_query(index, sequence, prompt_len)
-            early = self.ahead.pop(row, None)
-            if query is None:
+            if query is not None and row in self.ahead and self.ahead[row][0] == index:
+                due[row] = self.ahead.pop(row)[1]
                 continue
-            if early is not None and early[0] == index:
-                due[row] = early[1]
-            else:
+            self._drop(row)
+            if query is not None:
                 due[row] = None
                 asks.append((row, query))
         now = dict(zip((row for row, _ in asks), self.fetch_many(asks)))
@@ -188,19 +189,31 @@ class MemoryWindows:
             if query is not None:
                 self.ahead[row] = (index, self.pool.submit(self._fetch_or_error, row, query, True))
 
+    def _drop(self, row: int) -> None:
+        early = self.ahead.pop(row, None)
+        if early is not None:
+            self.dropped = [f for f in self.dropped if not f.done()] + [early[1]]
+
+    def settle(self) -> None:
+        """Wait for the retrievals begun early and dropped since: a step about to compile and capture a CUDA graph
+        runs with no other thread's work on the device."""
+        for future in self.dropped:
+            future.result()  # _fetch_or_error returns its failures
+        self.dropped.clear()
+
     def take_rows(self, start: int, other: "MemoryWindows") -> None:
         """Rows start.. take the current memories of `other` (a prefill of some rows, e.g. into free engine slots)."""
         rows = slice(start, start + len(other.n_valid))
         self.current[rows], self.n_valid[rows] = other.current, other.n_valid
         self.changed.update(range(rows.start, rows.stop))
         for row in range(rows.start, rows.stop):
-            self.ahead.pop(row, None)
+            self._drop(row)
 
     def clear_row(self, row: int) -> None:
         """The row reads no memory until it is given some again (a retrieval begun for it is dropped)."""
         self.n_valid[row] = 0
         self.changed.add(row)
-        self.ahead.pop(row, None)
+        self._drop(row)
 
     def write_caches(self, caches: list[KVCache]) -> None:
         """Memories that changed since the last call into the reserved slots of the memory layers' caches: once

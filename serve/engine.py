@@ -280,6 +280,8 @@ class DecodeEngine:
             self.windows.prefetch([(i, len(s.sequence), s.sequence, len(s.request.prompt))
                                    for i, s in enumerate(self.slots) if s is not None and s.request.retrieve
                                    is not None and s.generated + 1 < s.request.max_new_tokens])
+        else:
+            self.windows.settle()
         self.last_logits[:n] = self.decode(n, max(pos) + 1, memory).float()  # (n, V)
 
     @staticmethod
