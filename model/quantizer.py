@@ -189,15 +189,12 @@ class TorchCodec:
         for books, first_bit, nbits, additive in self.stages:
             if not additive:
                 continue
-            m, k, dsub = books.shape
-            ids = unpack_bits(codes, first_bit, nbits, m)  # (N, M)
-            part = books[torch.arange(m, device=codes.device), ids.clamp(max=k - 1)].reshape(-1, m * dsub)
+            m, k, _ = books.shape
+            part = centroids(books, unpack_bits(codes, first_bit, nbits, m).clamp(max=k - 1))
             x = part if x is None else part + x  # FAISS adds the coarse centroid to the decoded residual
         for a, b in reversed(self.transforms):
             x = (x - b if b is not None else x) @ a
         return x.reshape(*shape, self.dim)
-
-    __call__ = decode
 
     @torch.no_grad()
     def encode(self, x: Tensor, chunk: int = 1 << 14) -> Tensor:
@@ -218,9 +215,15 @@ class TorchCodec:
             ids = nearest_centroids(x, books)  # (N, M)
             pack_bits(packed, ids, first_bit, nbits)
             if additive:
-                m, _, dsub = books.shape
-                x = x - books[torch.arange(m, device=x.device), ids].reshape(-1, m * dsub)
+                x = x - centroids(books, ids)
         return packed[:, :self.code_size].to(torch.uint8)
+
+
+def centroids(books: Tensor, ids: Tensor) -> Tensor:
+    """books (M, K, dsub), ids (N, M) -> each row's chosen centroids, concatenated over the sub-spaces (N, M * dsub):
+    a stage's reconstruction (decoding) and what encoding subtracts before the next stage."""
+    m, _, dsub = books.shape
+    return books[torch.arange(m, device=books.device), ids].reshape(-1, m * dsub)
 
 
 def nearest_centroids(x: Tensor, books: Tensor) -> Tensor:
