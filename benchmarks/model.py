@@ -7,6 +7,7 @@ weight-bandwidth ceiling. One JSON line per result.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -113,6 +114,8 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--compile", action="store_true", help="also time the CUDA-graph decode step")
     ap.add_argument("--decode-only", action="store_true", help="skip the prefill/forward timings")
+    ap.add_argument("--fuse", type=int, nargs="+", default=[1], choices=[0, 1],
+                    help="decode with the q/k/v and gate/up projections fused (1, as served), separate (0), or both")
     args = ap.parse_args()
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -150,16 +153,19 @@ def main() -> None:
             print(json.dumps({**common, "bench": "copy_bandwidth", "gb_s": round(bandwidth / 1e9, 1),
                               "weight_gb": round(wbytes / 1e9, 3),
                               "ceiling_tokens_per_s_b1": round(bandwidth / wbytes, 1)}), flush=True)
-        variants = [(label, retrieve, compiled) for compiled in ([False, True] if args.compile else [False])
+        models = {fuse: copy.deepcopy(model).fuse_projections() if fuse else model for fuse in args.fuse}
+        variants = [(label, retrieve, compiled, fuse) for fuse in args.fuse
+                    for compiled in ([False, True] if args.compile else [False])
                     for label, retrieve in (("none", None), ("memory", lambda row, q: Retrieved(one, one_valid)))]
-        for label, retrieve, compiled in variants:
+        for label, retrieve, compiled, fuse in variants:
             def run():
-                for _ in generate(model, [prompt], n_new, retrieve=retrieve, compile=compiled):
+                for _ in generate(models[fuse], [prompt], n_new, retrieve=retrieve, compile=compiled):
                     pass
             sec = timed(run, dev, repeats=2)
             tok_s = n_new / sec
             ceiling = bandwidth / wbytes if bandwidth else None
-            print(json.dumps({**common, "bench": "decode", "memory": label, "compiled": compiled, "batch": 1,
+            print(json.dumps({**common, "bench": "decode", "memory": label, "compiled": compiled,
+                              "fused_projections": bool(fuse), "batch": 1,
                               "new_tokens": n_new,
                               "tokens_per_s": round(tok_s, 1), "achieved_gb_s": round(tok_s * wbytes / 1e9, 1),
                               "ceiling_tokens_per_s": round(ceiling, 1) if ceiling else None,

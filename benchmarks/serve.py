@@ -204,6 +204,8 @@ def run_direct(args) -> None:
     torch.manual_seed(0)
     with torch.device(dev):
         model = Transformer(cfg).to(dtype).eval()
+    if args.fuse:
+        model.fuse_projections()  # as the generator deployment serves it (decoding.fuse_projections)
     pool_size = 4 * cfg.refs_per_window * args.batch
     pool = torch.randn(pool_size, *cfg.memory_shape, dtype=dtype)  # host RAM, like MemoryStore's cache
     pool = pool.pin_memory() if dev == "cuda" else pool
@@ -222,6 +224,7 @@ def run_direct(args) -> None:
     wbytes = weight_bytes(model)
     prefill = "compiled" if compile_prefill(torch.device(dev)) else "eager"  # as the engine's
     common = {"bench": "serve_generator", "preset": args.preset, "device": device_name(dev), "prefill": prefill,
+              "fused_projections": args.fuse,
               "dtype": str(dtype).split(".")[-1], "commit": commit(), "batch": args.batch, "prompt_tokens": in_len,
               "new_tokens": out_len}
     ceiling = bandwidth / wbytes * args.batch if bandwidth else None
@@ -326,6 +329,8 @@ def main() -> None:
     ap.add_argument("--no-static", dest="static", action="store_false",
                     help="direct path: skip model.generate's static batch (the same step; saves its compilation)")
     ap.add_argument("--max-batch", type=int, default=8, help="HTTP path: generator decode slots")
+    ap.add_argument("--no-fuse", dest="fuse", action="store_false",
+                    help="direct path: keep q/k/v and gate/up as separate projections (served: fused)")
     ap.add_argument("--retrieval-concurrency", type=int, default=0,
                     help="HTTP path: window retrievals in flight at once per generator (0: all slots, 1: serial)")
     ap.add_argument("--port", type=int, default=8765)

@@ -405,6 +405,8 @@ class DecodingSettings:
     """Window retrievals in flight at once (a prefill's, a step's); 0 = max_batch_size, 1 = one after another."""
     torch_threads: int = 0
     """torch intra-op threads per replica; 0 = Ray's default."""
+    fuse_projections: bool = True
+    """Each layer's q/k/v and gate/up projections as one GEMM each (`Transformer.fuse_projections`)."""
     seed: Optional[int] = None
     """Sampling seed of each replica; null = from the clock."""
 

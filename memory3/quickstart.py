@@ -370,8 +370,10 @@ def main(cfg: DictConfig) -> int:
                                                                out / "warmup"))
 
     with stage("bank_warmup", "memory bank with the warmup weights (retrieval for stage 2)"):
+        # stage 2 reads this bank's texts and embeddings only (it encodes the references live with the weights it
+        # trains), so its memories stay bf16: no codebooks to train for memories nobody reads
         stage.once("bank_warmup", lambda: encode_bank(cfg, out / "bank_corpus.jsonl", out / "bank_warmup",
-                                                      warm["final"]))
+                                                      warm["final"], quantizer=None))
 
     with stage("continual", "stage 2: continual training with explicit memory"):
         cont = stage.once("continual", lambda: run_training_stage(

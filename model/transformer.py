@@ -191,6 +191,15 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
     return _FLEX(q, k, v, block_mask=block_mask, enable_gqa=True)[:, :, :T]
 
 
+def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    """One bias-free Linear whose output is the given ones' outputs side by side: one GEMM reads all their weights
+    (decoding is bound by reading weights, and a few large GEMMs read them faster than many small ones)."""
+    weight = torch.cat([linear.weight.detach() for linear in linears], dim=0)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -200,7 +209,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, kv_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, kv_dim, bias=False)
         self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # `Transformer.fuse_projections`: q, k and v as one GEMM
         self.cache: KVCache | None = None
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv_dim = self.cfg.n_kv_head * self.cfg.head_dim
+        return self.qkv_proj(x).split([self.cfg.dim, kv_dim, kv_dim], dim=-1)
+
+    def fuse(self) -> None:
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask, memory: tuple | str | None = None,
                 capture: list | None = None, key_len: int | None = None) -> Tensor:
@@ -208,9 +228,10 @@ class Attention(nn.Module):
         RESERVED for the cache's memory slots; key_len: context positions of the cache attended (default all)."""
         B, T, _ = x.shape
         c = self.cfg
-        q = self.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
         if capture is not None:  # the memory encoder scores un-rotated q/k (§3.3) and stores rotated k and v
             capture.append((q, k, apply_rope(k, cos, sin), v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -240,9 +261,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.mlp_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.mlp_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.dim, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # `Transformer.fuse_projections`: gate and up as one GEMM
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+    def fuse(self) -> None:
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
 
 class Block(nn.Module):
@@ -299,6 +329,18 @@ class Transformer(nn.Module):
     def clear_caches(self) -> None:
         for layer in self.layers:
             layer.self_attn.cache = None
+
+    def fuse_projections(self) -> "Transformer":
+        """For decoding: each layer's q/k/v projections become one GEMM, and its gate/up projections another (the
+        same outputs, from 4 weight reads per layer instead of 7). In place and before any decode step is compiled
+        or captured (those hold the weights they saw); the fused state dict is no longer a checkpoint's."""
+        if any(name in self.__dict__ for name in ("_decode_steps", "_fused_decode", "_compiled_prefill")):
+            raise RuntimeError("fuse_projections() must run before the model's decode steps are compiled or captured")
+        for layer in self.layers:
+            if layer.self_attn.qkv_proj is None:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+        return self
 
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, memory: MemoryBatch | None = None,
                 n_layers: int | None = None, capture: list | None = None, return_hidden: bool = False,

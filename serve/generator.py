@@ -27,6 +27,8 @@ class Generator:
         if decoding.get("torch_threads"):
             torch.set_num_threads(decoding["torch_threads"])
         self.model, self.tokenizer = load_model(checkpoint, decoding["device"], decoding["dtype"])
+        if decoding.get("fuse_projections", True):
+            self.model.fuse_projections()
         self.engine = DecodeEngine(self.model, max_batch=decoding["max_batch_size"], seed=decoding.get("seed"),
                                    retrieval_concurrency=decoding.get("retrieval_concurrency", 0))
         self.retriever, self.memory_store = retriever, memory_store

@@ -1,8 +1,10 @@
-"""On the GPU, in bf16: the engine's CUDA-graph decode step gives model.generate's eager tokens and logprobs.
+"""On the GPU, in bf16: the engine's CUDA-graph decode step (projections separate or fused) gives model.generate's
+eager tokens and logprobs.
 
 Tolerance: bf16 batched and single-row matrix products round differently, so the engine and generate agree on
 every token up to the first near-tie, and on the chosen tokens' logprobs within LOGPROB_TOL; a divergence is
 accepted only where generate's two best tokens are within TIE_TOL of each other."""
+import copy
 import threading
 
 import pytest
@@ -23,7 +25,10 @@ CFG = dict(vocab_size=512, n_layer=4, n_head=8, n_kv_head=2, head_dim=64, mlp_hi
            n_mem_layer=2, reference_len=32, mem_tokens=8, window=64, refs_per_window=3)
 
 
-def test_bf16_engine_with_cuda_graphs_matches_eager_generate():
+@pytest.mark.parametrize("fused", [False, True])
+def test_bf16_engine_with_cuda_graphs_matches_eager_generate(fused):
+    """fused: the engine decodes with fused projections, as the generator deployment serves (the reference
+    `generate` keeps them separate)."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**CFG)).to("cuda", torch.bfloat16).eval()
     bank = torch.randn(10, *model.cfg.memory_shape, device="cuda", dtype=torch.bfloat16)
@@ -35,7 +40,7 @@ def test_bf16_engine_with_cuda_graphs_matches_eager_generate():
     g = torch.Generator().manual_seed(1)
     jobs = [([2, 4, 2] + torch.randint(5, 512, (n,), generator=g).tolist(), new, mem)
             for n, new, mem in ((60, 150, True), (127, 120, True), (10, 90, False), (200, 70, True))]
-    engine = DecodeEngine(model, max_batch=4, seed=0)
+    engine = DecodeEngine(copy.deepcopy(model).fuse_projections() if fused else model, max_batch=4, seed=0)
     got = [dict(tokens=[], logprobs=[], done=threading.Event()) for _ in jobs]
 
     def emit_for(out):
