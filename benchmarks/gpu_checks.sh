@@ -8,12 +8,15 @@
 #   bash benchmarks/gpu_checks.sh zero      # 2.4B warmup and continual steps through Ray Train + ZeRO-2 on 2 GPUs
 #   bash benchmarks/gpu_checks.sh serve     # one GPU: decode-step GPU tests, the engine at batch 32 beside HF
 #                                           # transformers and the measured ceiling (2.4B), prefill compiled vs
-#                                           # eager, batch-1 decode
+#                                           # eager, batch-1 decode (projections fused and separate)
+#   bash benchmarks/gpu_checks.sh quickstart  # one GPU, ~20 min: `memory3 quickstart profile=gpu`, then its final
+#                                           # bank again in bf16 on the same questions (the quantizer's cost);
+#                                           # FRESH=false continues an interrupted run in the same $WORK
 #
 # Needs: the project on PYTHONPATH (or installed), a geo corpus in $GEO (`memory3 corpus geo`), and a
 # sentence-transformers embedder or none (a MiniLM-shaped random one is built when the bundled one is missing).
 set -uo pipefail
-phase=${1:?kernels, pipeline, train or zero}
+phase=${1:?kernels, pipeline, train, zero, serve or quickstart}
 OUT=${OUT:-runs/gpu}; W=${WORK:-/tmp/memory3-gpu}; GEO=${GEO:-runs/geo}
 mkdir -p "$OUT" "$W"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false
@@ -77,7 +80,23 @@ serve)
   MEMORY3_COMPILE_PREFILL=1 timeout 400 python -m benchmarks.serve --preset 2.4b --device cuda --repeats 2 \
     --modes memory --no-static --no-hf 2>&1 | tee "$OUT/serve_compiled_prefill.jsonl"
   log "batch-1 decode through the CUDA-graph step"
-  timeout 120 python -m benchmarks.model --preset 2.4b --device cuda --compile --decode-only 2>&1 | tee "$OUT/model.jsonl"
+  timeout 180 python -m benchmarks.model --preset 2.4b --device cuda --compile --decode-only --fuse 0 1 2>&1 \
+    | tee "$OUT/model.jsonl"
+  ;;
+quickstart)
+  Q=$W/quickstart
+  log "memory3 quickstart profile=gpu"
+  m3 quickstart profile=gpu out="$Q" fresh="${FRESH:-true}" > "$OUT/quickstart.txt" 2>&1
+  cp "$Q"/report.md "$Q"/report.json "$Q"/*.png "$OUT/" 2>/dev/null
+  log "the final bank again in bf16, the same memory-only questions"
+  m3 encode corpus="$Q/bank_corpus.jsonl" bank="$Q/bank_bf16" checkpoint="$Q/checkpoint" quantizer=null \
+    embeddings_from="$Q/bank_warmup" actors=1 num_gpus=1 actor_num_cpus=2 shard_documents=2048 batch_size=128 \
+    compile=false > "$OUT/quickstart_bf16.txt" 2> "$OUT/quickstart_bf16.err"
+  for bank in bank bank_bf16; do
+    m3 eval checkpoint="$Q/checkpoint" bank="$Q/$bank" qa="$Q/eval_qa.jsonl" "groups=[memory_only]" \
+      "modes=[memory]" device=cuda batch_size=64 limit_per_group=200 >> "$OUT/quickstart_bf16.txt" \
+      2>> "$OUT/quickstart_bf16.err"
+  done
   ;;
 zero)
   emb=$(embedder)

@@ -195,7 +195,7 @@ def fuse_linears(*linears: nn.Linear) -> nn.Linear:
     """One bias-free Linear whose output is the given ones' outputs side by side: one GEMM reads all their weights
     (decoding is bound by reading weights, and a few large GEMMs read them faster than many small ones)."""
     weight = torch.cat([linear.weight.detach() for linear in linears], dim=0)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")  # no weight of its own to init
     fused.weight = nn.Parameter(weight, requires_grad=False)
     return fused
 
