@@ -310,6 +310,7 @@ class DecodeStep:
         self.tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=model.device)  # (B, 1) fed next
         self.pos = torch.zeros(self.batch, 1, dtype=torch.long, device=model.device)  # (B, 1) their positions
         self.graphs = graphs and model.device.type == "cuda"
+        model.weights_captured |= self.graphs
         self._views: dict[int, list[KVCache]] = {}
         self._graphs: dict[tuple, tuple] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
@@ -358,6 +359,7 @@ def _compiled(model: Transformer, name: str, fn):
     static graph, a second one a graph generic in the dims that changed, so new buckets do not pay a compilation
     each."""
     compiled = model.__dict__.get(name)
+    model.weights_captured = True
     if compiled is None:
         import torch._dynamo
 

@@ -294,6 +294,8 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.weights_captured = False
+        """Set once a compiled or CUDA-graph step (model/generate.py) holds these weights: they may not change."""
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -334,7 +336,7 @@ class Transformer(nn.Module):
         """For decoding: each layer's q/k/v projections become one GEMM, and its gate/up projections another (the
         same outputs, from 4 weight reads per layer instead of 7). In place and before any decode step is compiled
         or captured (those hold the weights they saw); the fused state dict is no longer a checkpoint's."""
-        if any(name in self.__dict__ for name in ("_decode_steps", "_fused_decode", "_compiled_prefill")):
+        if self.weights_captured:
             raise RuntimeError("fuse_projections() must run before the model's decode steps are compiled or captured")
         for layer in self.layers:
             if layer.self_attn.qkv_proj is None:
