@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_checks.sh zero      # 2.4B warmup and continual steps through Ray Train + ZeRO-2 on 2 GPUs
 #   bash benchmarks/gpu_checks.sh serve     # one GPU: decode-step GPU tests, the engine at batch 32 beside HF
 #                                           # transformers and the measured ceiling (2.4B), prefill compiled vs
-#                                           # eager, batch-1 decode (projections fused and separate)
+#                                           # eager, batch-1 decode (projections fused and separate, top kernels)
 #   bash benchmarks/gpu_checks.sh quickstart  # one GPU, ~20 min: `memory3 quickstart profile=gpu`, then its final
 #                                           # bank again in bf16 on the same questions (the quantizer's cost);
 #                                           # FRESH=false continues an interrupted run in the same $WORK
@@ -80,7 +80,7 @@ serve)
   MEMORY3_COMPILE_PREFILL=1 timeout 400 python -m benchmarks.serve --preset 2.4b --device cuda --repeats 2 \
     --modes memory --no-static --no-hf 2>&1 | tee "$OUT/serve_compiled_prefill.jsonl"
   log "batch-1 decode through the CUDA-graph step"
-  timeout 180 python -m benchmarks.model --preset 2.4b --device cuda --compile --decode-only --fuse 0 1 2>&1 \
+  timeout 240 python -m benchmarks.model --preset 2.4b --device cuda --compile --no-eager --decode-only --fuse 0 1 --profile 2>&1 \
     | tee "$OUT/model.jsonl"
   ;;
 quickstart)

@@ -113,7 +113,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--compile", action="store_true", help="also time the CUDA-graph decode step")
+    ap.add_argument("--no-eager", dest="eager", action="store_false",
+                    help="with --compile, time only the CUDA-graph step (eager decoding takes minutes on 2.4B)")
     ap.add_argument("--decode-only", action="store_true", help="skip the prefill/forward timings")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print each decode variant's top kernels and kernel launches per token")
     ap.add_argument("--fuse", type=int, nargs="+", default=[1], choices=[0, 1],
                     help="decode with the q/k/v and gate/up projections fused (1, as served), separate (0), or both")
     args = ap.parse_args()
@@ -156,7 +160,7 @@ def main() -> None:
         fused = (copy.deepcopy(model) if 0 in args.fuse else model).fuse_projections() if 1 in args.fuse else None
         models = {0: model, 1: fused}  # a copy only when both are timed (2.4B: 5.6 GB more)
         variants = [(label, retrieve, compiled, fuse) for fuse in args.fuse
-                    for compiled in ([False, True] if args.compile else [False])
+                    for compiled in [False] * (args.eager or not args.compile) + [True] * args.compile
                     for label, retrieve in (("none", None), ("memory", lambda row, q: Retrieved(one, one_valid)))]
         for label, retrieve, compiled, fuse in variants:
             def run():
@@ -171,6 +175,12 @@ def main() -> None:
                               "tokens_per_s": round(tok_s, 1), "achieved_gb_s": round(tok_s * wbytes / 1e9, 1),
                               "ceiling_tokens_per_s": round(ceiling, 1) if ceiling else None,
                               "of_ceiling": round(tok_s / ceiling, 3) if ceiling else None}), flush=True)
+            if args.profile:  # where a step's time goes: the weights' GEMVs, or many small kernels beside them
+                top = profile_top_kernels(run, dev, top=1000)
+                print(json.dumps({**common, "bench": "decode_profile", "memory": label, "compiled": compiled,
+                                  "fused_projections": bool(fuse), "new_tokens": n_new,
+                                  "kernels_per_token": round(sum(k["calls"] for k in top) / n_new, 1),
+                                  "top": top[:15]}), flush=True)
 
 
 if __name__ == "__main__":

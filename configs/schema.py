@@ -175,6 +175,9 @@ class CorpusConfig:
     """Share of continual cities placed in a random country, so stage 2 copies every country name from memory."""
     continual_any_timezone: float = 0.0
     """Share of continual cities given a random time zone (and asked it), so stage 2 copies zones from memory."""
+    reading_variants: int = 1
+    """Reading examples per reading city and question; repeats place the city in a fresh random country and time
+    zone, so a model that can learn its reading cities by heart still has to read."""
     action: Optional[str] = None
     """The word after the command: geo."""
 
@@ -352,7 +355,7 @@ class EvalConfig:
     max_new_tokens: int = 16
     """Answer length limit."""
     speed_prompts: int = 8
-    """Prompts timed per mode at batch 1."""
+    """Prompts timed per mode at batch 1 (0: no timing)."""
     speed_tokens: int = 32
     """Tokens generated per timed prompt."""
     device: str = "cpu"

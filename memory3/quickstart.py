@@ -55,6 +55,18 @@ def run_training_stage(cfg: DictConfig, stage: str, data: str, out: Path, **extr
     return train(sub_config("train", values))
 
 
+def reading_after_warmup(cfg: DictConfig, checkpoint: str, bank: Path, qa: Path) -> dict:
+    """Exact match per fact of the warmup weights reading the retrieved references as text (RAG) on memory-only
+    cities: whether warmup taught reading, the skill stage 2 moves into memory. A model that learned its reading
+    examples by heart instead scores low here, and stage 2 then has to teach reading through memory alone."""
+    from pipelines.evaluate import run as run_eval
+
+    result = run_eval(sub_config("eval", {"checkpoint": checkpoint, "bank": str(bank), "qa": str(qa),
+                                          **OmegaConf.to_container(cfg.eval), "groups": ["memory_only"],
+                                          "modes": ["rag"], "speed_prompts": 0}))
+    return result["accuracy_by_fact"]["rag"]["memory_only"]
+
+
 def encode_bank(cfg: DictConfig, corpus: Path, bank: Path, checkpoint: str, **extra) -> dict:
     from pipelines.encode import encode_corpus
 
@@ -229,6 +241,9 @@ def report_markdown(report: dict) -> str:
              "`memory_only` cities exist only in the memory bank, `continual` cities' facts were only ever seen "
              "through memory, `trained` cities were in the warmup text.",
              "", format_table(report), "", "By kind of fact:", "", fact_table(report), "",
+             f"Reading after warmup (the warmup weights, the same memory-only questions with their references as "
+             f"text, before stage 2): {targeted(report['warmup_reading'])} over the target facts "
+             f"({', '.join(f'{f} {v:.3f}' for f, v in report['warmup_reading'].items())}).", "",
              f"Knowledge update (documents added after training through the live add path): "
              f"{probe['knowledge_update']['memory']['memory_only']:.3f} with memory, "
              f"{probe['knowledge_update']['none']['memory_only']:.3f} without.", "",
@@ -364,16 +379,19 @@ def main(cfg: DictConfig) -> int:
     held_ids = held_out(qa, cfg.probes.knowledge_update)
     held = [q for q in qa if q["doc_id"] in held_ids]
     eval_qa = [q for q in qa if q["doc_id"] not in held_ids]
+    write_jsonl(out / "eval_qa.jsonl", eval_qa)
 
     with stage("warmup", "stage 1: warmup, no memory (Ray Train + DeepSpeed)"):
         warm = stage.once("warmup", lambda: run_training_stage(cfg, "warmup", str(out / "data/warmup"),
                                                                out / "warmup"))
 
-    with stage("bank_warmup", "memory bank with the warmup weights (retrieval for stage 2)"):
+    with stage("bank_warmup", "memory bank with the warmup weights (retrieval for stage 2); warmup's reading"):
         # stage 2 reads this bank's texts and embeddings only (it encodes the references live with the weights it
         # trains), so its memories stay bf16: no codebooks to train for memories nobody reads
         stage.once("bank_warmup", lambda: encode_bank(cfg, out / "bank_corpus.jsonl", out / "bank_warmup",
                                                       warm["final"], quantizer=None))
+        warmup_reading = stage.once("warmup_reading", lambda: reading_after_warmup(
+            cfg, warm["final"], out / "bank_warmup", out / "eval_qa.jsonl"))
 
     with stage("continual", "stage 2: continual training with explicit memory"):
         cont = stage.once("continual", lambda: run_training_stage(
@@ -396,7 +414,6 @@ def main(cfg: DictConfig) -> int:
         from pipelines.evaluate import run as run_eval
 
         def evaluation() -> dict:
-            write_jsonl(out / "eval_qa.jsonl", eval_qa)
             result = run_eval(sub_config("eval", {"checkpoint": checkpoint, "bank": str(bank),
                                                   "qa": str(out / "eval_qa.jsonl"), "groups": list(GROUPS),
                                                   **OmegaConf.to_container(cfg.eval)}))
@@ -426,6 +443,7 @@ def main(cfg: DictConfig) -> int:
         "speed": result["speed"], "probes": probe, "http": http,
         "training": {"warmup": {k: warm[k] for k in ("steps", "first_loss", "loss", "seconds")},
                      "continual": {k: cont[k] for k in ("steps", "first_loss", "loss", "seconds")}},
+        "warmup_reading": warmup_reading,
         "bank": {"references": bank_summary.get("references"), "uri": str(bank), **bank_codec(bank)},
         "n_questions": result["n_questions"],
         "stages": stage.seconds,

@@ -210,8 +210,9 @@ def run(cfg: EvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
     report = evaluate(model, tokenizer, picked, source, modes=list(cfg.modes), batch_size=cfg.batch_size,
                       max_new_tokens=cfg.max_new_tokens)
-    report["speed"] = measure_speed(model, tokenizer, picked, source, modes=list(cfg.modes),
-                                    n_prompts=cfg.speed_prompts, new_tokens=cfg.speed_tokens)
+    report["speed"] = {} if not cfg.speed_prompts else measure_speed(
+        model, tokenizer, picked, source, modes=list(cfg.modes), n_prompts=cfg.speed_prompts,
+        new_tokens=cfg.speed_tokens)
     report["n_questions"] = {g: sum(1 for q in picked if q["group"] == g) for g in groups}
     return report
 

@@ -173,8 +173,13 @@ def _city_doc(city: dict, country: str, continent: str, group: str, rng: random.
 
 
 def _restated(doc: dict, fact: str, value: str) -> dict:
-    """The document with one fact stated otherwise, in its text and its facts (the country is also its answer)."""
-    doc = {**doc, "text": doc["text"].replace(doc["facts"][fact], value), "facts": {**doc["facts"], fact: value}}
+    """The document with one fact stated otherwise, in its text and its facts (the country is also its answer).
+    The time zone is kept whole when another fact changes: it may hold a country's name (Australia/Sydney,
+    America/Argentina/Cordoba)."""
+    zone = doc["facts"]["timezone"]
+    parts = [doc["text"]] if fact == "timezone" else doc["text"].split(zone)
+    text = zone.join(part.replace(doc["facts"][fact], value) for part in parts)
+    doc = {**doc, "text": text, "facts": {**doc["facts"], fact: value}}
     return {**doc, "answer": value} if fact == "country" else doc
 
 
@@ -230,7 +235,7 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
                      questions_per_city: int = 2, min_population: int = 15000, layout: str = "varied",
                      reading_loss: str = "answer", reading_distractors: str = "random",
                      reading_any_country: float = 0.0, continual_any_country: float = 0.0,
-                     continual_any_timezone: float = 0.0) -> dict:
+                     continual_any_timezone: float = 0.0, reading_variants: int = 1) -> dict:
     """Write references/train/continual/qa JSONL and summary.json into out_dir; return the summary.
 
     Groups of cities (paper.md §10 and the demo's claim):
@@ -257,6 +262,10 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     country, so stage 2 copies rare country names out of memory, as a counterfactual edit asks.
     continual_any_timezone: the share of continual cities given a random time zone of the corpus, asked in stage 2,
     so the model copies the zone out of memory instead of the one most cities of that country have.
+    reading_variants: reading examples per reading city and question. Every one after the first places the city in
+    a fresh random country and time zone (its text and answer say them) beside fresh distractors, so a model large
+    enough to learn its reading cities by heart over several epochs still has to read: no repeat is answerable
+    from recall.
     """
     choices = {"layout": (layout, ("varied", *LAYOUTS)), "reading_loss": (reading_loss, ("answer", "all")),
                "reading_distractors": (reading_distractors, ("random", "lookalike"))}
@@ -267,6 +276,8 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
                        "continual_any_timezone": continual_any_timezone}.items():
         if not 0 <= share <= 1:
             raise ValueError(f"{key}={share} must be a share between 0 and 1")
+    if reading_variants < 1:
+        raise ValueError(f"reading_variants={reading_variants} must be at least 1 (1: each example once)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -374,16 +385,26 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     reading_pool = list({d["id"]: d for d, *_ in reading_docs}.values())  # each city once
     by_name = sorted(reading_pool, key=lambda d: d["entity"].lower())
     place = {d["id"]: i for i, d in enumerate(by_name)}
-    for doc, prompt, answer, fact in reading_docs:
+    reading_examples = [(doc, prompt, answer, fact, "") for doc, prompt, answer, fact in reading_docs]
+    warm_zones = [z for z in zones if not _grams(z, mem_sizes) & mem_names]  # none names a memory-only city
+    for variant in range(1, reading_variants):  # repeats in a fresh random country and zone: nothing to recall
+        for doc, _, _, fact in reading_docs:
+            moved_doc = _restated(doc, "country", rng.choice([c for c in country_names if c != doc["answer"]]))
+            zone = rng.choice([z for z in warm_zones if z != doc["facts"]["timezone"]])
+            moved_doc = _restated(moved_doc, "timezone", zone)
+            question, answer = _question(moved_doc, fact, rng)
+            reading_examples.append((moved_doc, _prompt(question), answer, fact, f":{variant}"))
+    for doc, prompt, answer, fact, variant in reading_examples:
         if reading_distractors == "lookalike":  # from the 2 * distractors names sorted nearest
             i = place[doc["id"]]
             near = by_name[max(0, i - distractors):i] + by_name[i + 1:i + 1 + distractors]
             others = rng.sample(near, min(len(near), distractors))
         else:
-            others = [d for d in rng.sample(reading_pool, min(len(reading_pool), distractors + 1)) if d is not doc]
+            others = [d for d in rng.sample(reading_pool, min(len(reading_pool), distractors + 1))
+                      if d["id"] != doc["id"]]
         context = [doc, *others[:distractors]]
         rng.shuffle(context)
-        record = _prompt_record(f"train:read:{doc['id'].split(':')[1]}:{fact}",
+        record = _prompt_record(f"train:read:{doc['id'].split(':')[1]}:{fact}{variant}",
                                 rag_prompt([d["text"] for d in context], prompt), answer, doc["id"])
         if reading_loss == "all":  # the loss covers the references and the question too
             del record["prompt"]
@@ -406,6 +427,7 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
         "params": {"n_trained": n_trained, "n_memory_only": n_memory_only, "n_continual": n_continual,
                    "n_reading": n_reading, "n_counterfactual": n_counterfactual, "distractors": distractors,
                    "reading_any_country": reading_any_country, "continual_any_country": continual_any_country,
+                   "reading_variants": reading_variants,
                    "continual_any_timezone": continual_any_timezone,
                    "questions_per_city": questions_per_city, "min_population": min_population,
                    "layout": layout, "reading_loss": reading_loss,
@@ -436,6 +458,7 @@ def main(cfg: Any) -> dict:
         reading_distractors=str(get("reading_distractors", "random")),
         reading_any_country=float(get("reading_any_country", 0.0)),
         continual_any_country=float(get("continual_any_country", 0.0)),
-        continual_any_timezone=float(get("continual_any_timezone", 0.0)))
+        continual_any_timezone=float(get("continual_any_timezone", 0.0)),
+        reading_variants=int(get("reading_variants", 1)))
     print(json.dumps(summary, sort_keys=True))
     return summary

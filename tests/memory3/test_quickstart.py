@@ -39,12 +39,16 @@ def test_short_quickstart_memory_beats_no_memory(tmp_path, ray_local):
     logprob = {m: sum(r["logprob"] for r in rs) / len(rs) for m, rs in country.items()}
     assert em["memory"] > em["none"] + 0.1, em
     assert logprob["memory"] > logprob["none"] + 1.0, logprob
-    assert report["accuracy_by_fact"]["memory"]["memory_only"].keys() == {"country", "continent", "timezone",
-                                                                         "population"}
+    by_fact_keys = {"country", "continent", "timezone", "population"}
+    assert report["accuracy_by_fact"]["memory"]["memory_only"].keys() == by_fact_keys
     assert set(acc) == {"memory", "none", "rag"} and set(report["speed"]) == {"memory", "none", "rag"}
     tiny = ModelConfig.from_name("tiny")  # quantizer auto: the CPU preset's bank stays bf16
     assert report["bank"]["codec"] == "bfloat16" and report["bank"]["record_bytes"] == 8 + tiny.memory_bytes()["sparse"]
     assert f"(bfloat16, {report['bank']['record_bytes']:,} B each)" in (out / "report.md").read_text()
+    # warmup's reading is checked before stage 2: RAG with the warmup weights, every fact, reported
+    reading = report["warmup_reading"]
+    assert reading.keys() == by_fact_keys and all(0 <= v <= 1 for v in reading.values())
+    assert "Reading after warmup (the warmup weights" in (out / "report.md").read_text()
     # every artefact the README promises
     for name in ("report.md", "report.json", "loss.png", "accuracy.png", "speed.png"):
         assert (out / name).stat().st_size > 0, name

