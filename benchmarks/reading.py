@@ -88,7 +88,7 @@ def prep(args: dict) -> None:
         q["refs"] = rows
     data = {"warmup": warm, "continual": cont, "qa": qa, "ref_tokens": ref_tokens,
             "refs": [{"id": r["id"], "text": r["text"], "group": r["group"], "entity": r["entity"],
-                     "answer": r["answer"]} for r in refs]}
+                     "answer": r["answer"], "facts": r.get("facts")} for r in refs]}
     with gzip.open(out / "data.json.gz", "wt") as f:
         json.dump(data, f)
     print(json.dumps({"prep": str(out), "warmup": len(warm), "continual": len(cont), "qa": len(qa),
@@ -153,6 +153,8 @@ def answer(model: Transformer, tk: Tokenizer, prompts: list[str], memories: list
 
 
 def evaluate(model: Transformer, tk: Tokenizer, data: dict, limit: int, seed: int) -> dict:
+    from pipelines.geo_corpus import restated
+
     model.eval()
     mems, n_valid = encode_bank(model, data["ref_tokens"], tk.pad_id, tk.sink_ids)
     rng = random.Random(seed)
@@ -195,7 +197,7 @@ def evaluate(model: Transformer, tk: Tokenizer, data: dict, limit: int, seed: in
     for i in picks:
         ref = data["refs"][i]
         fake = rng.choice([c for c in countries if c != ref["answer"]])
-        edits.append(tk.encode(ref["text"].replace(ref["answer"], fake))[:model.cfg.reference_len])
+        edits.append(tk.encode(restated(ref, "country", fake)["text"])[:model.cfg.reference_len])
         prompts.append(f"Question: Which country is {ref['entity']} in? Answer:")
         fakes.append(fake)
     if edits:

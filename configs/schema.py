@@ -176,8 +176,8 @@ class CorpusConfig:
     continual_any_timezone: float = 0.0
     """Share of continual cities given a random time zone (and asked it), so stage 2 copies zones from memory."""
     reading_variants: int = 1
-    """Reading examples per reading city and question; repeats place the city in a fresh random country and time
-    zone, so a model that can learn its reading cities by heart still has to read."""
+    """Reading examples per reading city and question; repeats change all four facts, so a model that can learn its
+    reading cities by heart still has to read."""
     action: Optional[str] = None
     """The word after the command: geo."""
 

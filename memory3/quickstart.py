@@ -63,7 +63,8 @@ def reading_after_warmup(cfg: DictConfig, checkpoint: str, bank: Path, qa: Path)
 
     result = run_eval(sub_config("eval", {"checkpoint": checkpoint, "bank": str(bank), "qa": str(qa),
                                           **OmegaConf.to_container(cfg.eval), "groups": ["memory_only"],
-                                          "modes": ["rag"], "speed_prompts": 0}))
+                                          "modes": ["rag"], "speed_prompts": 0,
+                                          "limit_per_group": cfg.probes.warmup_reading}))
     return result["accuracy_by_fact"]["rag"]["memory_only"]
 
 
@@ -83,6 +84,7 @@ def probes(cfg: DictConfig, checkpoint: str, bank: Path, held_refs: list[dict], 
     from bank.embedder import Embedder
     from model.checkpoint import load_checkpoint
     from pipelines.evaluate import evaluate, open_memory_source
+    from pipelines.geo_corpus import restated
 
     probe_bank = bank.with_name(bank.name + "_probes")  # probes edit a copy: bank/ stays what training produced
     shutil.rmtree(probe_bank, ignore_errors=True)
@@ -103,7 +105,7 @@ def probes(cfg: DictConfig, checkpoint: str, bank: Path, held_refs: list[dict], 
     edited, edited_qa = [], []
     for i, q in enumerate(picked):
         fake = countries[(countries.index(q["answer"]) + 7 + i) % len(countries)]
-        edited.append({"id": f"edit:{q['doc_id']}", "text": refs[q["doc_id"]]["text"].replace(q["answer"], fake)})
+        edited.append({"id": f"edit:{q['doc_id']}", "text": restated(refs[q["doc_id"]], "country", fake)["text"]})
         edited_qa.append({**q, "answer": fake, "true_answer": q["answer"], "group": "counterfactual"})
     delete_references(str(bank), [f"{q['doc_id']}#0" for q in picked])
     append_documents(str(bank), edited, model, tokenizer, embedder)
@@ -191,6 +193,8 @@ def plot_report(out: Path, report: dict) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
     made.append("accuracy.png")
+    if not speed:  # eval.speed_prompts=0: nothing timed
+        return made
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(modes, [speed[m]["tokens_per_s"] for m in modes], color=["C0", "C1", "C2"][: len(modes)])
     ax.set_ylabel("decode tokens/s (batch 1)")
@@ -241,9 +245,10 @@ def report_markdown(report: dict) -> str:
              "`memory_only` cities exist only in the memory bank, `continual` cities' facts were only ever seen "
              "through memory, `trained` cities were in the warmup text.",
              "", format_table(report), "", "By kind of fact:", "", fact_table(report), "",
-             f"Reading after warmup (the warmup weights, the same memory-only questions with their references as "
-             f"text, before stage 2): {targeted(report['warmup_reading'])} over the target facts "
-             f"({', '.join(f'{f} {v:.3f}' for f, v in report['warmup_reading'].items())}).", "",
+             *([f"Reading after warmup (the warmup weights answer memory-only questions with their references as "
+                f"text, before stage 2): {targeted(report['warmup_reading'])} over the target facts "
+                f"({', '.join(f'{f} {v:.3f}' for f, v in report['warmup_reading'].items())}).", ""]
+               if report.get("warmup_reading") else []),
              f"Knowledge update (documents added after training through the live add path): "
              f"{probe['knowledge_update']['memory']['memory_only']:.3f} with memory, "
              f"{probe['knowledge_update']['none']['memory_only']:.3f} without.", "",
@@ -299,8 +304,9 @@ class Stages:
 
     def once(self, key: str, run):
         """`run()`'s result (JSON-able), or the one an earlier run in this out folder recorded."""
-        if key not in self.finished:
-            self.finished[key] = {"result": run()}
+        if key not in self.finished:  # recorded at once (a stage's seconds follow when it ends), so a rerun
+            self.finished[key] = {"result": run(), "seconds": 0}  # reuses it even if this run stops first
+            storage.write_text(str(self.record), json.dumps(self.finished))
         return self.finished[key]["result"]
 
 
@@ -391,7 +397,7 @@ def main(cfg: DictConfig) -> int:
         stage.once("bank_warmup", lambda: encode_bank(cfg, out / "bank_corpus.jsonl", out / "bank_warmup",
                                                       warm["final"], quantizer=None))
         warmup_reading = stage.once("warmup_reading", lambda: reading_after_warmup(
-            cfg, warm["final"], out / "bank_warmup", out / "eval_qa.jsonl"))
+            cfg, warm["final"], out / "bank_warmup", out / "eval_qa.jsonl")) if cfg.probes.warmup_reading else {}
 
     with stage("continual", "stage 2: continual training with explicit memory"):
         cont = stage.once("continual", lambda: run_training_stage(

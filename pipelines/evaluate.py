@@ -224,8 +224,9 @@ def format_table(report: dict) -> str:
     lines = [head, "|" + "---|" * (len(groups) + 3)]
     for mode in acc:
         cells = [f"{acc[mode][g]:.3f}" for g in groups]
+        timed = speed.get(mode, {})  # none with speed_prompts=0
         lines.append(f"| {mode} | " + " | ".join(cells) +
-                     f" | {speed[mode]['tokens_per_s']} | {speed[mode]['time_to_first_token_ms']} |")
+                     f" | {timed.get('tokens_per_s', '–')} | {timed.get('time_to_first_token_ms', '–')} |")
     return "\n".join(lines)
 
 

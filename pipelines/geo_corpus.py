@@ -172,15 +172,29 @@ def _city_doc(city: dict, country: str, continent: str, group: str, rng: random.
             "entity": name, "group": group, "answer": country, "facts": facts}
 
 
-def _restated(doc: dict, fact: str, value: str) -> dict:
+def restated(doc: dict, fact: str, value: str) -> dict:
     """The document with one fact stated otherwise, in its text and its facts (the country is also its answer).
-    The time zone is kept whole when another fact changes: it may hold a country's name (Australia/Sydney,
-    America/Argentina/Cordoba)."""
-    zone = doc["facts"]["timezone"]
-    parts = [doc["text"]] if fact == "timezone" else doc["text"].split(zone)
-    text = zone.join(part.replace(doc["facts"][fact], value) for part in parts)
-    doc = {**doc, "text": text, "facts": {**doc["facts"], fact: value}}
+    A text in one of LAYOUTS is written again from its facts; a varied one has the old value replaced outside its
+    time zone, which may hold a country's name (Australia/Sydney, America/Mexico City, America/Argentina/Cordoba)."""
+    facts = {**doc["facts"], fact: value}
+    layout = next((t for t in LAYOUTS.values() if t.format(city=doc["entity"], **doc["facts"]) == doc["text"]), None)
+    if layout is not None:
+        text = layout.format(city=doc["entity"], **facts)
+    else:
+        zone = doc["facts"]["timezone"]
+        parts = [doc["text"]] if fact == "timezone" else doc["text"].split(zone)
+        text = zone.join(part.replace(doc["facts"][fact], value) for part in parts)
+    doc = {**doc, "text": text, "facts": facts}
     return {**doc, "answer": value} if fact == "country" else doc
+
+
+def _other(rng: random.Random, values: list[str], current: str) -> str:
+    """A random one of `values` (distinct) other than `current`."""
+    if len(values) < 2:
+        raise ValueError(f"need another value than {current!r} among {values}: too few cities for reading_variants")
+    while (value := rng.choice(values)) == current:
+        pass
+    return value
 
 
 def _question(doc: dict, fact: str, rng: random.Random) -> tuple[str, str]:
@@ -262,10 +276,10 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     country, so stage 2 copies rare country names out of memory, as a counterfactual edit asks.
     continual_any_timezone: the share of continual cities given a random time zone of the corpus, asked in stage 2,
     so the model copies the zone out of memory instead of the one most cities of that country have.
-    reading_variants: reading examples per reading city and question. Every one after the first places the city in
-    a fresh random country and time zone (its text and answer say them) beside fresh distractors, so a model large
-    enough to learn its reading cities by heart over several epochs still has to read: no repeat is answerable
-    from recall.
+    reading_variants: reading examples per reading city and question. Every one after the first changes all four
+    facts (a random country on another continent, a random time zone, another reading city's population; its text
+    and answer say them) beside fresh distractors, so a model large enough to learn its reading cities by heart over
+    several epochs still has to read: no repeat is answerable from recall.
     """
     choices = {"layout": (layout, ("varied", *LAYOUTS)), "reading_loss": (reading_loss, ("answer", "all")),
                "reading_distractors": (reading_distractors, ("random", "lookalike"))}
@@ -337,12 +351,12 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
         doc = _city_doc(city, country, continent_of[country], group, rng, layout)
         gid = city["geonameid"]
         if gid in moved:  # a reading or continual city in a random country: its text and its answer say that one
-            doc = _restated(doc, "country", rng.choice([c for c in country_names if c != country]))
+            doc = restated(doc, "country", rng.choice([c for c in country_names if c != country]))
         if gid in retimed:  # a continual city in a random time zone: its reference and its answer say that one
-            doc = _restated(doc, "timezone", rng.choice([z for z in zones if z != doc["facts"]["timezone"]]))
+            doc = restated(doc, "timezone", rng.choice([z for z in zones if z != doc["facts"]["timezone"]]))
         city_docs.append(doc)
         if gid in flipped:  # the bank states another country, the rest as it was: an edit as a user makes one
-            edited = {**_restated(doc, "country", rng.choice([c for c in country_names if c != country])),
+            edited = {**restated(doc, "country", rng.choice([c for c in country_names if c != country])),
                       "group": "counterfactual", "true_answer": country}
             bank_docs.append(edited)
             question, answer = _question(edited, "country", rng)
@@ -385,16 +399,8 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
     reading_pool = list({d["id"]: d for d, *_ in reading_docs}.values())  # each city once
     by_name = sorted(reading_pool, key=lambda d: d["entity"].lower())
     place = {d["id"]: i for i, d in enumerate(by_name)}
-    reading_examples = [(doc, prompt, answer, fact, "") for doc, prompt, answer, fact in reading_docs]
-    warm_zones = [z for z in zones if not _grams(z, mem_sizes) & mem_names]  # none names a memory-only city
-    for variant in range(1, reading_variants):  # repeats in a fresh random country and zone: nothing to recall
-        for doc, _, _, fact in reading_docs:
-            moved_doc = _restated(doc, "country", rng.choice([c for c in country_names if c != doc["answer"]]))
-            zone = rng.choice([z for z in warm_zones if z != doc["facts"]["timezone"]])
-            moved_doc = _restated(moved_doc, "timezone", zone)
-            question, answer = _question(moved_doc, fact, rng)
-            reading_examples.append((moved_doc, _prompt(question), answer, fact, f":{variant}"))
-    for doc, prompt, answer, fact, variant in reading_examples:
+
+    def reading_example(doc: dict, prompt: str, answer: str, fact: str, suffix: str = "") -> dict:
         if reading_distractors == "lookalike":  # from the 2 * distractors names sorted nearest
             i = place[doc["id"]]
             near = by_name[max(0, i - distractors):i] + by_name[i + 1:i + 1 + distractors]
@@ -404,11 +410,26 @@ def build_geo_corpus(out_dir: str | Path, *, seed: int = 0, n_trained: int = 200
                       if d["id"] != doc["id"]]
         context = [doc, *others[:distractors]]
         rng.shuffle(context)
-        record = _prompt_record(f"train:read:{doc['id'].split(':')[1]}:{fact}{variant}",
+        record = _prompt_record(f"train:read:{doc['id'].split(':')[1]}:{fact}{suffix}",
                                 rag_prompt([d["text"] for d in context], prompt), answer, doc["id"])
         if reading_loss == "all":  # the loss covers the references and the question too
             del record["prompt"]
-        train.append(record)
+        return record
+
+    train += [reading_example(*example) for example in reading_docs]
+    # repeats: the city on another continent, in a random zone, with another city's population; drawn after the
+    # examples above, which stay as they are
+    warm_zones = [z for z in zones if not _grams(z, mem_sizes) & mem_names]  # none names a memory-only city
+    populations = sorted({doc["facts"]["population"] for doc, *_ in reading_docs})
+    for variant in range(1, reading_variants):
+        for doc, _, _, fact in reading_docs:
+            was = doc["facts"]
+            country = rng.choice([c for c in country_names if continent_of[c] != was["continent"]])
+            moved = restated(restated(doc, "country", country), "continent", continent_of[country])
+            moved = restated(moved, "timezone", _other(rng, warm_zones, was["timezone"]))
+            moved = restated(moved, "population", _other(rng, populations, was["population"]))
+            question, answer = _question(moved, fact, rng)
+            train.append(reading_example(moved, _prompt(question), answer, fact, f":{variant}"))
     train += [{"id": f"train:ref:{d['id']}", "text": d["text"], "source_id": d["id"]} for d in country_docs]
     rng.shuffle(train)
     rng.shuffle(stage2)

