@@ -117,7 +117,7 @@ def main() -> None:
                     help="with --compile, time only the CUDA-graph step (eager decoding takes minutes on 2.4B)")
     ap.add_argument("--decode-only", action="store_true", help="skip the prefill/forward timings")
     ap.add_argument("--profile", action="store_true",
-                    help="also print each decode variant's top kernels and kernel launches per token (prefill included)")
+                    help="also print each decode variant's top kernels and kernel launches per token (with prefill)")
     ap.add_argument("--fuse", type=int, nargs="+", default=[1], choices=[0, 1],
                     help="decode with the q/k/v and gate/up projections fused (1, as served), separate (0), or both")
     args = ap.parse_args()
