@@ -1,0 +1,21 @@
+"""`benchmarks/model.py`'s decode rows: only the graphed step with --no-eager, and a kernel profile per variant."""
+from __future__ import annotations
+
+import json
+import sys
+
+from benchmarks import model as bench
+
+
+def test_no_eager_times_only_the_compiled_step_and_profile_counts_kernels(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["model", "--preset", "tiny", "--device", "cpu", "--decode-only",
+                                      "--decode-tokens", "4", "--compile", "--no-eager", "--profile", "--fuse", "0", "1"])
+    bench.main()
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    decode = [r for r in rows if r["bench"] == "decode"]
+    assert [(r["fused_projections"], r["memory"]) for r in decode] == [
+        (False, "none"), (False, "memory"), (True, "none"), (True, "memory")]
+    assert all(r["compiled"] and r["tokens_per_s"] > 0 for r in decode)
+    profiles = [r for r in rows if r["bench"] == "decode_profile"]
+    assert len(profiles) == 4 and all(r["kernels_per_token"] > 0 and r["top"] for r in profiles)
+
