@@ -8,8 +8,8 @@ from benchmarks import model as bench
 
 
 def test_no_eager_times_only_the_compiled_step_and_profile_counts_kernels(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["model", "--preset", "tiny", "--device", "cpu", "--decode-only",
-                                      "--decode-tokens", "4", "--compile", "--no-eager", "--profile", "--fuse", "0", "1"])
+    argv = "--preset tiny --device cpu --decode-only --decode-tokens 4 --compile --no-eager --profile --fuse 0 1"
+    monkeypatch.setattr(sys, "argv", ["model", *argv.split()])
     bench.main()
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     decode = [r for r in rows if r["bench"] == "decode"]
