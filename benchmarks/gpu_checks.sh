@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU runs behind BENCHMARKS.md, on one machine with 2 GPUs (one phase per call; logs and JSON lines to $OUT).
 #
-#   bash benchmarks/gpu_checks.sh kernels   # GPU tests, encoder MFU (eager vs compiled), Ray Data encode 1 vs 2 GPUs
+#   bash benchmarks/gpu_checks.sh kernels   # GPU tests, encoder MFU (eager vs compiled), quantizer encode speed,
+#                                           # Ray Data encode 1 vs 2 GPUs
 #   bash benchmarks/gpu_checks.sh pipeline  # tiny two-stage pipeline: Ray Train on 2 GPUs (NCCL, ZeRO-2, bf16),
 #                                           # encode with GPU actors, continual training with memory
 #   bash benchmarks/gpu_checks.sh train     # GPU tests, memory attention kernels, one-GPU training step (2.4B)
@@ -37,6 +38,9 @@ kernels)
   log "encoder MFU"
   python -m benchmarks.encode --preset 2.4b --device cuda --compile 0,1 --batches 128 --references 2048 \
     --profile --skip shard,fetch,faiss > "$OUT/encode.jsonl" 2> "$OUT/encode.err"
+  log "quantizer encode: fused nearest-centroid kernel vs torch GEMMs (2.4B paper codec, random codebooks)"
+  python -m benchmarks.quantize --encode-speed --preset 2.4b --device cuda > "$OUT/quantize_encode.jsonl" \
+    2> "$OUT/quantize_encode.err"
   log "Ray Data encode job, 1 vs 2 GPU actors, beside the bare compiled encoder"
   python -m benchmarks.encode_job --preset 2.4b --num-gpus 1 --actors 1,2 --batch 256 \
     --embedder "$(embedder)" --workdir "$W/encode_job" > "$OUT/encode_job.jsonl" 2> "$OUT/encode_job.err"

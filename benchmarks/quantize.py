@@ -4,6 +4,7 @@ of a real encoded bank, and decode / encode throughput of the torch codec agains
 
     python -m benchmarks.quantize --bank runs/quickstart/bank_warmup                 # CPU, the tiny demo's bank
     python -m benchmarks.quantize --bank runs/quickstart/bank_warmup --device cuda   # GPU: torch codes there
+    python -m benchmarks.quantize --encode-speed --preset 2.4b --device cuda          # the fused kernel vs torch
 
 The codebooks are trained as the encode job trains them (non-padding key/value vectors of the first references),
 and the error is measured on references they never saw.
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import time
 
 import numpy as np
@@ -20,7 +23,7 @@ import torch
 from bank.reader import MemoryBank
 from benchmarks.model import commit, device_name, timed
 from model.config import ModelConfig
-from model.quantizer import MemoryQuantizer, factory_for, relative_error
+from model.quantizer import MemoryQuantizer, TorchCodec, factory_for, relative_error
 
 
 def emit(**row) -> None:
@@ -95,6 +98,49 @@ def throughput(q: MemoryQuantizer, bank: MemoryBank, rows, device: str, repeats:
              vectors_per_second=round(len(vectors) / seconds), ms_per_call=round(seconds * 1e3, 3))
 
 
+def random_codec(factory: str, dim: int, device: str, seed: int = 0) -> TorchCodec:
+    """A torch codec of the shape of `factory` (OPQ, 2-level residual coarse quantizer, PQ: what `factory_for`
+    writes) with a random rotation and random codebooks: encoding speed does not depend on trained values, and
+    FAISS takes minutes to train 2 x 16,384 coarse centroids."""
+    match = re.fullmatch(r"OPQ\d+_(\d+),Residual(\d+)x(\d+),PQ(\d+)x(\d+)", factory)
+    if match is None or int(match[1]) != dim:
+        raise SystemExit(f"--encode-speed reads factories like {factory_for(dim)!r}, not {factory!r}")
+    coarse_m, coarse_bits, pq_m, pq_bits = map(int, match.groups()[1:])
+    g = torch.Generator().manual_seed(seed)
+    rotation = torch.linalg.qr(torch.randn(dim, dim, generator=g))[0]
+    coarse = torch.randn(coarse_m, 1 << coarse_bits, dim // coarse_m, generator=g)
+    fine = 0.3 * torch.randn(pq_m, 1 << pq_bits, dim // pq_m, generator=g)  # residuals are smaller
+    coarse_bytes = math.ceil(coarse_m * coarse_bits / 8)  # Index2Layer: the coarse code, then the PQ code
+    code_size = coarse_bytes + math.ceil(pq_m * pq_bits / 8)
+    assert code_size == MemoryQuantizer(factory, dim).code_size
+    return TorchCodec(dim, code_size, [(coarse, 0, coarse_bits, True), (fine, 8 * coarse_bytes, pq_bits, True)],
+                      [(rotation, None)]).to(device)
+
+
+def encode_speed(preset: str, factory: str | None, references: int, device: str, repeats: int) -> None:
+    """Vectors/s of `TorchCodec.encode` (bf16 memories on the device -> codes there) for a preset's codec with
+    random codebooks: the torch path (a distance matrix per stage, then argmin) and, on CUDA with Triton, the fused
+    nearest-centroid kernel at each tl.dot precision, with the fraction of vectors whose codes equal the torch
+    path's. distance_tflops: the distance GEMMs' useful work (2 N K dsub per sub-space) per second."""
+    from model.quantizer import _fused_kernel
+
+    cfg = ModelConfig.from_name(preset)
+    factory = factory or factory_for(cfg.head_dim)
+    codec = random_codec(factory, cfg.head_dim, device)
+    n = references * math.prod(cfg.memory_shape) // cfg.head_dim
+    x = torch.randn(n, cfg.head_dim, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
+    flops = 2 * n * sum(books.numel() for books, *_ in codec.stages)
+    kernels = [None] + (["tf32x3", "ieee", "tf32"] if device == "cuda" and _fused_kernel() is not None else [])
+    reference = codec.encode(x, kernel=None)
+    for kernel in kernels:
+        seconds = timed(lambda: codec.encode(x, kernel=kernel), device, repeats)
+        same = (codec.encode(x, kernel=kernel) == reference).all(-1).float().mean().item()
+        emit(result="encode_speed", preset=preset, factory=factory, path=f"kernel_{kernel}" if kernel else "torch",
+             device=device_name(device), vectors=n, vectors_per_second=round(n / seconds),
+             references_per_second=round(references / seconds, 1), ms_per_call=round(seconds * 1e3, 3),
+             distance_tflops=round(flops / seconds / 1e12, 3), codes_equal_torch=round(same, 6))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bank", default="runs/quickstart/bank_warmup", help="a bf16 bank written by `memory3 encode`")
@@ -108,11 +154,17 @@ def main() -> None:
     p.add_argument("--faiss-threads", type=int, default=1,
                    help="OpenMP threads of FAISS (training, sa_decode, sa_encode)")
     p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--encode-speed", action="store_true",
+                   help="only TorchCodec.encode's speed for --preset's codec with random codebooks (no bank)")
+    p.add_argument("--preset", default="2.4b", help="--encode-speed: the model whose memories are encoded")
+    p.add_argument("--references", type=int, default=64, help="--encode-speed: references' memories per call")
     args = p.parse_args()
     import faiss
 
     faiss.omp_set_num_threads(args.faiss_threads)
     torch.set_num_threads(args.torch_threads)
+    if args.encode_speed:
+        return encode_speed(args.preset, (args.factories or [None])[0], args.references, args.device, args.repeats)
     bytes_per_reference()
     bank = MemoryBank.open(args.bank)
     d = bank.config.head_dim

@@ -9,6 +9,8 @@ is configuration; `quantizer: auto` picks one per model shape (`default_factory`
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -131,10 +133,11 @@ class TorchCodec:
     """FAISS standalone codes <-> vectors in torch, on any device, with codebooks copied out of the FAISS index once.
     Reads (OPQ/PCA/rotation,)* then PQ, IVF-PQ (Flat or multi-index coarse) or Index2Layer (the paper's
     `Residual2x14,PQ8x10`). Decoding: bit unpacking, codebook gathers, the inverse rotation; equal to `sa_decode`
-    (tested). Encoding: the rotation, then each stage's nearest centroids per sub-space as GEMMs on the stage's
-    residual, bits packed as FAISS packs them; the codes `sa_encode` writes up to near-ties (tested). The paper's
-    codec searches 2 x 16,384 coarse centroids per vector: FAISS does it on the host at a few thousand vectors a
-    second per thread, a GPU at millions (BENCHMARKS.md), so a GPU encoder ships 14 B per vector to the host."""
+    (tested). Encoding: the rotation, then each stage's nearest centroids per sub-space on the stage's residual
+    (GEMMs then argmin; on CUDA one fused Triton kernel), bits packed as FAISS packs them; the codes `sa_encode`
+    writes up to near-ties (tested). The paper's codec searches 2 x 16,384 coarse centroids per vector: FAISS does
+    it on the host at a few thousand vectors a second per thread, a GPU at millions (BENCHMARKS.md), so a GPU
+    encoder ships 14 B per vector to the host."""
 
     def __init__(self, dim: int, code_size: int, stages: list[tuple[Tensor, int, int, bool]],
                  transforms: list[tuple[Tensor, Tensor | None]]):
@@ -197,22 +200,23 @@ class TorchCodec:
         return x.reshape(*shape, self.dim)
 
     @torch.no_grad()
-    def encode(self, x: Tensor, chunk: int = 1 << 14) -> Tensor:
+    def encode(self, x: Tensor, chunk: int = 1 << 14, kernel: str | None = "tf32x3") -> Tensor:
         """(..., dim) float -> (..., code_size) uint8 on the codebooks' device, `chunk` vectors at a time (the
-        distance tables of a chunk: chunk x M x K floats)."""
+        torch path's distance tables of a chunk: chunk x M x K floats). `kernel`: the fused nearest-centroid
+        kernel's precision on CUDA, None for the torch path (`nearest_centroids`)."""
         shape = x.shape[:-1]
         x = x.reshape(-1, self.dim).to(self.device, torch.float32)
         codes = torch.zeros(len(x), self.code_size, dtype=torch.uint8, device=self.device)
         for i in range(0, len(x), chunk):
-            codes[i:i + chunk] = self._encode_chunk(x[i:i + chunk])
+            codes[i:i + chunk] = self._encode_chunk(x[i:i + chunk], kernel)
         return codes.reshape(*shape, self.code_size)
 
-    def _encode_chunk(self, x: Tensor) -> Tensor:
+    def _encode_chunk(self, x: Tensor, kernel: str | None) -> Tensor:
         for a, b in self.transforms:
             x = x @ a.T if b is None else torch.addmm(b, x, a.T)
         packed = torch.zeros(len(x), self.code_size + 8, dtype=torch.int64, device=x.device)  # spare bytes: spans
         for books, first_bit, nbits, additive in self.stages:
-            ids = nearest_centroids(x, books)  # (N, M)
+            ids = nearest_centroids(x, books, kernel)  # (N, M)
             pack_bits(packed, ids, first_bit, nbits)
             if additive:
                 x = x - centroids(books, ids)
@@ -226,13 +230,28 @@ def centroids(books: Tensor, ids: Tensor) -> Tensor:
     return books[torch.arange(m, device=books.device), ids].reshape(-1, m * dsub)
 
 
-def nearest_centroids(x: Tensor, books: Tensor) -> Tensor:
+def nearest_centroids(x: Tensor, books: Tensor, kernel: str | None = "tf32x3") -> Tensor:
     """x (N, M * dsub), books (M, K, dsub) -> the nearest centroid per sub-space (N, M) int64, by squared L2:
-    argmin_k ||c_k||^2 - 2 x.c_k, one batched GEMM over the M sub-spaces (FAISS's PQ assignment)."""
+    argmin_k ||c_k||^2 - 2 x.c_k (FAISS's PQ assignment). On CUDA with Triton: one fused kernel that never
+    writes the N x K distances (`model/nearest_centroid_kernel.py`; `kernel` is its tl.dot precision, None for
+    the torch path); else one batched GEMM over the M sub-spaces, then argmin (on the CPU: FAISS's codes)."""
+    fused = _fused_kernel() if kernel is not None and x.is_cuda else None
+    if fused is not None and fused.supports(x, books):
+        return fused.nearest_centroids_fused(x, books, precision=kernel)
     m, _, dsub = books.shape
     sub = x.reshape(len(x), m, dsub).transpose(0, 1)  # (M, N, dsub)
     norms = (books * books).sum(-1)[:, None, :]  # (M, 1, K)
     return torch.baddbmm(norms, sub, books.transpose(1, 2), alpha=-2).argmin(-1).T
+
+
+@functools.cache
+def _fused_kernel():
+    """The Triton kernel's module, or None where Triton is missing (CPU torch builds): imported on first CUDA use."""
+    try:
+        from model import nearest_centroid_kernel
+    except ImportError:
+        return None
+    return nearest_centroid_kernel
 
 
 def pack_bits(packed: Tensor, ids: Tensor, first_bit: int, nbits: int) -> None:

@@ -8,9 +8,13 @@ from configs import load_config
 from memory3.info import describe
 from model.config import ModelConfig
 from model.encoder import encode_references
-from model.quantizer import (PAPER_FACTORY, MemoryQuantizer, TorchCodec, default_factory, factory_for, pack_bits,
-                             relative_error, resolve_factory, unpack_bits)
+from model.quantizer import (PAPER_FACTORY, MemoryQuantizer, TorchCodec, _fused_kernel, default_factory, factory_for,
+                             nearest_centroids, pack_bits, relative_error, resolve_factory, unpack_bits)
 
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# The fused kernel's ids may differ from the torch fp32 path's only where the two centroids' exact distances differ
+# by less than this fraction of ||x||^2 + ||c||^2: the size of the terms either fp32 computation rounds.
+NEAR_TIE = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -152,17 +156,58 @@ def test_auto_codec_per_model_shape():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("factory", ["OPQ8_32,Residual2x5,PQ4x6", "IVF16,PQ8x6"])
-def test_gpu_torch_codec_encodes_as_faiss(factory, one_faiss_thread):
-    """The codes a GPU encoder ships: FAISS's, up to near-ties the GPU's GEMM may break the other way."""
+@cuda
+@pytest.mark.parametrize("factory, dim", [("OPQ8_32,Residual2x5,PQ4x6", 32), ("IVF16,PQ8x6", 32),
+                                          ("Residual2x10,PQ8x10", 80)])  # the paper's sub-space shapes, K smaller
+def test_gpu_torch_codec_encodes_as_faiss(factory, dim, one_faiss_thread):
+    """The codes a GPU encoder ships (the fused nearest-centroid kernel): FAISS's, and the torch GEMM path's, up to
+    near-ties the GPU may break the other way; a reconstruction error no worse than FAISS's."""
+    assert _fused_kernel() is not None, "CUDA torch ships Triton: the encoder would fall back to the torch GEMMs"
     rng = np.random.default_rng(4)
-    x = (rng.standard_normal((20000, 32)) * rng.uniform(0.1, 3.0, 32)).astype(np.float32)
-    q = MemoryQuantizer(factory, 32)
+    x = (rng.standard_normal((20000, dim)) * rng.uniform(0.1, 3.0, dim)).astype(np.float32)
+    q = MemoryQuantizer(factory, dim)
     q.train(x[:4000])
     codes = q.encode_tensor(torch.from_numpy(x).cuda())
     assert codes.device.type == "cuda" and codes.dtype == torch.uint8
     expected = q.index.sa_encode(x)
     assert (codes.cpu().numpy() == expected).all(1).mean() > 0.999
+    torch_path = q.torch_codec("cuda").encode(torch.from_numpy(x).cuda(), kernel=None)
+    assert (codes == torch_path).all(1).float().mean() > 0.999
     restored = q.decode(codes, "cuda").cpu()
     assert relative_error(torch.from_numpy(x), restored) <= 1.001 * relative_error(
         torch.from_numpy(x), torch.from_numpy(q.index.sa_decode(expected)))
+
+
+def assert_equal_up_to_near_ties(x: torch.Tensor, books: torch.Tensor, got: torch.Tensor, want: torch.Tensor):
+    """got and want (N, M) ids differ only where their exact (float64) distances to x are within NEAR_TIE, and got's
+    total squared error is want's up to rounding."""
+    m, _, dsub = books.shape
+    sub = x.double().reshape(len(x), m, dsub)
+    c_got, c_want = (books.double()[torch.arange(m, device=x.device), ids] for ids in (got, want))  # (N, M, dsub)
+    d_got, d_want = ((sub - c_got) ** 2).sum(-1), ((sub - c_want) ** 2).sum(-1)
+    scale = (sub * sub).sum(-1) + (c_want * c_want).sum(-1)
+    differ = got != want
+    assert ((d_got - d_want).abs() <= NEAR_TIE * scale)[differ].all(), "a choice differs beyond a near-tie"
+    assert differ.float().mean() < 1e-3
+    assert d_got.sum() <= d_want.sum() * (1 + 1e-7)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("m, k, dsub", [(1, 16384, 80), (2, 16384, 40), (2, 16384, 32), (8, 1024, 10), (8, 1024, 8)])
+def test_gpu_fused_nearest_centroids_match_torch_fp32(m, k, dsub):
+    """The kernel (through `nearest_centroids`' dispatch) against the torch fp32 GEMM + argmin on the codec shapes
+    that matter: the paper's coarse stage (2 x 16,384 centroids of 40 dims; one of 80 as a single table), the 100M
+    preset's (32 dims), and the PQ8x10 stages (10 and 8 dims). Exact ties go to the first centroid, as argmin."""
+    assert _fused_kernel() is not None
+    g = torch.Generator(device="cuda").manual_seed(5)
+    books = torch.randn(m, k, dsub, device="cuda", generator=g)
+    books[:, -1] = books[:, 0]  # an exact tie between the first and the last centroid
+    x = torch.randn(20000, m * dsub, device="cuda", generator=g)
+    x[:100] = books[:, 0].reshape(-1) + 0.1 * x[:100]  # rows near the tied pair
+    got = nearest_centroids(x, books)
+    want = nearest_centroids(x, books, kernel=None)
+    torch.testing.assert_close(got, _fused_kernel().nearest_centroids_fused(x, books), atol=0, rtol=0)  # dispatched
+    assert got.dtype == torch.int64 and got.shape == (20000, m)
+    assert got[:100].ne(k - 1).all()
+    assert_equal_up_to_near_ties(x, books, got, want)
