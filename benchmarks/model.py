@@ -180,7 +180,34 @@ def main() -> None:
                 print(json.dumps({**common, "bench": "decode_profile", "memory": label, "compiled": compiled,
                                   "fused_projections": bool(fuse), "new_tokens": n_new,
                                   "kernels_per_token": round(sum(k["calls"] for k in top) / n_new, 1),
+                                  "kernel_ms_per_token": round(sum(k["ms"] for k in top) / n_new, 3),
+                                  "wall_ms_per_token": round(sec * 1e3 / n_new, 3),
                                   "top": top[:15]}), flush=True)
+        if args.profile:
+            for row in weight_reads(models[args.fuse[-1]], dev, dtype):
+                print(json.dumps({**common, "bench": "gemv", **row}), flush=True)
+
+
+def weight_reads(model: Transformer, device: str, dtype) -> list[dict]:
+    """Each distinct weight shape of a decode step read alone at batch 1 (x @ W.T): how close one GEMV comes to the
+    copy bandwidth, i.e. the best a step of these GEMVs could do before any kernel beside them. Copies of the
+    weight are read in turn, 256 MB in all, so no read comes from the L2 cache (50 MB on an H200)."""
+    shapes = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    rows = []
+    for out_features, in_features in shapes:
+        nbytes = out_features * in_features * torch.finfo(dtype).bits // 8
+        weights = [torch.randn(out_features, in_features, device=device, dtype=dtype)
+                   for _ in range(max(1, 2**28 // nbytes))]
+        x = torch.randn(1, in_features, device=device, dtype=dtype)
+
+        def read_all():
+            for weight in weights:
+                torch.nn.functional.linear(x, weight)
+
+        sec = timed(read_all, device, repeats=10) / len(weights)
+        rows.append({"shape": [out_features, in_features], "us": round(sec * 1e6, 2),
+                     "gb_s": round(nbytes / sec / 1e9, 1)})
+    return rows
 
 
 if __name__ == "__main__":
