@@ -181,11 +181,32 @@ def main() -> None:
                                   "fused_projections": bool(fuse), "new_tokens": n_new,
                                   "kernels_per_token": round(sum(k["calls"] for k in top) / n_new, 1),
                                   "kernel_ms_per_token": round(sum(k["ms"] for k in top) / n_new, 3),
+                                  "step_ms": round(step_alone_ms(models[fuse], retrieve is not None,
+                                                                 len(prompt) + n_new, dev), 3),
                                   "wall_ms_per_token": round(sec * 1e3 / n_new, 3),
                                   "top": top[:15]}), flush=True)
         if args.profile:
             for row in weight_reads(models[args.fuse[-1]], dev, dtype):
                 print(json.dumps({**common, "bench": "gemv", **row}), flush=True)
+
+
+def step_alone_ms(model: Transformer, memory: bool, key_len: int, device: str, steps: int = 50) -> float:
+    """The decode step `generate` just ran (its CUDA graph where compiled), replayed back to back with nothing
+    between: the device's time per token with the gaps between its kernels, and no host work. Against the kernel
+    time it says what the gaps cost; against the wall time per token, what the host between two steps costs."""
+    step = next(s for (_, _, slots), s in model.__dict__["_decode_steps"].items() if (slots > 0) == memory) \
+        if "_decode_steps" in model.__dict__ else None
+    if step is None:  # eager steps are not kept between calls: set one up as `generate` does
+        from model.generate import _decode_step
+
+        slots = model.cfg.refs_per_window * model.cfg.mem_tokens if memory else 0
+        valid = torch.ones(1, slots, dtype=torch.bool, device=device)
+        step = _decode_step(model, 1, key_len, slots, valid, graphs=False)
+    step.pos.fill_(key_len - 1)
+    try:
+        return timed(lambda: [step(1, key_len, memory) for _ in range(steps)], device, repeats=2) / steps * 1e3
+    finally:
+        model.clear_caches()
 
 
 def weight_reads(model: Transformer, device: str, dtype) -> list[dict]:
