@@ -90,6 +90,8 @@ def encode_references(model: Transformer, tokens: Tensor, lengths: Tensor, sink_
     N, R = tokens.shape
     if R > cfg.reference_len:
         raise ValueError(f"references are at most reference_len={cfg.reference_len} tokens, got {R}")
+    if R < cfg.mem_tokens:  # references all shorter than k: k candidates per head, the extra ones padding
+        tokens, R = torch.nn.functional.pad(tokens, (0, cfg.mem_tokens - R)), cfg.mem_tokens
     sink = torch.tensor(sink_ids, dtype=tokens.dtype, device=tokens.device).expand(N, -1)
     idx = torch.cat([sink, tokens], dim=1)  # (N, sink_len + R)
     T = idx.shape[1]

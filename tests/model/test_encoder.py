@@ -112,6 +112,20 @@ def test_trimmed_padding_gives_the_memories_of_full_padding(make_model):
     torch.testing.assert_close(a.memories, b.memories, rtol=1e-5, atol=1e-6)
 
 
+def test_a_batch_of_references_all_shorter_than_k_encodes(make_model):
+    """A batch whose references are all shorter than k (a short document added live, a batch of last chunks) pads
+    to fewer positions than k slots: it still encodes, each reference keeping its real tokens, as beside a long one."""
+    model = make_model(mem_tokens=12)
+    lists = [torch.randint(5, model.cfg.vocab_size, (n,)).tolist() for n in (3, 5)]
+    tokens, lengths = pad_references(lists, model.cfg.reference_len, pad_id=0)
+    assert tokens.shape[1] < model.cfg.mem_tokens
+    alone = encode_references(model, tokens, lengths, SINK)
+    beside = encode_references(model, *pad_references(lists + [list(range(5, 21))], model.cfg.reference_len, 0), SINK)
+    assert alone.n_valid.tolist() == [3, 5]
+    assert torch.equal(alone.positions, beside.positions[:2])
+    torch.testing.assert_close(alone.memories, beside.memories[:2], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("scale", [1.0, 4.0])  # 4: sharper attention than random weights give, larger scores
 def test_bf16_selection_scores_keep_the_fp32_choice(make_model, scale):
     """bf16 activations (the GPU encoder) take the q.k GEMM in bf16 with fp32 accumulation; only its output is
