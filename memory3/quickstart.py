@@ -180,16 +180,18 @@ def plot_report(out: Path, report: dict) -> list[str]:
     made = []
     acc, speed = report["accuracy"], report["speed"]
     modes = list(acc)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax, by_fact) = plt.subplots(1, 2, figsize=(12, 3.8))
     groups = [g for g in ("memory_only", "continual", "trained") if g in acc[modes[0]]]
-    width = 0.8 / len(groups)
-    for i, g in enumerate(groups):
-        ax.bar([m + i * width for m in range(len(modes))], [acc[m][g] for m in modes], width, label=g)
-    ax.set_xticks([m + width * (len(groups) - 1) / 2 for m in range(len(modes))], modes)
-    ax.set_ylabel("exact match")
-    ax.set_ylim(0, 1)
+    grouped_bars(ax, modes, groups, lambda m, g: acc[m][g])
     ax.set_title("Exact match by city group (all kinds of fact)")
-    ax.legend()
+    # the memory-only cities by kind of fact, and the same facts added after training through the live add path
+    facts = {m: report["accuracy_by_fact"][m].get("memory_only", {}) for m in modes}
+    added = report.get("probes", {}).get("knowledge_update_by_fact", {}).get("memory", {}).get("memory_only")
+    if added:
+        facts["memory, added live"] = added
+    kinds = [f for f in (*TARGET_FACTS, "population") if f in facts[modes[0]]]
+    grouped_bars(by_fact, list(facts), kinds, lambda m, f: facts[m].get(f, 0.0))
+    by_fact.set_title("Memory-only cities by kind of fact")
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
     made.append("accuracy.png")
@@ -204,6 +206,17 @@ def plot_report(out: Path, report: dict) -> list[str]:
     made.append("speed.png")
     plt.close("all")
     return made
+
+
+def grouped_bars(ax, modes: list[str], series: list[str], value) -> None:
+    """One cluster of bars per mode, one bar per series in it: value(mode, series) as exact match."""
+    width = 0.8 / len(series)
+    for i, name in enumerate(series):
+        ax.bar([m + i * width for m in range(len(modes))], [value(mode, name) for mode in modes], width, label=name)
+    ax.set_xticks([m + width * (len(series) - 1) / 2 for m in range(len(modes))], modes)
+    ax.set_ylabel("exact match")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize="small")
 
 
 TARGET_FACTS = ("country", "continent", "timezone")
