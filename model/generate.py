@@ -354,6 +354,26 @@ class DecodeStep:
         return out[:n]
 
 
+class TokenReadback:
+    """Sampled tokens copied to the host behind the step launched after them: on CUDA into pinned memory with an
+    event, so waiting for the tokens does not wait for that step (the one host sync per token overlaps it)."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty(n, dtype=torch.long, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+
+    def start(self, tokens: Tensor) -> None:
+        self.host.copy_(tokens, non_blocking=True)
+        if self.cuda:
+            self.event.record()
+
+    def wait(self) -> list[int]:
+        if self.cuda:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 def _compiled(model: Transformer, name: str, fn):
     """`fn` compiled once per model (kept on it as `name`). Automatic dynamic shapes: a first shape compiles a
     static graph, a second one a graph generic in the dims that changed, so new buckets do not pay a compilation
@@ -389,7 +409,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[
     """Batched decoding; yields one Step per generated position. Prompts are full model sequences (sink first).
 
     compile=True replays the one-token step from CUDA graphs (`DecodeStep`) and compiles the prompt forward
-    (`Prefill`); CUDA only, the first step of each batch and length bucket pays the capture."""
+    (`Prefill`); CUDA only, the first step of each batch and length bucket pays the capture. Each step is launched
+    before the previous token reaches the host (`TokenReadback`): the host's work per token runs beside the
+    device's instead of between two steps."""
     B, dev = len(prompts), model.device
     max_new = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
     lengths = [len(p) for p in prompts]
@@ -408,11 +430,26 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[
         last, _, events = Prefill(model, compiled=compile and compile_prefill(dev))(prompts, caches, windows)
         sequences = [list(p) for p in prompts]
         done = [n == 0 for n in max_new]
+        readback = TokenReadback(B, dev)
         for _ in range(max(max_new)):
             chosen = sample(last, temp, top_p, generator) if any(temps) else last.argmax(dim=-1)
-            nxt = chosen.tolist()
+            readback.start(chosen)
+            # The next step is launched before these tokens reach the host, so the host's work below overlaps its
+            # forward. Its inputs need no token values: positions advance by one, and a window's query ends
+            # before the token fed. A row that ends with this token (by length: known now; by a stop token: known
+            # after the read) decodes once more for nothing, and a retrieval begun for it is dropped.
+            ending = [done[b] or len(sequences[b]) + 1 - lengths[b] >= max_new[b] for b in range(B)]
+            pos = [min(len(s), total - 1) for s in sequences]  # index of the token fed next: this one
+            launched, following = {}, None
+            if not all(ending):
+                launched = windows.before_tokens([(b, pos[b], sequences[b], lengths[b]) for b in range(B)
+                                                  if not ending[b]])
+                windows.write_caches(caches)
+                step_fn.tokens.copy_(chosen[:, None])
+                step_fn.pos.copy_(torch.tensor(pos)[:, None], non_blocking=True)
+                following = step_fn(B, max(pos) + 1, memory=retrieve is not None).clone()
+            nxt = readback.wait()
             step = Step(tokens=[None] * B, finished=list(done), retrievals=events, logits=last)
-            events = []
             for b in range(B):
                 if done[b]:
                     continue
@@ -423,15 +460,13 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[
             yield step
             if all(done):
                 break
-            pos = [len(s) - 1 for s in sequences]  # index of the token fed next
-            retrieved = windows.before_tokens([(b, pos[b], sequences[b], lengths[b]) for b in range(B) if not done[b]])
-            for b, ids in retrieved.items():
+            events = []
+            for b, ids in launched.items():
+                if done[b]:  # stopped by the token just read: the sequential loop never retrieved for it
+                    continue
                 if isinstance(ids, Exception):
                     raise ids
                 events.append((b, model.cfg.window_of(pos[b]), ids))
-            windows.write_caches(caches)
-            step_fn.tokens.copy_(chosen[:, None])
-            step_fn.pos.copy_(torch.tensor(pos, device=dev)[:, None])
-            last = step_fn(B, max(pos) + 1, memory=retrieve is not None).clone()
+            last = following
     finally:
         model.clear_caches()

@@ -199,6 +199,41 @@ def test_retrieval_schedule_matches_paper_count(make_model):
     assert queries == [64, 64, 64]
 
 
+def test_a_row_stopped_before_a_window_reports_no_retrieval_for_it(make_model):
+    """`generate` launches each step before the previous token reaches the host: a row ended by a stop token that
+    would have been fed first in a new window may have been retrieved for, but reports no retrieval for that
+    window, as a step-by-step loop would not; its tokens are those of the run without the stop, cut at it."""
+    model = make_model(window=8, vocab_size=1000)  # varied enough for a token row 1 does not soon repeat
+    cfg = model.cfg
+    bank_mem, bank_valid = _window_memories(model, 3, cfg.refs_per_window, seed=2)
+
+    def retrieve(row, query):
+        pick = sum(query) % 3
+        return Retrieved(bank_mem[pick], bank_valid[pick], ids=[pick])
+
+    prompts = [SINK + [2] + torch.randint(5, cfg.vocab_size, (n,)).tolist() for n in (9, 4)]
+    free = list(generate(model, prompts, max_new_tokens=30, retrieve=retrieve))
+    tokens = [[s.tokens[b] for s in free] for b in range(2)]
+
+    def first_at(i: int) -> bool:  # row 0's token i (fed first in a window) stops row 0 there and row 1 later
+        j = i - len(prompts[0])
+        return cfg.starts_window(i) and 1 <= j and tokens[0][j] not in tokens[0][:j] + tokens[1][:j + 2]
+
+    index = next(i for i in range(len(prompts[0]), len(prompts[0]) + 25) if first_at(i))
+    stop = tokens[0][index - len(prompts[0])]
+    stopped = list(generate(model, prompts, max_new_tokens=30, retrieve=retrieve, stop_ids={stop}))
+    row0 = [s.tokens[0] for s in stopped if s.tokens[0] is not None]
+    assert row0 == tokens[0][:index - len(prompts[0]) + 1] and row0[-1] == stop
+    # the stop token would have been fed first in its window: that window's retrieval is not reported
+    windows0 = [w for s in stopped for row, w, _ in s.retrievals if row == 0]
+    free_windows0 = [w for s in free for row, w, _ in s.retrievals if row == 0]
+    assert cfg.window_of(index) in free_windows0 and cfg.window_of(index) not in windows0
+    assert windows0 == [w for w in free_windows0 if w < cfg.window_of(index)]
+    row1 = [s.tokens[1] for s in stopped if s.tokens[1] is not None]  # the other row: unchanged up to its own stop
+    cut = tokens[1].index(stop) + 1 if stop in tokens[1] else len(tokens[1])
+    assert row1 == tokens[1][:cut]
+
+
 def test_empty_memory_slots_change_nothing(make_model):
     """Slots with no valid tokens are masked out: the result equals the no-memory forward."""
     model = make_model()
