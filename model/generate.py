@@ -195,9 +195,9 @@ class MemoryWindows:
             self.dropped = [f for f in self.dropped if not f.done()] + [early[1]]
 
     def settle(self) -> None:
-        """Wait for the retrievals begun early and dropped since: a step about to compile and capture a CUDA graph
-        runs with no other thread's work on the device."""
-        for future in self.dropped:
+        """Wait for every retrieval begun early, dropped or still to be taken: a step about to compile and capture a
+        CUDA graph runs with no other thread's work on the device."""
+        for future in self.dropped + [future for _, future in self.ahead.values()]:
             future.result()  # _fetch_or_error returns its failures
         self.dropped.clear()
 
@@ -355,23 +355,29 @@ class DecodeStep:
 
 
 class TokenReadback:
-    """Sampled tokens copied to the host behind the step launched after them: on CUDA into pinned memory with an
-    event, so waiting for the tokens does not wait for that step (the one host sync per token overlaps it)."""
+    """Sampled tokens (and any tensors beside them) copied to the host behind the step launched after them: on CUDA
+    into pinned memory with an event, so waiting for them does not wait for that step (the one host sync per
+    token overlaps it)."""
 
     def __init__(self, n: int, device: torch.device):
         self.cuda = device.type == "cuda"
         self.host = torch.empty(n, dtype=torch.long, pin_memory=self.cuda)
         self.event = torch.cuda.Event() if self.cuda else None
+        self.count, self.extra = 0, ()
 
-    def start(self, tokens: Tensor) -> None:
-        self.host.copy_(tokens, non_blocking=True)
+    def start(self, tokens: Tensor, *extra: Tensor) -> None:
+        """Copies begin now, in stream order: call before launching the step that follows."""
+        self.count = len(tokens)
+        self.host[:self.count].copy_(tokens, non_blocking=True)
+        self.extra = tuple(t.to("cpu", non_blocking=True) for t in extra)  # pinned on CUDA: an async copy
         if self.cuda:
             self.event.record()
 
-    def wait(self) -> list[int]:
+    def wait(self) -> tuple[list[int], tuple[Tensor, ...]]:
+        """The tokens as a list, and the extra tensors on the host."""
         if self.cuda:
             self.event.synchronize()
-        return self.host.tolist()
+        return self.host[:self.count].tolist(), self.extra
 
 
 def _compiled(model: Transformer, name: str, fn):
@@ -448,7 +454,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: list[
                 step_fn.tokens.copy_(chosen[:, None])
                 step_fn.pos.copy_(torch.tensor(pos)[:, None], non_blocking=True)
                 following = step_fn(B, max(pos) + 1, memory=retrieve is not None).clone()
-            nxt = readback.wait()
+            nxt, _ = readback.wait()
             step = Step(tokens=[None] * B, finished=list(done), retrievals=events, logits=last)
             for b in range(B):
                 if done[b]:

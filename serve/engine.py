@@ -14,7 +14,8 @@ window with its own memories): no second forward, so a greedy token is always th
 
 The decode step is model.generate's `DecodeStep`: memories sit in reserved slots of each row's cache (written
 once per window), attention reads the batch's length bucket only, and on CUDA the step replays a CUDA graph per
-batch-size bucket; greedy batches take the argmax on the device, and the step's one host sync is reading the tokens.
+batch-size bucket; greedy batches take the argmax on the device, and the step's one host sync is reading the tokens,
+which happens after the next forward is launched (as in `generate`), so the host's work per token overlaps it.
 
 The retrievals that fall due together (a prefill's prompt windows, the rows that start a window in the same step)
 run at once on a thread pool: a served request's retrieval is two round trips (retriever, memory store), and the
@@ -41,7 +42,8 @@ from typing import Callable
 
 import torch
 
-from model.generate import DecodeStep, MemoryWindows, Prefill, Retrieved, compile_prefill, sample, token_logprobs
+from model.generate import (DecodeStep, MemoryWindows, Prefill, Retrieved, TokenReadback, compile_prefill, sample,
+                            token_logprobs)
 from model.transformer import KVCache, Transformer
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class DecodeEngine:
         self.prefill = Prefill(model, compiled=cuda_graphs and compile_prefill(self.device))
         """The prompt forward (eager; compiled on CUDA with MEMORY3_COMPILE_PREFILL=1)."""
         self.last_logits = torch.zeros(max_batch, cfg.vocab_size, device=self.device)
+        self.readback = TokenReadback(max_batch, self.device)
         self.temperature = torch.zeros(max_batch, device=self.device)
         self.top_p = torch.ones(max_batch, device=self.device)
         self.generator = torch.Generator(device=self.device)
@@ -209,7 +212,8 @@ class DecodeEngine:
         for i, request in enumerate(requests):
             if request.prompt_logprobs:  # position t's logits score token t + 1 (the sink's first token has none)
                 targets = torch.tensor(request.prompt[1:], device=self.device)
-                logprob, top = self._logprobs(logits[i, :len(request.prompt) - 1], targets, request.logprobs or 0)
+                logprob, top = self._logprobs(*token_logprobs(logits[i, :len(request.prompt) - 1], targets,
+                                                              request.logprobs or 0))
                 request.emit({"type": "prompt_logprobs", "logprobs": logprob, "top": top})
             if request.max_new_tokens == 0:
                 self._finish(start + i, reason="length")
@@ -218,7 +222,8 @@ class DecodeEngine:
         return self.slots[slot].request.retrieve(query)
 
     def _step(self) -> None:
-        """Sample one token for every slot, re-retrieve where a window starts, then one batched forward."""
+        """Sample one token for every slot and launch the next batched forward before reading the tokens back, so
+        the host's work for this step (events, finishes, retrievals) runs beside the device's forward."""
         n = self._rows()
         live = [s for s in self.slots[:n] if s is not None]
         if all(s.request.temperature == 0 for s in live):  # greedy batch: no softmax, sort or generator draw
@@ -231,12 +236,15 @@ class DecodeEngine:
                 chosen[i] = sample(self.last_logits[i:i + 1], self.temperature[i:i + 1], self.top_p[i:i + 1],
                                    slot.generator)[0]
         self.decode.tokens[:n, 0] = chosen  # fed next, without a trip through the host
-        tokens = chosen.tolist()  # the step's one host sync
-        reported = {}  # row -> (logprob, top) for the rows that asked
         asking = [i for i, s in enumerate(self.slots[:n]) if s is not None and s.request.logprobs is not None]
+        k = max((self.slots[i].request.logprobs for i in asking), default=0)
+        scores = token_logprobs(self.last_logits[asking], chosen[asking], k) if asking else ()  # before the launch
+        self.readback.start(chosen, *scores)  # overwrites last_logits
+        retrieved = self._launch(n)
+        tokens, scores = self.readback.wait()  # the step's one host sync: the tokens, not the forward after them
+        reported = {}  # row -> (logprob, top) for the rows that asked
         if asking:
-            k = max(self.slots[i].request.logprobs for i in asking)
-            logprob, top = self._logprobs(self.last_logits[asking], chosen[asking], k)
+            logprob, top = self._logprobs(*scores)
             reported = {i: (logprob[j], top[j][:self.slots[i].request.logprobs]) for j, i in enumerate(asking)}
         self.counts["steps"] += 1
         for i in range(n):
@@ -258,36 +266,46 @@ class DecodeEngine:
                 self._finish(i, reason="stop")
             elif slot.generated >= slot.request.max_new_tokens:
                 self._finish(i, reason="length")
-        # paper §3.1: a new window retrieves with the previous one's text (index: the token fed next)
-        reading = [(i, len(s.sequence) - 1, s.sequence, len(s.request.prompt)) for i, s in enumerate(self.slots)
-                   if s is not None and s.request.retrieve is not None]
-        for i, ids in self.windows.before_tokens(reading).items():
+        for i, ids in retrieved.items():
+            if self.slots[i] is None:  # ended by the token just read: the memories it was given go unused
+                continue
             if isinstance(ids, Exception):
                 self._finish(i, error=f"retrieval failed: {ids}")
             else:
                 window = self.cfg.window_of(len(self.slots[i].sequence) - 1)
                 self.slots[i].request.emit({"type": "retrieval", "window": window, "ids": list(ids)})
-        if not any(self.slots):
-            return
-        n = self._rows()
-        pos = [len(s.sequence) - 1 if s else 0 for s in self.slots[:n]]  # free rows: position 0, output unused
+        # the next step's windows: their queries end with the token just read, so their retrievals begin now and
+        # overlap the forward in flight
+        self.windows.prefetch([(i, len(s.sequence), s.sequence, len(s.request.prompt))
+                               for i, s in enumerate(self.slots) if s is not None and s.request.retrieve
+                               is not None and s.generated + 1 < s.request.max_new_tokens])
+
+    def _launch(self, n: int) -> dict[int, list | Exception]:
+        """The forward that feeds each row its sampled token (still on the device) into `last_logits`. It needs no
+        token values: a row's position is its length, and a window's query (paper §3.1: the previous window's text)
+        ends before the token fed. Rows that end with this token by length or cancellation are not retrieved for;
+        one that a stop token ends decodes once more for nothing. Returns the retrievals done for the rows whose new
+        window starts here: {row: ids, or the exception its retrieval raised}."""
+        going_on = [i for i, s in enumerate(self.slots[:n]) if s is not None and not s.request.cancelled.is_set()
+                    and s.generated + 1 < s.request.max_new_tokens]
+        if not going_on:
+            return {}
+        retrieved = self.windows.before_tokens([(i, len(self.slots[i].sequence), self.slots[i].sequence,
+                                                 len(self.slots[i].request.prompt)) for i in going_on
+                                                if self.slots[i].request.retrieve is not None])
+        pos = [len(s.sequence) if s else 0 for s in self.slots[:n]]  # free rows: position 0, output unused
         self.decode.pos[:n, 0].copy_(torch.tensor(pos), non_blocking=True)
         self.windows.write_caches(self.decode_caches)
         memory = any(s is not None and s.request.retrieve is not None for s in self.slots[:n])
-        if self.decode.captured(n, max(pos) + 1, memory):
-            # the next step's window starts: their queries are complete now, so their retrievals overlap this
-            # forward (not a step that compiles and captures a CUDA graph: nothing else runs beside a capture)
-            self.windows.prefetch([(i, len(s.sequence), s.sequence, len(s.request.prompt))
-                                   for i, s in enumerate(self.slots) if s is not None and s.request.retrieve
-                                   is not None and s.generated + 1 < s.request.max_new_tokens])
-        else:
-            self.windows.settle()
+        if not self.decode.captured(n, max(pos) + 1, memory):
+            self.windows.settle()  # nothing else on the device while a step compiles and captures its graph
         self.last_logits[:n] = self.decode(n, max(pos) + 1, memory).float()  # (n, V)
+        return retrieved
 
     @staticmethod
-    def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[list[float], list[list]]:
-        """logits (N, V) -> each chosen token's logprob and its top-k [[id, logprob], ...], as plain lists."""
-        logprob, top_values, top_ids = token_logprobs(logits, chosen, k)
+    def _logprobs(logprob: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor
+                  ) -> tuple[list[float], list[list]]:
+        """`token_logprobs`' output -> each chosen token's logprob and its top-k [[id, logprob], ...], as lists."""
         return logprob.tolist(), [list(map(list, zip(ids, values)))
                                   for ids, values in zip(top_ids.tolist(), top_values.tolist())]
 
