@@ -47,7 +47,9 @@ def supports(x: Tensor, books: Tensor) -> bool:
 
 @triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-             for bn, bk, w, s in [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 4), (64, 64, 4, 4)]],
+             for bn, bk, w, s in [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 4), (64, 64, 4, 4),
+                                  # wider centroid blocks: fewer per-row min reductions per distance
+                                  (64, 256, 8, 3), (32, 256, 4, 3)]],
     key=["M", "K", "DSUB", "PRECISION"])
 @triton.jit
 def _nearest_kernel(x_ptr, books_ptr, norms_ptr, ids_ptr, N, stride_x, M, K,
