@@ -239,8 +239,8 @@ class DecodeEngine:
         asking = [i for i, s in enumerate(self.slots[:n]) if s is not None and s.request.logprobs is not None]
         k = max((self.slots[i].request.logprobs for i in asking), default=0)
         scores = token_logprobs(self.last_logits[asking], chosen[asking], k) if asking else ()  # before the launch
-        self.readback.start(chosen, *scores)  # overwrites last_logits
-        retrieved = self._launch(n)
+        self.readback.start(chosen, *scores)
+        retrieved = self._launch(n)  # overwrites last_logits
         tokens, scores = self.readback.wait()  # the step's one host sync: the tokens, not the forward after them
         reported = {}  # row -> (logprob, top) for the rows that asked
         if asking:
