@@ -16,8 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Distributions a shipped module may import without declaring them, and why that cannot break a fresh install.
 OPTIONAL = {
-    "triton": "model/nearest_centroid_kernel.py: ships with CUDA torch builds; imported only for CUDA tensors, "
-              "and model/quantizer.py falls back to the torch path when it is missing",
+    "triton": "model/nearest_centroid_kernel.py: ships with CUDA torch builds (and the `gpu` extra names it); "
+              "imported only for CUDA tensors, and model/quantizer.py falls back to the torch path when it is missing",
 }
 
 
