@@ -18,14 +18,14 @@ from model.checkpoint import load_checkpoint
 from model.encoder import encode_references, pad_references
 
 
-def answer_span(tokenizer, text: str, entity: str, value: str) -> list[int]:
-    """Indices of the reference's tokens that overlap the first `value` after the entity's name (the fact as the
-    reference states it; a country also named later inside a time zone is not the stated one)."""
+def answer_span(tokenizer, text: str, entity: str, value: str) -> tuple[list[int], list[int]]:
+    """The reference's token ids, and the indices of those that overlap the first `value` after the entity's name
+    (the fact as the reference states it; a country also named later inside a time zone is not the stated one)."""
+    encoded = tokenizer.tk.encode(text, add_special_tokens=False)
     start = text.find(value, text.find(entity) + len(entity))
     if start < 0:
-        return []
-    offsets = tokenizer.tk.encode(text, add_special_tokens=False).offsets
-    return [i for i, (a, b) in enumerate(offsets) if a < start + len(value) and b > start]
+        return encoded.ids, []
+    return encoded.ids, [i for i, (a, b) in enumerate(encoded.offsets) if a < start + len(value) and b > start]
 
 
 def retention(run: Path, group: str, facts: list[str], batch: int = 256) -> list[dict]:
@@ -40,9 +40,9 @@ def retention(run: Path, group: str, facts: list[str], batch: int = 256) -> list
         doc = references.get("city:" + result["id"].split(":")[1])
         if result["group"] != group or result["fact"] not in facts or doc is None:
             continue
-        span = answer_span(tokenizer, doc["text"], doc["entity"], doc["facts"][result["fact"]])
+        ids, span = answer_span(tokenizer, doc["text"], doc["entity"], doc["facts"][result["fact"]])
         if span:
-            asked.append((result["correct"], result["fact"], tokenizer.encode(doc["text"]), span))
+            asked.append((result["correct"], result["fact"], ids, span))
     counts = defaultdict(lambda: [0, 0, 0, 0])  # questions, fully kept, answer tokens, tokens kept
     with torch.no_grad():
         for i in range(0, len(asked), batch):

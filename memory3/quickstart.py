@@ -194,6 +194,7 @@ def plot_report(out: Path, report: dict) -> list[str]:
     by_fact.set_title("Memory-only cities by kind of fact")
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
     made.append("accuracy.png")
     if not speed:  # eval.speed_prompts=0: nothing timed
         return made

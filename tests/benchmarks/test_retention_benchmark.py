@@ -44,8 +44,8 @@ def run_bench(monkeypatch, capsys, tmp_path) -> list[dict]:
 
 def test_the_stated_fact_is_the_span(tmp_path):
     tokenizer, texts = quickstart_run(tmp_path, mem_tokens=16)
-    span = retention.answer_span(tokenizer, texts[0], "Oranjestad", "Aruba")
-    ids = tokenizer.encode(texts[0])
+    ids, span = retention.answer_span(tokenizer, texts[0], "Oranjestad", "Aruba")
+    assert ids == tokenizer.encode(texts[0])
     assert tokenizer.decode([ids[i] for i in span]).strip() == "Aruba"
     assert span[-1] < len(tokenizer.encode(texts[0].split(". Its")[0]))  # the country sentence, not the zone
 
