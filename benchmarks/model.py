@@ -16,7 +16,7 @@ import time
 import torch
 
 from model.config import ModelConfig
-from model.generate import Retrieved, generate
+from model.generate import MemoryWindows, Prefill, Retrieved, generate
 from model.transformer import MemoryBatch, Transformer
 
 PEAK_FLOPS = {"cuda": 800e12, "cpu": None}  # measured bf16 dense matmul ceiling on the H100 (project brief)
@@ -120,6 +120,8 @@ def main() -> None:
                     help="also print each decode variant's top kernels and kernel launches per token (with prefill)")
     ap.add_argument("--fuse", type=int, nargs="+", default=[1], choices=[0, 1],
                     help="decode with the q/k/v and gate/up projections fused (1, as served), separate (0), or both")
+    ap.add_argument("--prefill-batch", type=int, nargs="*", default=[],
+                    help="also time the serving prefill (what TTFT pays) of a 128-token prompt at these batch sizes")
     args = ap.parse_args()
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -159,6 +161,12 @@ def main() -> None:
                               "ceiling_tokens_per_s_b1": round(bandwidth / wbytes, 1)}), flush=True)
         fused = (copy.deepcopy(model) if 0 in args.fuse else model).fuse_projections() if 1 in args.fuse else None
         models = {0: model, 1: fused}  # a copy only when both are timed (2.4B: 5.6 GB more)
+        serving = models[args.fuse[-1]]
+        for label, retrieve in (("none", None), ("memory", lambda row, q: Retrieved(one, one_valid))):
+            for n in args.prefill_batch:
+                print(json.dumps({**common, "bench": "prefill", "memory": label, "batch": n,
+                                  "prompt_tokens": len(prompt), "fused_projections": bool(args.fuse[-1]),
+                                  **prefill_timing(serving, [prompt] * n, retrieve, dev, args.profile)}), flush=True)
         variants = [(label, retrieve, compiled, fuse) for fuse in args.fuse
                     for compiled in [False] * (args.eager or not args.compile) + [True] * args.compile
                     for label, retrieve in (("none", None), ("memory", lambda row, q: Retrieved(one, one_valid)))]
@@ -188,6 +196,22 @@ def main() -> None:
         if args.profile:
             for row in weight_reads(models[args.fuse[-1]], dev, dtype):
                 print(json.dumps({**common, "bench": "gemv", **row}), flush=True)
+
+
+def prefill_timing(model: Transformer, prompts: list[list[int]], retrieve, device: str, profile: bool) -> dict:
+    """The engine's eager prefill (its prompt windows' retrievals and memory layout included) into fresh caches:
+    what a batch of requests waits before its first token, apart from sampling."""
+    windows = MemoryWindows(model, retrieve, len(prompts))
+    model.setup_caches(len(prompts), len(prompts[0]) + 128, memory_slots=windows.reserved if retrieve else 0)
+    caches = model.caches()
+    try:
+        run = lambda: Prefill(model)(prompts, caches, windows)  # noqa: E731
+        row = {"ms": round(timed(run, device, repeats=5) * 1e3, 2)}
+        if profile:
+            row["top"] = profile_top_kernels(run, device, top=12)
+        return row
+    finally:
+        model.clear_caches()
 
 
 def step_alone_ms(model: Transformer, memory: bool, key_len: int, device: str, steps: int = 50) -> float:
