@@ -9,7 +9,9 @@ The HTTP path measures what a client sees: ingress, retriever (embedder + FAISS)
 replicas on local Ray, streaming completions. Without --checkpoint it builds a random-weight tiny checkpoint and a
 bank of the bundled geonames references with `memory3 encode`'s own job. The direct path (`--direct`, default on
 CUDA) measures the continuous-batching engine alone, like the paper's Table 21 (batch 32, 128 in / 128 out):
-memories come from a pinned host pool and are copied to the device at every retrieval (a cold RAM cache),
+memories come from a pinned host pool, gathered into pinned memory and copied to the device at every retrieval
+(`--memory-tier host`: what `MemoryStore`'s host tier costs), or are gathered on the device (`--memory-tier gpu`:
+its GPU tier, memories already decoded there),
 `static` rows run model.generate (one fixed batch) for comparison, and the same run measures the ceiling (the
 device's copy bandwidth over the weight bytes, times the batch) and Hugging Face transformers' LlamaForCausalLM of
 the same shape (random weights, `generate`) as the baseline.
@@ -207,14 +209,21 @@ def run_direct(args) -> None:
     if args.fuse:
         model.fuse_projections()  # as the generator deployment serves it (decoding.fuse_projections)
     pool_size = 4 * cfg.refs_per_window * args.batch
-    pool = torch.randn(pool_size, *cfg.memory_shape, dtype=dtype)  # host RAM, like MemoryStore's cache
-    pool = pool.pin_memory() if dev == "cuda" else pool
+    on_gpu = args.memory_tier == "gpu" and dev == "cuda"
+    pool = torch.randn(pool_size, *cfg.memory_shape, dtype=dtype, device=dev if on_gpu else "cpu")
+    pinned = dev == "cuda" and not on_gpu
+    pool = pool.pin_memory() if pinned else pool
     n_valid = torch.full((cfg.refs_per_window,), cfg.mem_tokens)
     g = torch.Generator().manual_seed(1)
 
     def retrieve(query: list[int]) -> Retrieved:
         rows = torch.randint(0, pool_size, (cfg.refs_per_window,), generator=g)
-        return Retrieved(pool[rows].to(dev, non_blocking=True), n_valid, ids=rows.tolist())
+        if on_gpu:  # the GPU tier: a gather of decoded memories on the device
+            return Retrieved(pool[rows.to(dev)], n_valid, ids=rows.tolist())
+        # the host tier: gathered into pinned memory (torch's caching host allocator), so the copy is asynchronous
+        host = torch.empty((len(rows), *pool.shape[1:]), dtype=dtype, pin_memory=pinned)
+        torch.index_select(pool, 0, rows, out=host)
+        return Retrieved(host.to(dev, non_blocking=True), n_valid, ids=rows.tolist())
 
     # 128 prompt tokens after the sink ("<s> <ref>"), like the paper's 128 in / 128 out: they fill windows 0-1
     # exactly, so the first decoded window keeps their memories and a request retrieves 3 times (§3.2, Table 21)
@@ -224,6 +233,7 @@ def run_direct(args) -> None:
     wbytes = weight_bytes(model)
     prefill = "compiled" if compile_prefill(torch.device(dev)) else "eager"  # as the engine's
     common = {"bench": "serve_generator", "preset": args.preset, "device": device_name(dev), "prefill": prefill,
+              "memory_tier": "gpu" if on_gpu else "host",
               "fused_projections": args.fuse,
               "dtype": str(dtype).split(".")[-1], "commit": commit(), "batch": args.batch, "prompt_tokens": in_len,
               "new_tokens": out_len}
@@ -333,6 +343,8 @@ def main() -> None:
                     help="direct path: keep q/k/v and gate/up as separate projections (served: fused)")
     ap.add_argument("--retrieval-concurrency", type=int, default=0,
                     help="HTTP path: window retrievals in flight at once per generator (0: all slots, 1: serial)")
+    ap.add_argument("--memory-tier", choices=("host", "gpu"), default="host",
+                    help="direct path: where retrieved memories come from (pinned host RAM, or already on the GPU)")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--local-ray", action="store_true", help="HTTP path: a fresh local Ray even if RAY_ADDRESS")
     args = ap.parse_args()

@@ -241,13 +241,13 @@ class Attention(nn.Module):
             k, v = torch.cat([memory[0], k], dim=2), torch.cat([memory[1], v], dim=2)
         if mask is CAUSAL:  # plain layer over a whole sequence: the fused causal kernel (FlashAttention on CUDA)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif isinstance(mask, Tensor) and T == 1:
+            # one query: the query heads of a KV group become its query rows, so the fused masked kernel runs
+            # without repeating k/v per query head (what enable_gqa with a mask falls back to)
+            y = F.scaled_dot_product_attention(q.reshape(B, c.n_kv_head, c.group_size, c.head_dim), k, v,
+                                               attn_mask=mask[:, None]).reshape(B, c.n_head, 1, c.head_dim)
         elif isinstance(mask, Tensor):
-            # the query heads of a KV group become its query rows, so the fused masked kernel runs without k/v
-            # repeated per query head: enable_gqa with a mask falls back to that (on CUDA, to the math kernel)
-            g, S = c.group_size, mask.shape[-1]
-            rows = mask[:, None] if T == 1 else mask[:, None, None].expand(B, 1, g, T, S).reshape(B, 1, g * T, S)
-            y = F.scaled_dot_product_attention(q.reshape(B, c.n_kv_head, g * T, c.head_dim), k, v,
-                                               attn_mask=rows).reshape(B, c.n_head, T, c.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
         else:
             y = flex_attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.dim))
