@@ -92,6 +92,8 @@ class MemoryWindows:
 
     def fetch(self, row: int, query: list[int]) -> tuple[Tensor, Tensor, list]:
         got = self.retrieve(row, query) if self.retrieve else None
+        if got is not None and len(got.n_valid) == self.slots:  # every slot filled: no zeroed buffer to copy into
+            return got.memories.to(self.current), got.n_valid.to(self.n_valid), list(got.ids)
         mem = torch.zeros_like(self.current[0])
         n_valid = torch.zeros(self.slots, dtype=torch.long, device=mem.device)
         if got is None or len(got.n_valid) == 0:
@@ -138,13 +140,15 @@ class MemoryWindows:
         asks = [(b, w) for b, p in enumerate(prompts) for w in range(self.cfg.n_windows(len(p)))]
         spans = [self.cfg.window_span(w) for _, w in asks]
         got = self.fetch_many([(b, prompts[b][max(lo, self.cfg.sink_len):hi]) for (b, _), (lo, hi) in zip(asks, spans)])
-        events = []
-        for (b, w), result in zip(asks, got):
+        for result in got:
             if isinstance(result, Exception):
                 raise result
-            mems[b, w], n_valid[b, w], ids = result
-            events.append((b, w, ids))
-            self.current[b], self.n_valid[b] = mems[b, w], n_valid[b, w]  # the last window's stay
+        rows, windows = (torch.tensor(i, device=mems.device) for i in zip(*asks))
+        mems[rows, windows] = torch.stack([mem for mem, _, _ in got])  # one copy for all windows, not one each
+        n_valid[rows, windows] = torch.stack([valid for _, valid, _ in got])
+        last = torch.tensor([self.cfg.n_windows(len(p)) - 1 for p in prompts], device=mems.device)
+        self.current[:B], self.n_valid[:B] = mems[torch.arange(B), last], n_valid[torch.arange(B), last]  # they stay
+        events = [(b, w, ids) for (b, w), (_, _, ids) in zip(asks, got)]
         self.changed.update(range(B))
         visible = torch.eye(W, dtype=torch.bool, device=mems.device).repeat_interleave(self.slots, dim=1)
         pos = torch.arange(total_len, device=mems.device).expand(B, -1)
