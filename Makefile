@@ -3,18 +3,20 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; on a GPU box set TORCH_SPEC=torch (CUDA wheels) before `make`.
 TORCH_SPEC ?= torch==2.13.0
-PIP = $(VENV)/bin/pip -q --disable-pip-version-check
+# --no-compile: no .pyc written for every installed file (a fresh 2-core install: 113 s -> 58 s); Python compiles
+# what is imported, once, on first use
+PIP_INSTALL = $(VENV)/bin/pip -q --disable-pip-version-check install --no-compile
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e .
+	$(PIP_INSTALL) "$(TORCH_SPEC)"
+	$(PIP_INSTALL) -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -e ".[test]"
+	$(PIP_INSTALL) -e ".[test]"
 	touch $@
 
 .PHONY: demo test test-gpu cluster-up cluster-down clean
