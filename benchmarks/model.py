@@ -206,7 +206,7 @@ def prefill_timing(model: Transformer, prompts: list[list[int]], retrieve, devic
     caches = model.caches()
     try:
         run = lambda: Prefill(model)(prompts, caches, windows)  # noqa: E731
-        row = {"ms": round(timed(run, device, repeats=5) * 1e3, 2)}
+        row = {"ms": round(timed(run, device, repeats=5) * 1e3, 2), "retrievals": len(run()[2])}
         if profile:
             row["top"] = profile_top_kernels(run, device, top=12)
         return row
