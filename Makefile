@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; on a GPU box set TORCH_SPEC=torch (CUDA wheels) before `make`.
 TORCH_SPEC ?= torch==2.13.0
-# pip byte-compiles the installed files one after another; compiling them afterwards on every core is faster (a fresh
-# 2-core install: 113 s -> 85 s). The .pyc files must exist: where PYTHONDONTWRITEBYTECODE is set, every Ray worker
-# would otherwise compile torch again. Files only a newer Python parses fail there, as pip lets them fail.
+# pip byte-compiles the installed files one after another; compiling them afterwards on every core is faster (back
+# to back on 2 cores, the main install took 99 s before and 86 s after). The .pyc files must exist: where
+# PYTHONDONTWRITEBYTECODE is set, every Ray worker would otherwise compile torch again. Files that only a newer
+# Python parses fail here, as they do under pip.
 PIP_INSTALL = $(VENV)/bin/pip -q --disable-pip-version-check install --no-compile
 BYTE_COMPILE = $(VENV)/bin/python -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1 || true
 
