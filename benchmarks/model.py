@@ -205,7 +205,8 @@ def prefill_timing(model: Transformer, prompts: list[list[int]], retrieve, devic
     model.setup_caches(len(prompts), len(prompts[0]) + 128, memory_slots=windows.reserved if retrieve else 0)
     caches = model.caches()
     try:
-        run = lambda: Prefill(model)(prompts, caches, windows)  # noqa: E731
+        prefill = Prefill(model)
+        run = lambda: prefill(prompts, caches, windows)  # noqa: E731
         row = {"ms": round(timed(run, device, repeats=5) * 1e3, 2), "retrievals": len(run()[2])}
         if profile:
             row["top"] = profile_top_kernels(run, device, top=12)

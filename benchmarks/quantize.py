@@ -139,21 +139,15 @@ def encode_speed(preset: str, factory: str | None, references: int, device: str,
              device=device_name(device), vectors=n, vectors_per_second=round(n / seconds),
              references_per_second=round(references / seconds, 1), ms_per_call=round(seconds * 1e3, 3),
              distance_tflops=round(flops / seconds / 1e12, 3), codes_equal_torch=round(same, 6))
-    if len(kernels) > 1:  # each stage's kernel alone, with either reduction (ids compared with the default's)
+    if len(kernels) > 1:  # each stage's kernel alone: which stage the encoder's time goes to
         fused = _fused_kernel()
         for books, *_ in codec.stages:
             m, k, dsub = books.shape
             xs = torch.randn(n, m * dsub, device=device, generator=torch.Generator(device).manual_seed(2))
-            default = fused.nearest_centroids_fused(xs, books)
-            for columns in (False, True):
-                seconds = timed(lambda: fused.nearest_centroids_fused(xs, books, column_minima=columns), device,
-                                repeats)
-                same = (fused.nearest_centroids_fused(xs, books, column_minima=columns) == default).float().mean()
-                emit(result="nearest_centroids", preset=preset, stage=[m, k, dsub], column_minima=columns,
-                     device=device_name(device), vectors=n, vectors_per_second=round(n / seconds),
-                     ms_per_call=round(seconds * 1e3, 3),
-                     distance_tflops=round(2 * n * m * k * dsub / seconds / 1e12, 3),
-                     ids_equal_default=round(same.item(), 6))
+            seconds = timed(lambda: fused.nearest_centroids_fused(xs, books), device, repeats)
+            emit(result="nearest_centroids", preset=preset, stage=[m, k, dsub], device=device_name(device), vectors=n,
+                 vectors_per_second=round(n / seconds), ms_per_call=round(seconds * 1e3, 3),
+                 distance_tflops=round(2 * n * m * k * dsub / seconds / 1e12, 3))
 
 
 def main() -> None:

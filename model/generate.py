@@ -146,8 +146,9 @@ class MemoryWindows:
         rows, windows = (torch.tensor(i, device=mems.device) for i in zip(*asks))
         mems[rows, windows] = torch.stack([mem for mem, _, _ in got])  # one copy for all windows, not one each
         n_valid[rows, windows] = torch.stack([valid for _, valid, _ in got])
-        last = torch.tensor([self.cfg.n_windows(len(p)) - 1 for p in prompts], device=mems.device)
-        self.current[:B], self.n_valid[:B] = mems[torch.arange(B), last], n_valid[torch.arange(B), last]  # they stay
+        last = (torch.arange(B, device=mems.device),
+                torch.tensor([self.cfg.n_windows(len(p)) - 1 for p in prompts], device=mems.device))
+        self.current[:B], self.n_valid[:B] = mems[last], n_valid[last]  # each prompt's last window's memories stay
         events = [(b, w, ids) for (b, w), (_, _, ids) in zip(asks, got)]
         self.changed.update(range(B))
         visible = torch.eye(W, dtype=torch.bool, device=mems.device).repeat_interleave(self.slots, dim=1)

@@ -50,11 +50,11 @@ def supports(x: Tensor, books: Tensor) -> bool:
              # 256-centroid blocks crashed with an illegal memory access on an H200 (Triton 3.x, tf32x3, 40-dim
              # sub-spaces): not among the candidates
              for bn, bk, w, s in [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 4), (64, 64, 4, 4)]],
-    key=["M", "K", "DSUB", "PRECISION", "COLUMN_MINIMA"])
+    key=["M", "K", "DSUB", "PRECISION"])
 @triton.jit
 def _nearest_kernel(x_ptr, books_ptr, norms_ptr, ids_ptr, N, stride_x, M, K,
-                    DSUB: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
-                    COLUMN_MINIMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    DSUB: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     m = tl.program_id(1)  # sub-space
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -65,12 +65,8 @@ def _nearest_kernel(x_ptr, books_ptr, norms_ptr, ids_ptr, N, stride_x, M, K,
     if D2 > 0:
         d2 = D1 + tl.arange(0, D2)
         x2 = tl.load(x_sub + d2[None, :], mask=row_ok[:, None] & (d2[None, :] < DSUB), other=0.0)  # (BLOCK_N, D2)
-    if COLUMN_MINIMA:  # a running minimum per row and tile column: no reduction across a row until the end
-        best = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
-        best_id = tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
-    else:
-        best = tl.full([BLOCK_N], float("inf"), tl.float32)
-        best_id = tl.zeros([BLOCK_N], tl.int32)
+    best = tl.full([BLOCK_N], float("inf"), tl.float32)
+    best_id = tl.zeros([BLOCK_N], tl.int32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
@@ -83,27 +79,16 @@ def _nearest_kernel(x_ptr, books_ptr, norms_ptr, ids_ptr, N, stride_x, M, K,
             dots = tl.dot(x2, tl.trans(c2), dots, input_precision=PRECISION)
         norms = tl.load(norms_ptr + m * K + cols, mask=col_ok, other=float("inf"))  # padding columns never win
         dist = norms[None, :] - 2.0 * dots  # ||x - c||^2 - ||x||^2, as the torch path's baddbmm
-        if COLUMN_MINIMA:
-            better = dist < best  # strict: an earlier block keeps its tie
-            best = tl.where(better, dist, best)
-            best_id = tl.where(better, cols[None, :], best_id)
-        else:
-            block_min, block_arg = tl.min(dist, axis=1, return_indices=True)  # first index on ties, as argmin
-            better = block_min < best  # strict: an earlier block keeps its tie
-            best = tl.where(better, block_min, best)
-            best_id = tl.where(better, block_arg + k0, best_id)
-    if COLUMN_MINIMA:  # the row's minimum, and of the columns holding it the lowest centroid id (argmin's tie)
-        row_min = tl.min(best, axis=1)
-        best_id = tl.min(tl.where(best == row_min[:, None], best_id, K), axis=1)
+        block_min, block_arg = tl.min(dist, axis=1, return_indices=True)  # first index on ties, as torch.argmin
+        better = block_min < best  # strict: an earlier block keeps its tie
+        best = tl.where(better, block_min, best)
+        best_id = tl.where(better, block_arg + k0, best_id)
     tl.store(ids_ptr + rows.to(tl.int64) * M + m, best_id.to(tl.int64), mask=row_ok)
 
 
-def nearest_centroids_fused(x: Tensor, books: Tensor, precision: str = "tf32x3", column_minima: bool = False
-                            ) -> Tensor:
+def nearest_centroids_fused(x: Tensor, books: Tensor, precision: str = "tf32x3") -> Tensor:
     """x (N, M * dsub) fp32 CUDA, books (M, K, dsub) fp32 -> (N, M) int64 nearest centroid ids by squared L2, as
-    `model.quantizer.nearest_centroids`; ||c||^2 in fp32 (M, K) computed here, as the torch path does.
-    column_minima: keep a running minimum per tile column and reduce each row once at the end, instead of once per
-    block of centroids (the same ids; which is faster is measured by `benchmarks/quantize.py --encode-speed`)."""
+    `model.quantizer.nearest_centroids`; ||c||^2 in fp32 (M, K) computed here, as the torch path does."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: one of {PRECISIONS}")
     m, k, dsub = books.shape
@@ -115,5 +100,5 @@ def nearest_centroids_fused(x: Tensor, books: Tensor, precision: str = "tf32x3",
     d1, d2 = dsub_slices(dsub)
     grid = lambda meta: (triton.cdiv(len(x), meta["BLOCK_N"]), m)  # noqa: E731
     _nearest_kernel[grid](x, books, norms, ids, len(x), x.stride(0), M=m, K=k, DSUB=dsub, D1=d1, D2=d2,
-                          PRECISION=precision, COLUMN_MINIMA=column_minima)
+                          PRECISION=precision)
     return ids
