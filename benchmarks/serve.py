@@ -4,10 +4,15 @@ requests/s and total tokens/s. One JSON line per result.
     python -m benchmarks.serve                               # CPU: the whole Ray Serve app over real HTTP (tiny)
     python -m benchmarks.serve --checkpoint runs/quickstart/checkpoint --bank runs/quickstart/bank
     python -m benchmarks.serve --preset 2.4b --device cuda   # GPU: the generator's engine directly, random weights
+    python -m benchmarks.serve --preset 2.4b --device cuda --http --concurrency 32 --max-batch 32 --prompt-tokens 128
+                                                             # GPU: the whole app over HTTP beside the engine alone
 
 The HTTP path measures what a client sees: ingress, retriever (embedder + FAISS), memory store and generator
-replicas on local Ray, streaming completions. Without --checkpoint it builds a random-weight tiny checkpoint and a
-bank of the bundled geonames references with `memory3 encode`'s own job. The direct path (`--direct`, default on
+replicas on local Ray, streaming completions. Without --checkpoint it builds a random-weight checkpoint of --preset
+and a bank of the bundled geonames references with `memory3 encode`'s own job. On CUDA (`--http`) the generator
+decodes in bf16 with its own GPU memory tier and the retriever embeds on the GPU. With `--http` the same run then
+times the engine alone on the same model shape (memories gathered on the device, batch = the largest
+concurrency), so the HTTP path's share of the engine's own tokens/s is measured, not assumed. The direct path (`--direct`, default on
 CUDA) measures the continuous-batching engine alone, like the paper's Table 21 (batch 32, 128 in / 128 out):
 memories come from a pinned host pool, gathered into pinned memory and copied to the device at every retrieval
 (`--memory-tier host`: what `MemoryStore`'s host tier costs), or are gathered on the device (`--memory-tier gpu`:
@@ -52,8 +57,12 @@ def summary(values: list[float], digits: int = 4) -> dict:
 
 # --- over HTTP -------------------------------------------------------------------------------------------------
 
-def build_fixture(work: Path, documents: int) -> tuple[str, str, list[str]]:
-    """A random-weight tiny checkpoint, a bank of geonames references encoded by `memory3 encode`, QA prompts."""
+def build_fixture(work: Path, documents: int, preset: str = "tiny", device: str = "cpu",
+                  prompt_tokens: int | None = None) -> tuple[str, str, list[str]]:
+    """A random-weight checkpoint of `preset` (this corpus's tokenizer), a bank of geonames references encoded by
+    `memory3 encode` on `device` (bf16: codebooks would take minutes to train and change nothing here), and the
+    prompts: the corpus's questions, or with `prompt_tokens` its reference text cut into prompts of about that
+    many tokens (the paper's 128 in / 128 out)."""
     from configs import load_config
     from model.checkpoint import save_checkpoint
     from model.tokenizer import Tokenizer
@@ -66,11 +75,19 @@ def build_fixture(work: Path, documents: int) -> tuple[str, str, list[str]]:
     (work / "references.jsonl").write_text("".join(json.dumps(r) + "\n" for r in references))
     tokenizer = Tokenizer.train([r["text"] for r in references], vocab_size=2048)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name("tiny", vocab_size=tokenizer.vocab_size)).eval()
+    with torch.device(device):
+        model = Transformer(ModelConfig.from_name(preset, vocab_size=tokenizer.vocab_size))
+    model = model.to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
     checkpoint = str(save_checkpoint(work / "checkpoint", model, tokenizer, meta={"stage": "random"}))
+    del model
+    gpu = ["num_gpus=1", "compile=false", "quantizer=null"] if device == "cuda" else []
     cfg = load_config("encode", [f"corpus={work / 'references.jsonl'}", f"bank={work / 'bank'}",
-                                 f"checkpoint={checkpoint}", "actors=1", "actor_num_cpus=0.5"])
+                                 f"checkpoint={checkpoint}", "actors=1", "actor_num_cpus=0.5", *gpu])
     encode_corpus(cfg)
+    if prompt_tokens:
+        ids = tokenizer.encode(" ".join(r["text"] for r in references[:400]))
+        return checkpoint, str(work / "bank"), [tokenizer.decode(ids[i:i + prompt_tokens])
+                                                for i in range(0, len(ids) - prompt_tokens, prompt_tokens)]
     qa = [json.loads(line) for line in (corpus / "qa.jsonl").read_text().splitlines()]
     return checkpoint, str(work / "bank"), [q["prompt"] for q in qa[:200]]
 
@@ -112,8 +129,10 @@ async def load(url: str, prompts: list[str], mode: str, n: int, concurrency: int
                 "temperature": 0, "memory_mode": mode, "stream": True, "stream_options": {"include_usage": True}}))
 
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        await one_request(client, {"model": "memory3", "prompt": prompts[0], "max_tokens": 4, "memory_mode": mode,
-                                   "stream": True})  # warm-up
+        # warm-up: a full round at this concurrency (the engine captures its CUDA graphs per batch size)
+        await asyncio.gather(*(one_request(client, {
+            "model": "memory3", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "memory_mode": mode,
+            "stream": True}) for i in range(concurrency)))
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
@@ -126,12 +145,23 @@ async def load(url: str, prompts: list[str], mode: str, n: int, concurrency: int
             "completion_tokens_mean": round(statistics.mean(r["tokens"] for r in ok), 1) if ok else None}
 
 
+def gpu_settings(max_batch: int) -> dict:
+    """The app on one GPU: the generator in bf16 with its own GPU memory tier (configs/serve.yaml's default on
+    CUDA) and most of the device, the embedder beside it."""
+    return {"decoding": {"device": "cuda", "dtype": "bfloat16", "max_batch_size": max_batch},
+            "retrieval": {"device": "cuda"}, "writer": {"device": "cuda", "dtype": "bfloat16"},
+            "deployments": {"generator": {"num_gpus": 0.7, "num_cpus": 1, "max_ongoing_requests": 2 * max_batch},
+                            "retriever": {"num_gpus": 0.2, "num_cpus": 1}, "bank_writer": {"num_gpus": 0.1}}}
+
+
 def run_http(args) -> None:
+    from omegaconf import OmegaConf
     from ray import serve
 
     from pipelines.ray_runtime import ensure_ray
     from serve.app import build_app, wait_healthy
 
+    cuda = args.device == "cuda"
     ensure_ray("local", num_cpus=2) if args.local_ray else ensure_ray()
     work = Path(tempfile.mkdtemp(prefix="memory3-bench-serve-"))
     if args.checkpoint:
@@ -140,27 +170,49 @@ def run_http(args) -> None:
         prompts = [json.loads(line)["prompt"] for line in qa.read_text().splitlines()] if qa else \
             ["Which country is Lyon in?", "What is the population of Osaka?"]
     else:
-        checkpoint, bank, prompts = build_fixture(work, args.documents)
+        checkpoint, bank, prompts = build_fixture(work, args.documents, args.preset, args.device,
+                                                  args.prompt_tokens)
+    settings = OmegaConf.merge(gpu_settings(args.max_batch) if cuda else {}, {
+        "checkpoint": checkpoint, "bank": bank,
+        "decoding": {"max_batch_size": args.max_batch, "retrieval_concurrency": args.retrieval_concurrency}})
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    app = build_app({"checkpoint": checkpoint, "bank": bank,
-                     "decoding": {"max_batch_size": args.max_batch,
-                                  "retrieval_concurrency": args.retrieval_concurrency}})
-    serve.run(app, name="memory3-bench", route_prefix="/")
+    serve.run(build_app(OmegaConf.to_container(settings)), name="memory3-bench", route_prefix="/")
     url = f"http://127.0.0.1:{args.port}"
     wait_healthy(url, 600)
-    common = {"bench": "serve_http", "device": "cpu", "commit": commit(), "max_tokens": args.max_tokens,
-              "max_batch": args.max_batch, "retrieval_concurrency": args.retrieval_concurrency,
-              "checkpoint": "random-tiny" if not args.checkpoint else checkpoint}
+    common = {"bench": "serve_http", "device": device_name(args.device), "commit": commit(),
+              "max_tokens": args.max_tokens, "max_batch": args.max_batch,
+              "retrieval_concurrency": args.retrieval_concurrency,
+              "checkpoint": f"random-{args.preset}" if not args.checkpoint else checkpoint}
+    http = {}
     try:
         for concurrency in args.concurrency:
             for mode in args.modes:
                 result = asyncio.run(load(url, prompts, mode, args.requests, concurrency, args.max_tokens))
+                http[mode, concurrency] = result
                 print(json.dumps({**common, "mode": mode, "concurrency": concurrency, **result}), flush=True)
-        stats = serve.get_deployment_handle("MemoryStore", "memory3-bench").stats.remote().result()
-        print(json.dumps({**common, "bench": "serve_memory_store", "hit_rate": round(stats["hit_rate"], 3),
-                          "rows_requested": stats["rows_requested"], "misses": stats["misses"]}), flush=True)
+        for name in ("MemoryStore", "Generator"):
+            stats = serve.get_deployment_handle(name, "memory3-bench").stats.remote().result()
+            stats = stats["memory_tier"] if name == "Generator" else stats
+            if stats:
+                print(json.dumps({**common, "bench": "serve_memory_store", "tier": stats["device"],
+                                  "hit_rate": round(stats["hit_rate"], 3), "rows_requested": stats["rows_requested"],
+                                  "misses": stats["misses"]}), flush=True)
     finally:
         serve.delete("memory3-bench")
+    if args.http:  # the engine alone, same shape and prompt length, batch = the largest concurrency
+        from bank.checkpoints import local_checkpoint
+        from model.checkpoint import load_config as checkpoint_config
+
+        batch = max(args.concurrency)
+        engine = run_direct(args, cfg=checkpoint_config(local_checkpoint(checkpoint)), batch=batch, hf=False,
+                            static=False, memory_tier="gpu")
+        for mode in args.modes:
+            if (mode, batch) in http and mode in engine:
+                print(json.dumps({**common, "bench": "serve_http_vs_engine", "mode": mode, "concurrency": batch,
+                                  "http_tokens_per_s": http[mode, batch]["tokens_per_s_total"],
+                                  "engine_tokens_per_s": engine[mode],
+                                  "ratio": round(http[mode, batch]["tokens_per_s_total"] / engine[mode], 3)}),
+                      flush=True)
 
 
 # --- the engine directly ---------------------------------------------------------------------------------------
@@ -197,12 +249,15 @@ def hf_baseline(cfg: ModelConfig, batch: list[list[int]], out_len: int, dev: str
     return {"tokens_per_s": round(len(batch) * out_len / wall, 1), "seconds": round(wall, 3), "ttft_s": round(ttft, 4)}
 
 
-def run_direct(args) -> None:
+def run_direct(args, cfg: ModelConfig | None = None, **overrides) -> dict[str, float]:
+    """The engine alone; `cfg` and `overrides` (of the command line's settings) let the HTTP path time the same
+    shape. Returns each mode's median continuous-engine tokens/s."""
     from benchmarks.model import copy_bandwidth, weight_bytes
 
+    args = argparse.Namespace(**{**vars(args), **overrides})
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    cfg = ModelConfig.from_name(args.preset)
+    cfg = cfg or ModelConfig.from_name(args.preset)
     torch.manual_seed(0)
     with torch.device(dev):
         model = Transformer(cfg).to(dtype).eval()
@@ -227,7 +282,7 @@ def run_direct(args) -> None:
 
     # 128 prompt tokens after the sink ("<s> <ref>"), like the paper's 128 in / 128 out: they fill windows 0-1
     # exactly, so the first decoded window keeps their memories and a request retrieves 3 times (§3.2, Table 21)
-    in_len, out_len = args.prompt_tokens, args.max_tokens
+    in_len, out_len = args.prompt_tokens or 128, args.max_tokens
     rag_len = in_len + cfg.refs_per_window * cfg.reference_len
     bandwidth = copy_bandwidth(dev)
     wbytes = weight_bytes(model)
@@ -264,11 +319,12 @@ def run_direct(args) -> None:
             print(json.dumps({**common, "engine": "hf_transformers", "mode": mode, "prompt_tokens": length, **hf,
                               **rates(hf["tokens_per_s"])}), flush=True)
     engine = DecodeEngine(model, max_batch=args.batch, seed=0)
+    rounds: dict[str, list[float]] = {}
     try:
         for mode, length, fn in variants:
             for repeat in range(args.repeats + 1):  # the first round warms up (and captures the CUDA graphs)
                 batch = prompts(length)
-                starts, firsts, ends = [0.0] * len(batch), [None] * len(batch), [0.0] * len(batch)
+                firsts, ends = [None] * len(batch), [0.0] * len(batch)
                 retrievals = [0] * len(batch)
                 done = threading.Semaphore(0)
 
@@ -283,17 +339,18 @@ def run_direct(args) -> None:
                             done.release()
                     return emit
 
+                requests = [DecodeRequest(p, out_len, retrieve=fn, emit=emit_for(i)) for i, p in enumerate(batch)]
                 sync()
                 t0 = time.perf_counter()
-                for i, p in enumerate(batch):
-                    starts[i] = time.perf_counter()
-                    engine.submit(DecodeRequest(p, out_len, retrieve=fn, emit=emit_for(i)))
+                starts = [t0] * len(batch)
+                engine.submit(*requests)  # the batch arrives at once, as HF's generate gets it
                 for _ in batch:
                     done.acquire()
                 wall = time.perf_counter() - t0
                 if repeat == 0:
                     continue
                 tok_s = len(batch) * out_len / wall
+                rounds.setdefault(mode, []).append(tok_s)
                 print(json.dumps({**common, "engine": "continuous", "mode": mode, "prompt_tokens": length,
                                   "tokens_per_s": round(tok_s, 1), **rates(tok_s), "seconds": round(wall, 3),
                                   "retrievals_per_request": statistics.mean(retrievals),
@@ -316,15 +373,19 @@ def run_direct(args) -> None:
                                       "seconds": round(wall, 3)}), flush=True)
     finally:
         engine.stop()
+    return {mode: round(statistics.median(r), 1) for mode, r in rounds.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", help="model preset of the direct path")
+    ap.add_argument("--preset", default="tiny", help="model preset (the HTTP path's built checkpoint too)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--direct", action="store_true", help="time the engine alone (default on CUDA)")
     ap.add_argument("--batch", type=int, default=32, help="direct path: requests decoded together")
-    ap.add_argument("--prompt-tokens", type=int, default=128, help="direct path: prompt tokens after the sink")
+    ap.add_argument("--prompt-tokens", type=int, default=None,
+                    help="prompt tokens after the sink (direct path: 128; HTTP: prompts of the corpus's reference "
+                         "text of about this length instead of its questions)")
+    ap.add_argument("--http", action="store_true", help="the whole app over HTTP (default on CPU)")
     ap.add_argument("--no-hf", dest="hf", action="store_false",
                     help="direct path: skip the Hugging Face transformers baseline (run on CUDA by default)")
     ap.add_argument("--repeats", type=int, default=2, help="direct path: timed rounds after a warm-up round")
@@ -350,7 +411,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.checkpoint and not args.bank:
         ap.error("--checkpoint needs --bank")
-    if args.direct or args.device == "cuda":
+    if args.direct or (args.device == "cuda" and not args.http):
         args.max_tokens = args.max_tokens or 128
         run_direct(args)
     else:

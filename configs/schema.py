@@ -441,6 +441,13 @@ class MemorySettings:
     """Memories kept per replica (LRU)."""
     dtype: str = "float32"
     """dtype memories travel to the generator in."""
+    generator_tier: Optional[bool] = None
+    """A MemoryStore inside each generator replica (decoded memories on its device, stored bytes in its host RAM),
+    so memories never cross Ray; null = on when decoding.device is cuda."""
+    generator_cache_size: int = 2048
+    """Decoded memories the generator's tier keeps on its device (LRU)."""
+    generator_host_cache_size: int = 16384
+    """Stored memories (VQ codes or bf16, as on disk) its host-RAM tier keeps, with decoding.device cuda."""
 
 
 @dataclass

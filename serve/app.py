@@ -102,7 +102,7 @@ def build_app(args: dict | None = None) -> Application:
         writer = BankWriter.options(**deployment_options(deps.bank_writer)).bind(
             cfg.bank, cfg.checkpoint, plain["writer"], plain["retrieval"]["embedder"])
     generator = Generator.options(**deployment_options(deps.generator)).bind(
-        cfg.checkpoint, plain["decoding"], retriever, memory_store)
+        cfg.checkpoint, plain["decoding"], retriever, memory_store, cfg.bank, plain["memory"])
     ingress_settings = {k: plain[k] for k in ("checkpoint", "model_name", "admin_token", "limits", "defaults",
                                                 "replica_failure_retries")}
     return Ingress.options(**deployment_options(deps.ingress)).bind(

@@ -115,14 +115,16 @@ class DecodeEngine:
         self.thread.start()
 
     # --- API (any thread) ---
-    def submit(self, request: DecodeRequest) -> None:
-        total = len(request.prompt) + request.max_new_tokens
-        if not request.prompt or request.max_new_tokens < 0 or total > self.cfg.max_seq_len:
-            raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) "
-                             f"must be in 1..max_seq_len={self.cfg.max_seq_len}")
+    def submit(self, *requests: DecodeRequest) -> None:
+        """Queue requests; those submitted together are admitted together (one prefill where slots allow)."""
+        for request in requests:
+            total = len(request.prompt) + request.max_new_tokens
+            if not request.prompt or request.max_new_tokens < 0 or total > self.cfg.max_seq_len:
+                raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_new_tokens "
+                                 f"({request.max_new_tokens}) must be in 1..max_seq_len={self.cfg.max_seq_len}")
         with self.wakeup:
-            self.waiting.append(request)
-            self.counts["submitted"] += 1
+            self.waiting.extend(requests)
+            self.counts["submitted"] += len(requests)
             self.wakeup.notify()
 
     def stats(self) -> dict:

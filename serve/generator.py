@@ -3,8 +3,9 @@
 Requests arrive as token ids (the ingress owns text) and leave as a stream of engine events. Continuous batching
 (serve/engine.py) shares the model between all concurrent requests. Memory is read as the paper decodes
 (§3.1-3.2): each 64-token window's decoded text is the retrieval query (retriever deployment: embedder + FAISS),
-the hits' sparse memories come from the memory-store deployment (MemoryStore and its RAM cache), and the memory
-layers attend to them. `bank_version` in a job makes both see any admin write that preceded the request.
+the hits' sparse memories come from the replica's own memory tier (on GPUs: decoded memories on the device over
+stored bytes in host RAM) or from the memory-store deployment (serve/memory_store.py), and the memory layers
+attend to them. `bank_version` in a job makes both see any admin write that preceded the request.
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ from ray.serve.handle import DeploymentHandle
 from bank.checkpoints import load_model
 from model.generate import Retrieved
 from serve.engine import DecodeEngine, DecodeRequest
+from serve.memory_store import BankMemories
 
 
 @serve.deployment(name="Generator")
 class Generator:
     def __init__(self, checkpoint: str, decoding: dict, retriever: DeploymentHandle | None = None,
-                 memory_store: DeploymentHandle | None = None):
+                 memory_store: DeploymentHandle | None = None, bank: str | None = None, memory: dict | None = None):
         if decoding.get("torch_threads"):
             torch.set_num_threads(decoding["torch_threads"])
         self.model, self.tokenizer = load_model(checkpoint, decoding["device"], decoding["dtype"])
@@ -32,6 +34,7 @@ class Generator:
         self.engine = DecodeEngine(self.model, max_batch=decoding["max_batch_size"], seed=decoding.get("seed"),
                                    retrieval_concurrency=decoding.get("retrieval_concurrency", 0))
         self.retriever, self.memory_store = retriever, memory_store
+        self.memories = self._memory_tier(bank, memory or {}, decoding["device"])
         self.timeout_s = decoding["retrieval_timeout_s"]
         self.top_k = self.model.cfg.refs_per_window
 
@@ -84,17 +87,30 @@ class Generator:
             if not hits:
                 return None
             # rows are numbered in the version the retriever searched (at least bank_version)
-            memories, n_valid = self.memory_store.fetch.remote(
-                [h["row"] for h in hits], hits[0]["bank_version"], [h["id"] for h in hits]).result(
-                timeout_s=self.timeout_s)
+            rows, version, ids = [h["row"] for h in hits], hits[0]["bank_version"], [h["id"] for h in hits]
+            if self.memories is not None:
+                memories, n_valid = self.memories.fetch(rows, version, ids)
+            else:
+                memories, n_valid = self.memory_store.fetch.remote(rows, version, ids).result(
+                    timeout_s=self.timeout_s)
             for h in hits:
                 texts[h["id"]] = h["text"]
             return Retrieved(memories, n_valid, ids=[h["id"] for h in hits])
 
         return retrieve
 
+    def _memory_tier(self, bank: str | None, memory: dict, device: str) -> BankMemories | None:
+        """The replica's own MemoryStore, where `memory.generator_tier` (null: on GPUs) asks for one."""
+        wanted = memory.get("generator_tier")
+        if bank is None or not (wanted if wanted is not None else torch.device(device).type == "cuda"):
+            return None
+        return BankMemories(bank, memory["generator_cache_size"], device=device,
+                            dtype=next(self.model.parameters()).dtype,
+                            host_cache_size=memory["generator_host_cache_size"])
+
     def stats(self) -> dict:
-        return {**self.engine.stats(), "replica": serve.get_replica_context().replica_id.to_full_id_str()}
+        return {**self.engine.stats(), "replica": serve.get_replica_context().replica_id.to_full_id_str(),
+                "memory_tier": self.memories.stats() if self.memories is not None else None}
 
     def ping(self) -> bool:
         return True

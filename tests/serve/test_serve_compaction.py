@@ -42,4 +42,4 @@ def test_replicas_answer_from_the_compacted_bank_with_rows_of_either_generation(
         ids = [h["id"] for h in batch]
         memories, _ = store.fetch([h["row"] for h in batch], batch[0]["bank_version"], ids)
         torch.testing.assert_close(memories, current_memories(uri, ids), atol=0, rtol=0)
-    assert store.version.generation == 1
+    assert store.memories.version.generation == 1
