@@ -190,6 +190,10 @@ def run_http(args) -> None:
                 result = asyncio.run(load(url, prompts, mode, args.requests, concurrency, args.max_tokens))
                 http[mode, concurrency] = result
                 print(json.dumps({**common, "mode": mode, "concurrency": concurrency, **result}), flush=True)
+        engine = serve.get_deployment_handle("Generator", "memory3-bench").stats.remote().result()
+        print(json.dumps({**common, "bench": "serve_generator_start", "graphs": engine["graphs"],
+                          "graphs_captured_at_start": engine["graphs_captured"],
+                          "capture_s": engine["capture_s"]}), flush=True)
         for name in ("MemoryStore", "Generator"):
             stats = serve.get_deployment_handle(name, "memory3-bench").stats.remote().result()
             stats = stats["memory_tier"] if name == "Generator" else stats
@@ -318,11 +322,12 @@ def run_direct(args, cfg: ModelConfig | None = None, **overrides) -> dict[str, f
             hf = hf_baseline(cfg, prompts(length), out_len, dev, dtype, args.repeats)
             print(json.dumps({**common, "engine": "hf_transformers", "mode": mode, "prompt_tokens": length, **hf,
                               **rates(hf["tokens_per_s"])}), flush=True)
-    engine = DecodeEngine(model, max_batch=args.batch, seed=0)
+    engine = DecodeEngine(model, max_batch=args.batch, seed=0, capture_at_start=True)  # as a replica starts
+    print(json.dumps({**common, "engine": "startup", **engine.startup}), flush=True)
     rounds: dict[str, list[float]] = {}
     try:
         for mode, length, fn in variants:
-            for repeat in range(args.repeats + 1):  # the first round warms up (and captures the CUDA graphs)
+            for repeat in range(args.repeats + 1):  # the first round warms up
                 batch = prompts(length)
                 firsts, ends = [None] * len(batch), [0.0] * len(batch)
                 retrievals = [0] * len(batch)

@@ -308,6 +308,7 @@ class DecodeStep:
     cache rows, at positions a later prefill overwrites)."""
 
     LENGTH_BUCKET = 128
+    BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
     def __init__(self, model: Transformer, caches: list[KVCache], valid: Tensor, graphs: bool = False):
         self.model, self.caches, self.valid = model, caches, valid
@@ -325,8 +326,25 @@ class DecodeStep:
         few kernels per layer, so a replay launches hundreds of kernels instead of thousands."""
 
     def _bucket(self, n: int, key_len: int) -> tuple[int, int]:
-        rows = next((b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= b <= self.batch), self.batch)
+        rows = next((b for b in self.BATCH_BUCKETS if n <= b <= self.batch), self.batch)
         return rows, min(-(-key_len // self.LENGTH_BUCKET) * self.LENGTH_BUCKET, self.max_len)
+
+    def capture_all(self, memory: tuple[bool, ...] = (False, True)) -> int:
+        """Compile and capture every (batch bucket, length bucket, memory) graph now; returns how many were new.
+        A server calls this before taking traffic: a shape first met mid-traffic compiles and captures on the
+        spot, and every request in flight waits for it (a minute or more for a 2.4B model). Largest batches
+        first, so later shapes reuse the dynamic-shape compilations of the first. Call only while no row is
+        live: each capture decodes every row of its bucket."""
+        if not self.graphs:
+            return 0
+        before = len(self._graphs)
+        batches = sorted({self._bucket(b, 1)[0] for b in range(1, self.batch + 1)}, reverse=True)
+        for mem in memory:
+            for rows in batches:
+                for key_len in range(self.LENGTH_BUCKET, self.max_len + self.LENGTH_BUCKET, self.LENGTH_BUCKET):
+                    self(rows, min(key_len, self.max_len), mem)
+        torch.cuda.synchronize()
+        return len(self._graphs) - before
 
     def captured(self, n: int, key_len: int, memory: bool) -> bool:
         """Whether a call with these arguments replays a graph (or runs eager) rather than compiling and capturing

@@ -84,7 +84,7 @@ class _Slot:
 
 class DecodeEngine:
     def __init__(self, model: Transformer, max_batch: int = 8, seed: int | None = None, idle_wait_s: float = 0.5,
-                 cuda_graphs: bool = True, retrieval_concurrency: int = 0):
+                 cuda_graphs: bool = True, retrieval_concurrency: int = 0, capture_at_start: bool = False):
         cfg = model.cfg
         self.model, self.cfg, self.max_batch, self.idle_wait_s = model, cfg, max_batch, idle_wait_s
         self.device = model.device
@@ -98,6 +98,11 @@ class DecodeEngine:
         self._views: dict[tuple[int, int], list[KVCache]] = {}
         self.decode = DecodeStep(model, self.decode_caches, self.windows.valid, graphs=cuda_graphs)
         """The one-token step (CUDA graphs on CUDA unless cuda_graphs=False; eager elsewhere)."""
+        started = time.perf_counter()
+        captured = self.decode.capture_all() if capture_at_start else 0
+        self.startup = {"graphs_captured": captured, "capture_s": round(time.perf_counter() - started, 1)}
+        """With capture_at_start, every decode graph is compiled and captured before the first request, so no
+        request waits for one (DecodeStep.capture_all)."""
         self.prefill = Prefill(model, compiled=cuda_graphs and compile_prefill(self.device))
         """The prompt forward (eager; compiled on CUDA with MEMORY3_COMPILE_PREFILL=1)."""
         self.last_logits = torch.zeros(max_batch, cfg.vocab_size, device=self.device)
@@ -129,7 +134,8 @@ class DecodeEngine:
 
     def stats(self) -> dict:
         return {**self.counts, "active": sum(s is not None for s in self.slots), "waiting": len(self.waiting),
-                "max_batch": self.max_batch, "alive": self.thread.is_alive()}
+                "max_batch": self.max_batch, "alive": self.thread.is_alive(), **self.startup,
+                "graphs": len(self.decode._graphs)}
 
     def stop(self) -> None:
         self.running = False

@@ -32,7 +32,8 @@ class Generator:
         if decoding.get("fuse_projections", True):
             self.model.fuse_projections()
         self.engine = DecodeEngine(self.model, max_batch=decoding["max_batch_size"], seed=decoding.get("seed"),
-                                   retrieval_concurrency=decoding.get("retrieval_concurrency", 0))
+                                   retrieval_concurrency=decoding.get("retrieval_concurrency", 0),
+                                   capture_at_start=decoding.get("capture_at_start", True))
         self.retriever, self.memory_store = retriever, memory_store
         self.memories = self._memory_tier(bank, memory or {}, decoding["device"])
         self.timeout_s = decoding["retrieval_timeout_s"]

@@ -27,8 +27,8 @@ CFG = dict(vocab_size=512, n_layer=4, n_head=8, n_kv_head=2, head_dim=64, mlp_hi
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_bf16_engine_with_cuda_graphs_matches_eager_generate(fused):
-    """fused: the engine decodes with fused projections, as the generator deployment serves (the reference
-    `generate` keeps them separate)."""
+    """fused: the engine decodes with fused projections and captures every graph at start, as the generator
+    deployment serves (the reference `generate` keeps them separate)."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**CFG)).to("cuda", torch.bfloat16).eval()
     bank = torch.randn(10, *model.cfg.memory_shape, device="cuda", dtype=torch.bfloat16)
@@ -40,7 +40,11 @@ def test_bf16_engine_with_cuda_graphs_matches_eager_generate(fused):
     g = torch.Generator().manual_seed(1)
     jobs = [([2, 4, 2] + torch.randint(5, 512, (n,), generator=g).tolist(), new, mem)
             for n, new, mem in ((60, 150, True), (127, 120, True), (10, 90, False), (200, 70, True))]
-    engine = DecodeEngine(copy.deepcopy(model).fuse_projections() if fused else model, max_batch=4, seed=0)
+    engine = DecodeEngine(copy.deepcopy(model).fuse_projections() if fused else model, max_batch=4, seed=0,
+                          capture_at_start=fused)
+    at_start = set(engine.decode._graphs)
+    # batch buckets 1, 2, 4 x length buckets 128 ... 512 and 600 x with and without memory
+    assert len(at_start) == (3 * 5 * 2 if fused else 0)
     got = [dict(tokens=[], logprobs=[], done=threading.Event()) for _ in jobs]
 
     def emit_for(out):
@@ -60,6 +64,8 @@ def test_bf16_engine_with_cuda_graphs_matches_eager_generate(fused):
         for out in got:
             assert out["done"].wait(120) and out["end"]["type"] == "finish"
         assert engine.decode._graphs, "the engine's steps ran from CUDA graphs"
+        if fused:
+            assert set(engine.decode._graphs) == at_start, "a graph was captured mid-traffic"
     finally:
         engine.stop()
     agreed = 0
