@@ -322,7 +322,7 @@ def run_direct(args, cfg: ModelConfig | None = None, **overrides) -> dict[str, f
             hf = hf_baseline(cfg, prompts(length), out_len, dev, dtype, args.repeats)
             print(json.dumps({**common, "engine": "hf_transformers", "mode": mode, "prompt_tokens": length, **hf,
                               **rates(hf["tokens_per_s"])}), flush=True)
-    engine = DecodeEngine(model, max_batch=args.batch, seed=0, capture_at_start=True)  # as a replica starts
+    engine = DecodeEngine(model, max_batch=args.batch, seed=0, capture_at_start=args.capture_at_start)
     print(json.dumps({**common, "engine": "startup", **engine.startup}), flush=True)
     rounds: dict[str, list[float]] = {}
     try:
@@ -411,6 +411,8 @@ def main() -> None:
                     help="HTTP path: window retrievals in flight at once per generator (0: all slots, 1: serial)")
     ap.add_argument("--memory-tier", choices=("host", "gpu"), default="host",
                     help="direct path: where retrieved memories come from (pinned host RAM, or already on the GPU)")
+    ap.add_argument("--capture-at-start", action="store_true",
+                    help="direct path: compile and capture every decode graph before the first request")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--local-ray", action="store_true", help="HTTP path: a fresh local Ray even if RAY_ADDRESS")
     args = ap.parse_args()

@@ -410,9 +410,9 @@ class DecodingSettings:
     """torch intra-op threads per replica; 0 = Ray's default."""
     fuse_projections: bool = True
     """Each layer's q/k/v and gate/up projections as one GEMM each (`Transformer.fuse_projections`)."""
-    capture_at_start: bool = True
+    capture_at_start: bool = False
     """On CUDA, compile and capture every decode graph (batch x length bucket) before the replica takes traffic, so
-    no request waits for a compilation; false: each on first use."""
+    no request waits for a compilation; false: each on first use (opt-in until it has run at 2.4B: docs/serving.md)."""
     seed: Optional[int] = None
     """Sampling seed of each replica; null = from the clock."""
 

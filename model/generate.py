@@ -317,7 +317,6 @@ class DecodeStep:
         self.pos = torch.zeros(self.batch, 1, dtype=torch.long, device=model.device)  # (B, 1) their positions
         self.graphs = graphs and model.device.type == "cuda"
         model.weights_captured |= self.graphs
-        self._views: dict[int, list[KVCache]] = {}
         self._graphs: dict[tuple, tuple] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self._side = torch.cuda.Stream(device=model.device) if self.graphs else None
@@ -359,9 +358,10 @@ class DecodeStep:
         valid until the next call (it lives in the graphs' memory)."""
         rows, key_len = self._bucket(n, key_len)
         args = (self.tokens[:rows], self.pos[:rows], key_len, self.valid[:rows] if memory else None)
-        if rows not in self._views:
-            self._views[rows] = [cache.rows(0, rows) for cache in self.caches]
-        self.model.use_caches(self._views[rows])
+        # the whole caches, whatever the bucket: the step reads their first `rows` rows, so the compiled step
+        # sees one module per layer and stays generic in the batch size (a row view per bucket was a new module,
+        # and every batch bucket compiled again)
+        self.model.use_caches(self.caches)
         if not self.graphs:
             return self._decode(*args)[:n]
         key = (rows, key_len, memory)

@@ -107,17 +107,21 @@ class KVCache(nn.Module):
     the k/v buffers are (B, Hkv, reserved + max_len, D), so one contiguous slice [0, reserved + key_len) is the
     step's whole key set, memories first as in the concatenated form."""
 
+    SPARE = 1
+    """One position past max_len, never read: no slice [lo, reserved + key_len) then spans the whole buffer, a
+    special case that made a compiled decode step compile again at key_len == max_len."""
+
     def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype: torch.dtype, device=None,
                  reserved: int = 0):
         super().__init__()
         self.reserved = reserved
-        shape = (batch, n_kv_head, reserved + max_len, head_dim)
+        shape = (batch, n_kv_head, reserved + max_len + self.SPARE, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2] - self.reserved
+        return self.k.shape[2] - self.reserved - self.SPARE
 
     def rows(self, start: int, n: int) -> "KVCache":
         """A cache over rows start..start+n of this one (views: its writes land here), so a forward can run over
@@ -135,7 +139,8 @@ class KVCache(nn.Module):
         self.k[rows, :, self.reserved + input_pos] = k.transpose(1, 2)  # (B, T, H, D) into (B, H, R + max_len, D)
         self.v[rows, :, self.reserved + input_pos] = v.transpose(1, 2)
         lo, hi = 0 if with_memory else self.reserved, self.reserved + (self.max_len if key_len is None else key_len)
-        return self.k[:, :, lo:hi], self.v[:, :, lo:hi]
+        n = k.shape[0]  # the first n rows: a compiled decode step over any batch bucket uses the one cache module
+        return self.k[:n, :, lo:hi], self.v[:n, :, lo:hi]
 
     def write_memory(self, rows: Tensor, keys: Tensor, values: Tensor) -> None:
         """Memories of `rows` into the reserved slots: keys/values (len(rows), Hkv, reserved, D), already rotated."""

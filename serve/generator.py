@@ -33,7 +33,7 @@ class Generator:
             self.model.fuse_projections()
         self.engine = DecodeEngine(self.model, max_batch=decoding["max_batch_size"], seed=decoding.get("seed"),
                                    retrieval_concurrency=decoding.get("retrieval_concurrency", 0),
-                                   capture_at_start=decoding.get("capture_at_start", True))
+                                   capture_at_start=decoding.get("capture_at_start", False))
         self.retriever, self.memory_store = retriever, memory_store
         self.memories = self._memory_tier(bank, memory or {}, decoding["device"])
         self.timeout_s = decoding["retrieval_timeout_s"]
