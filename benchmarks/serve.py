@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -83,7 +85,8 @@ def build_fixture(work: Path, documents: int, preset: str = "tiny", device: str 
     gpu = ["num_gpus=1", "compile=false", "quantizer=null"] if device == "cuda" else []
     cfg = load_config("encode", [f"corpus={work / 'references.jsonl'}", f"bank={work / 'bank'}",
                                  f"checkpoint={checkpoint}", "actors=1", "actor_num_cpus=0.5", *gpu])
-    encode_corpus(cfg)
+    with contextlib.redirect_stdout(sys.stderr):  # the job's progress bar: stdout carries only JSON lines
+        encode_corpus(cfg)
     if prompt_tokens:
         ids = tokenizer.encode(" ".join(r["text"] for r in references[:400]))
         return checkpoint, str(work / "bank"), [tokenizer.decode(ids[i:i + prompt_tokens])
