@@ -177,14 +177,15 @@ def run_http(args) -> None:
                                                   args.prompt_tokens)
     settings = OmegaConf.merge(gpu_settings(args.max_batch) if cuda else {}, {
         "checkpoint": checkpoint, "bank": bank,
-        "decoding": {"max_batch_size": args.max_batch, "retrieval_concurrency": args.retrieval_concurrency}})
+        "decoding": {"max_batch_size": args.max_batch, "retrieval_concurrency": args.retrieval_concurrency,
+                     "stream_interval_s": args.stream_interval}})
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(build_app(OmegaConf.to_container(settings)), name="memory3-bench", route_prefix="/")
     url = f"http://127.0.0.1:{args.port}"
     wait_healthy(url, 600)
     common = {"bench": "serve_http", "device": device_name(args.device), "commit": commit(),
               "max_tokens": args.max_tokens, "max_batch": args.max_batch,
-              "retrieval_concurrency": args.retrieval_concurrency,
+              "retrieval_concurrency": args.retrieval_concurrency, "stream_interval_s": args.stream_interval,
               "checkpoint": f"random-{args.preset}" if not args.checkpoint else checkpoint}
     http = {}
     try:
@@ -415,6 +416,8 @@ def main() -> None:
                     help="HTTP path: window retrievals in flight at once per generator (0: all slots, 1: serial)")
     ap.add_argument("--memory-tier", choices=("host", "gpu"), default="host",
                     help="direct path: where retrieved memories come from (pinned host RAM, or already on the GPU)")
+    ap.add_argument("--stream-interval", type=float, default=0.02,
+                    help="HTTP path: the generator's decoding.stream_interval_s (0: each step's tokens at once)")
     ap.add_argument("--capture-at-start", action="store_true",
                     help="direct path: compile and capture every decode graph before the first request")
     ap.add_argument("--port", type=int, default=8765)

@@ -87,3 +87,33 @@ def test_the_generator_tier_reads_what_the_memory_store_serves(parts):
     assert gone not in {i for ids in retrieved_after for i in ids}
     assert own_tier.memories.version == BankVersion.parse(version)
     assert decode(through_store, version) == (tokens_after, retrieved_after)
+
+
+def test_the_event_inbox_hands_over_every_event_in_order_and_gathers_them():
+    """The engine thread's events reach the replica's loop whole and in order, several to a take when they pile up
+    (one stream item each take), and a take waits for at least one."""
+    import threading
+
+    from serve.generator import EventInbox
+
+    async def main() -> tuple[list[dict], int]:
+        inbox = EventInbox(asyncio.get_running_loop())
+
+        def engine():
+            for i in range(3000):
+                inbox.put({"type": "token", "token": i})
+            inbox.put({"type": "finish"})
+
+        thread = threading.Thread(target=engine)
+        thread.start()
+        got, takes = [], 0
+        while not got or got[-1]["type"] != "finish":
+            got += await inbox.take()
+            takes += 1
+            await asyncio.sleep(0.002)  # a stream interval
+        thread.join()
+        return got, takes
+
+    got, takes = asyncio.run(main())
+    assert [e["token"] for e in got[:-1]] == list(range(3000)) and got[-1] == {"type": "finish"}
+    assert takes < len(got) / 10, f"{takes} takes for {len(got)} events"
