@@ -11,15 +11,14 @@ The HTTP path measures what a client sees: ingress, retriever (embedder + FAISS)
 replicas on local Ray, streaming completions. Without --checkpoint it builds a random-weight checkpoint of --preset
 and a bank of the bundled geonames references with `memory3 encode`'s own job. On CUDA (`--http`) the generator
 decodes in bf16 with its own GPU memory tier and the retriever embeds on the GPU. With `--http` the same run then
-times the engine alone on the same model shape (memories gathered on the device, batch = the largest
-concurrency), so the HTTP path's share of the engine's own tokens/s is measured, not assumed. The direct path (`--direct`, default on
-CUDA) measures the continuous-batching engine alone, like the paper's Table 21 (batch 32, 128 in / 128 out):
+times the engine alone on the same model shape (memories gathered on the device, batch = the largest concurrency),
+so the HTTP path's share of the engine's own tokens/s is measured, not assumed. The direct path (`--direct`, default
+on CUDA) measures the continuous-batching engine alone, like the paper's Table 21 (batch 32, 128 in / 128 out):
 memories come from a pinned host pool, gathered into pinned memory and copied to the device at every retrieval
 (`--memory-tier host`: what `MemoryStore`'s host tier costs), or are gathered on the device (`--memory-tier gpu`:
-its GPU tier, memories already decoded there),
-`static` rows run model.generate (one fixed batch) for comparison, and the same run measures the ceiling (the
-device's copy bandwidth over the weight bytes, times the batch) and Hugging Face transformers' LlamaForCausalLM of
-the same shape (random weights, `generate`) as the baseline.
+its GPU tier, memories already decoded there), `static` rows run model.generate (one fixed batch) for comparison,
+and the same run measures the ceiling (the device's copy bandwidth over the weight bytes, times the batch) and
+Hugging Face transformers' LlamaForCausalLM of the same shape (random weights, `generate`) as the baseline.
 """
 from __future__ import annotations
 

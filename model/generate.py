@@ -320,8 +320,8 @@ class DecodeStep:
         self._graphs: dict[tuple, tuple] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self._side = torch.cuda.Stream(device=model.device) if self.graphs else None
-        """Every capture's warm-up runs on this one stream: the caching allocator keeps freed blocks per stream,
-        so a new stream per capture kept each warm-up's memory apart (192 captures of 2.4B ran out of 140 GB)."""
+        """Every capture's warm-up runs on this one stream: the caching allocator keeps freed blocks per stream, so
+        warm-ups on a new stream each could not reuse each other's memory."""
         fuse = self.graphs and os.environ.get("MEMORY3_FUSE_DECODE", "1") == "1"
         self._decode = _compiled(model, "_fused_decode", model.decode) if fuse else model.decode
         """With graphs, the captured step is `torch.compile`d first: norms, rotary and cache writes fuse into a
