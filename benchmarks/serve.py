@@ -197,9 +197,8 @@ def run_http(args) -> None:
         print(json.dumps({**common, "bench": "serve_generator_start", "graphs": engine["graphs"],
                           "graphs_captured_at_start": engine["graphs_captured"],
                           "capture_s": engine["capture_s"]}), flush=True)
-        for name in ("MemoryStore", "Generator"):
-            stats = serve.get_deployment_handle(name, "memory3-bench").stats.remote().result()
-            stats = stats["memory_tier"] if name == "Generator" else stats
+        store = serve.get_deployment_handle("MemoryStore", "memory3-bench").stats.remote().result()
+        for stats in (store, engine["memory_tier"]):  # the deployment's tier, and the generator's own (or None)
             if stats:
                 print(json.dumps({**common, "bench": "serve_memory_store", "tier": stats["device"],
                                   "hit_rate": round(stats["hit_rate"], 3), "rows_requested": stats["rows_requested"],

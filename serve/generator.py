@@ -127,7 +127,7 @@ class Generator:
                     timeout_s=self.timeout_s)
             for h in hits:
                 texts[h["id"]] = h["text"]
-            return Retrieved(memories, n_valid, ids=[h["id"] for h in hits])
+            return Retrieved(memories, n_valid, ids=ids)
 
         return retrieve
 
