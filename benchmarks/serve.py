@@ -196,7 +196,9 @@ def run_http(args) -> None:
         engine = serve.get_deployment_handle("Generator", "memory3-bench").stats.remote().result()
         print(json.dumps({**common, "bench": "serve_generator_start", "graphs": engine["graphs"],
                           "graphs_captured_at_start": engine["graphs_captured"],
-                          "capture_s": engine["capture_s"]}), flush=True)
+                          "capture_s": engine["capture_s"], "prefills": engine["prefills"],
+                          "requests_per_prefill": round(engine["prefilled"] / max(1, engine["prefills"]), 2)}),
+              flush=True)
         store = serve.get_deployment_handle("MemoryStore", "memory3-bench").stats.remote().result()
         for stats in (store, engine["memory_tier"]):  # the deployment's tier, and the generator's own (or None)
             if stats:

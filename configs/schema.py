@@ -277,7 +277,7 @@ class TrainMemorySettings:
     """CPUs per retrieval actor."""
     retrieval_gpus: float = 0
     """GPUs per retrieval actor (> 0: the embedder runs there; the pass ends before training takes the GPUs)."""
-    retrieval_batch: int = 32
+    retrieval_batch: int = 512
     """Sequences per retrieval batch."""
 
 

@@ -157,6 +157,9 @@ def assign_references(ds, *, bank_uri: str, tokenizer_json: str, cfg: ModelConfi
     gpus_per_actor > 0 embeds the queries on a GPU (it runs before training takes the GPUs)."""
     import ray
 
+    # one block per batch, so every actor gets work: Ray Data reads a few small files as one block, which one actor
+    # then embedded alone (the quickstart's pass: 78 s instead of 44)
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
     return ds.map_batches(
         ReferenceAssigner, batch_format="pyarrow", batch_size=batch_size,
         fn_constructor_kwargs={"bank_uri": bank_uri, "tokenizer_json": tokenizer_json, "model": cfg.to_dict(),

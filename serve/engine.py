@@ -114,7 +114,9 @@ class DecodeEngine:
         self.slots: list[_Slot | None] = [None] * max_batch
         self.waiting: deque[DecodeRequest] = deque()
         self.wakeup = threading.Condition()
-        self.counts = {"submitted": 0, "completed": 0, "cancelled": 0, "failed": 0, "steps": 0, "tokens": 0}
+        self.counts = {"submitted": 0, "completed": 0, "cancelled": 0, "failed": 0, "steps": 0, "tokens": 0,
+                       "prefills": 0, "prefilled": 0}
+        """prefills: prompt forwards run; prefilled: requests they took (their ratio: requests per prefill)."""
         self.running = True
         self.thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
         self.thread.start()
@@ -199,6 +201,8 @@ class DecodeEngine:
         """Prompts of `requests` into slots start.. in one batched forward, writing the KV cache rows in place;
         each prompt window reads its own memories (paper §3.2), as in model.generate."""
         n = len(requests)
+        self.counts["prefills"] += 1
+        self.counts["prefilled"] += n
         any_memory = any(r.retrieve for r in requests)
         retrieve = (lambda row, query: requests[row].retrieve(query) if requests[row].retrieve else None) \
             if any_memory else None
