@@ -266,3 +266,19 @@ def test_zero_new_tokens_ends_after_prefill(model):
     request = DecodeRequest(prompt_of(60, 8), 0, emit=Collector())
     run_requests(model, [request])
     assert request.emit.end == {"type": "finish", "reason": "length"} and request.emit.tokens == []
+
+
+def test_requests_submitted_together_share_one_prefill_and_the_counts_say_so(model):
+    engine = DecodeEngine(model, max_batch=4, seed=0)
+    try:
+        together = [DecodeRequest(prompt_of(70 + i, 6 + i), 3, emit=Collector()) for i in range(3)]
+        engine.submit(*together)
+        for r in together:
+            assert r.emit.done.wait(60)
+        later = DecodeRequest(prompt_of(80, 9), 3, emit=Collector())
+        engine.submit(later)
+        assert later.emit.done.wait(60)
+        stats = engine.stats()
+        assert (stats["prefills"], stats["prefilled"]) == (2, 4)
+    finally:
+        engine.stop()
