@@ -34,6 +34,9 @@ class Retrieved:
 
 Retriever = Callable[[int, list[int]], "Retrieved | None"]
 """retrieve(row, query_token_ids) -> memories for that row's window (None: no memory)."""
+BatchRetriever = Callable[[list[tuple[int, list[int]]]], "list[Retrieved | None | Exception]"]
+"""retrieve_many([(row, query_token_ids), ...]) -> per ask its memories, None, or the exception its retrieval
+raised: the retrievals that fall due together as one call (a served retriever: one round trip for them all)."""
 
 
 @dataclass
@@ -68,13 +71,16 @@ class MemoryWindows:
     """Per-row bookkeeping of which window's memories each sequence currently reads."""
 
     def __init__(self, model: Transformer, retrieve: Retriever | None, batch: int,
-                 pool: ThreadPoolExecutor | None = None):
+                 pool: ThreadPoolExecutor | None = None, retrieve_many: BatchRetriever | None = None):
         self.cfg = model.cfg
         self.retrieve = retrieve
+        self.retrieve_many = retrieve_many
+        """When given, the retrievals that fall due together (a prefill's windows, the rows that start a window in
+        one step) go to it as one call instead of one `retrieve` each."""
+        self.reads = retrieve is not None or retrieve_many is not None
         self.pool = pool
-        """Where the retrievals of one call (a prefill's windows, the rows that start a window in one step) run at
-        once: a served retriever is a network round trip that batches concurrent queries into one embedding and
-        one search (serve/retriever.py). None: one after another, on the calling thread."""
+        """Where retrievals run beside the caller: those of one call at once (one `retrieve` each), and those begun
+        a step early (`prefetch`). None: one after another, on the calling thread, when due."""
         c, dev, dtype = self.cfg, model.device, model.embed_tokens.weight.dtype
         self.slots = c.refs_per_window
         self.current = torch.zeros(batch, self.slots, c.n_mem_layer, 2, c.n_kv_head, c.mem_tokens, c.head_dim,
@@ -91,7 +97,10 @@ class MemoryWindows:
         """Retrievals begun early whose row ended or moved on; `settle` waits for them."""
 
     def fetch(self, row: int, query: list[int]) -> tuple[Tensor, Tensor, list]:
-        got = self.retrieve(row, query) if self.retrieve else None
+        """The memories of one row's window, shaped for `current` (zeros where fewer came back)."""
+        return self._place(self.retrieve(row, query) if self.retrieve else None)
+
+    def _place(self, got: Retrieved | None) -> tuple[Tensor, Tensor, list]:
         if got is not None and len(got.n_valid) == self.slots:  # every slot filled: no zeroed buffer to copy into
             return got.memories.to(self.current), got.n_valid.to(self.n_valid), list(got.ids)
         mem = torch.zeros_like(self.current[0])
@@ -103,36 +112,54 @@ class MemoryWindows:
         n_valid[:m] = got.n_valid[:m]
         return mem, n_valid, list(got.ids[:m])
 
-    def _fetch_or_error(self, row: int, query: list[int], on_pool: bool = False
-                        ) -> tuple[Tensor, Tensor, list] | Exception:
-        """`fetch`, a failure returned as its exception (one request's failure leaves the others' results). On the
-        pool, the copies are done before the result is: the caller's stream is not this thread's."""
-        try:
-            mem, n_valid, ids = self.fetch(row, query)
-        except Exception as e:  # noqa: BLE001 - reported per row by the caller
-            return e
-        if on_pool and mem.is_cuda:
-            torch.cuda.current_stream(mem.device).synchronize()
-        return mem, n_valid, ids
+    def _fetch(self, asks: list[tuple[int, list[int]]], on_pool: bool = False
+               ) -> list[tuple[Tensor, Tensor, list] | Exception]:
+        """`fetch` for each (row, query), a failure returned as its exception (one request's failure leaves the
+        others' results); through `retrieve_many` in one call when there is one. On the pool, the copies are done
+        before the results are: the caller's stream is not this thread's."""
+        if not asks:
+            return []
+        if self.retrieve_many is not None:
+            try:
+                got = self.retrieve_many(asks)
+            except Exception as e:  # noqa: BLE001 - the whole call failed: every ask reports it
+                got = [e] * len(asks)
+        else:
+            got = []
+            for row, query in asks:
+                try:
+                    got.append(self.retrieve(row, query) if self.retrieve else None)
+                except Exception as e:  # noqa: BLE001 - reported per row by the caller
+                    got.append(e)
+        placed = []
+        for result in got:
+            try:
+                placed.append(result if isinstance(result, Exception) else self._place(result))
+            except Exception as e:  # noqa: BLE001
+                placed.append(e)
+        if on_pool and self.current.is_cuda:
+            torch.cuda.current_stream(self.current.device).synchronize()
+        return placed
 
     def fetch_many(self, asks: list[tuple[int, list[int]]]) -> list[tuple[Tensor, Tensor, list] | Exception]:
-        """`_fetch_or_error` for each (row, query), in order, at once on the pool when there is one."""
-        if self.pool is None or len(asks) < 2:
-            return [self._fetch_or_error(*a) for a in asks]
-        return list(self.pool.map(lambda ask: self._fetch_or_error(*ask, on_pool=True), asks))
+        """`_fetch` for each (row, query), in order: in one call through `retrieve_many`, else at once on the pool
+        when there is one."""
+        if self.retrieve_many is not None or self.pool is None or len(asks) < 2:
+            return self._fetch(asks)
+        return list(self.pool.map(lambda ask: self._fetch([ask], on_pool=True)[0], asks))
 
     def window_query(self, index: int, sequence: list[int], prompt_len: int) -> list[int] | None:
         """The retrieval query due before the token at `index` is fed: the previous window's tokens when a new window
         starts there after generated text (paper §3.1), else None (a previous window that was all prompt keeps its
         memories, §3.2)."""
-        if self.retrieve is None or not self.cfg.starts_window(index):
+        if not self.reads or not self.cfg.starts_window(index):
             return None
         lo, hi = self.cfg.window_span(self.cfg.window_of(index) - 1)
         return list(sequence[lo:hi]) if hi > prompt_len else None
 
     def prompt_memory(self, prompts: list[list[int]], total_len: int) -> tuple[MemoryBatch | None, list]:
         """Memories for prefill: each prompt window retrieves with its own tokens and is visible to itself only."""
-        if self.retrieve is None:
+        if not self.reads:
             return None, []
         B, W = len(prompts), self.cfg.n_windows(total_len)
         mems = torch.zeros(B, W, *self.current.shape[1:], dtype=self.current.dtype, device=self.current.device)
@@ -189,10 +216,17 @@ class MemoryWindows:
         the next step need not wait for it. Without a pool, nothing: `before_tokens` retrieves then."""
         if self.pool is None:
             return
-        for row, index, sequence, prompt_len in rows:
-            query = self.window_query(index, sequence, prompt_len)
-            if query is not None:
-                self.ahead[row] = (index, self.pool.submit(self._fetch_or_error, row, query, True))
+        due = [(row, index, query) for row, index, sequence, prompt_len in rows
+               if (query := self.window_query(index, sequence, prompt_len)) is not None]
+        if not due:
+            return
+        if self.retrieve_many is not None:  # the rows that start a window together: one call
+            batch = self.pool.submit(self._fetch, [(row, query) for row, _, query in due], True)
+            for j, (row, index, _) in enumerate(due):
+                self.ahead[row] = (index, _item(batch, j))
+            return
+        for row, index, query in due:
+            self.ahead[row] = (index, _item(self.pool.submit(self._fetch, [(row, query)], True), 0))
 
     def _drop(self, row: int) -> None:
         early = self.ahead.pop(row, None)
@@ -203,7 +237,7 @@ class MemoryWindows:
         """Wait for every retrieval begun early, dropped or still to be taken: a step about to compile and capture a
         CUDA graph runs with no other thread's work on the device."""
         for future in self.dropped + [future for _, future in self.ahead.values()]:
-            future.result()  # _fetch_or_error returns its failures
+            future.result()  # _fetch returns its failures
         self.dropped.clear()
 
     def take_rows(self, start: int, other: "MemoryWindows") -> None:
@@ -233,6 +267,20 @@ class MemoryWindows:
             cache.write_memory(rows, kv[layer, 0], kv[layer, 1])
         token_ok = torch.arange(self.cfg.mem_tokens, device=rows.device) < self.n_valid[..., None]  # (B, M, k)
         self.valid.copy_(token_ok.flatten(1))
+
+
+def _item(batch: Future, j: int) -> Future:
+    """A future of item j of `batch`'s list: one row's share of a retrieval done for several."""
+    item: Future = Future()
+
+    def resolve(done: Future) -> None:
+        try:
+            item.set_result(done.result()[j])
+        except Exception as e:  # noqa: BLE001 - as `_fetch` does: the failure is the row's result
+            item.set_result(e)
+
+    batch.add_done_callback(resolve)
+    return item
 
 
 class Prefill:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 import time
@@ -32,6 +33,8 @@ from model.transformer import Transformer
 from pipelines import console
 from pipelines.prepare import arrow_filesystem, load_manifest
 from pipelines.train_loop import DS_TAG, METRICS_FILE, PROGRESS_KEY, n_windows, train_loop_per_worker
+
+log = logging.getLogger(__name__)
 
 # Fields that change parameter shapes or what the weights compute: a checkpoint must agree on all of them.
 WEIGHT_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "head_dim", "mlp_hidden", "tie_embeddings",
@@ -242,6 +245,12 @@ def precompute_retrieval(plan: TrainPlan, cfg: TrainConfig, env: dict) -> tuple[
     if storage.exists(done):
         return folder, {**json.loads(storage.read_text(done))["stats"], "reused": True}
     storage.remove(folder)
+    problem = retrieval_assign.check_cpus_left(mem.retrieval_actors, mem.retrieval_cpus,
+                                               ray.cluster_resources().get("CPU", 0))
+    if problem and not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
+        raise ValueError(problem)  # a local Ray instance: these CPUs are all there will be
+    if problem:  # a cluster may add nodes when asked (autoscaling): go on, and say why it may wait
+        log.warning("%s (unless the cluster adds nodes)", problem)
     fs, path = arrow_filesystem(plan.data_uri)
     t0 = time.perf_counter()
     assigned = retrieval_assign.assign_references(

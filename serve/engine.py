@@ -18,8 +18,8 @@ batch-size bucket; greedy batches take the argmax on the device, and the step's 
 which happens after the next forward is launched (as in `generate`), so the host's work per token overlaps it.
 
 The retrievals that fall due together (a prefill's prompt windows, the rows that start a window in the same step)
-run at once on a thread pool: a served request's retrieval is two round trips (retriever, memory store), and the
-retriever embeds and searches concurrent queries as one batch. A decode window's query (the window before it) is
+go to the server's `retrieve_many` as one call (serve/generator.py: one retriever round trip and one memory-tier
+fetch for them all), or without one run at once on a thread pool, one request's `retrieve` each. A decode window's query (the window before it) is
 complete a step before its memories are needed, so its retrieval begins then and overlaps that step's forward.
 
 Pure PyTorch plus threads: the Ray Serve replica (serve/generator.py) feeds it and reads its events.
@@ -42,11 +42,15 @@ from typing import Callable
 
 import torch
 
-from model.generate import (DecodeStep, MemoryWindows, Prefill, Retrieved, TokenReadback, compile_prefill, sample,
-                            token_logprobs)
+from model.generate import (BatchRetriever, DecodeStep, MemoryWindows, Prefill, Retrieved, TokenReadback,
+                            compile_prefill, sample, token_logprobs)
 from model.transformer import KVCache, Transformer
 
 log = logging.getLogger(__name__)
+
+RequestsRetriever = Callable[[list[tuple[Callable[[list[int]], Retrieved | None], list[int]]]],
+                             list[Retrieved | None | Exception]]
+"""retrieve_many([(request.retrieve, query_token_ids), ...]) -> per ask its memories, None, or its exception."""
 
 
 @dataclass
@@ -84,14 +88,21 @@ class _Slot:
 
 class DecodeEngine:
     def __init__(self, model: Transformer, max_batch: int = 8, seed: int | None = None, idle_wait_s: float = 0.5,
-                 cuda_graphs: bool = True, retrieval_concurrency: int = 0, capture_at_start: bool = False):
+                 cuda_graphs: bool = True, retrieval_concurrency: int = 0, capture_at_start: bool = False,
+                 retrieve_many: RequestsRetriever | None = None):
         cfg = model.cfg
         self.model, self.cfg, self.max_batch, self.idle_wait_s = model, cfg, max_batch, idle_wait_s
         self.device = model.device
         concurrency = retrieval_concurrency or max_batch
         self.retrievals = ThreadPoolExecutor(concurrency, thread_name_prefix="retrieval") if concurrency > 1 else None
-        """A prefill's window retrievals, and a step's, run at once (each request's retrieve may block)."""
-        self.windows = MemoryWindows(model, self._retrieve_for_slot, max_batch, self.retrievals)
+        """A prefill's window retrievals, and a step's, run at once (each request's retrieve may block), and the
+        next window's retrievals begin there a step early."""
+        self.retrieve_many = retrieve_many
+        """When given, the retrievals that fall due together (a prefill's prompt windows, the rows that start a
+        window in one step) go to it as one call of (request.retrieve, query) pairs instead of one
+        request.retrieve each: a server that made those callbacks answers them all in one round trip."""
+        self.windows = MemoryWindows(model, self._retrieve_for_slot, max_batch, self.retrievals,
+                                     self._batched(lambda row: self.slots[row].request))
         model.setup_caches(max_batch, cfg.max_seq_len, memory_slots=self.windows.reserved)
         self.decode_caches = model.caches()
         model.clear_caches()
@@ -206,7 +217,8 @@ class DecodeEngine:
         any_memory = any(r.retrieve for r in requests)
         retrieve = (lambda row, query: requests[row].retrieve(query) if requests[row].retrieve else None) \
             if any_memory else None
-        windows = MemoryWindows(self.model, retrieve, n, self.retrievals)
+        windows = MemoryWindows(self.model, retrieve, n, self.retrievals,
+                                self._batched(lambda row: requests[row]) if any_memory else None)
         last, logits, events = self.prefill([r.prompt for r in requests], self._cache_views(start, n), windows,
                                             all_logits=any(r.prompt_logprobs for r in requests))
         self.windows.take_rows(start, windows)
@@ -232,6 +244,23 @@ class DecodeEngine:
 
     def _retrieve_for_slot(self, slot: int, query: list[int]) -> Retrieved | None:
         return self.slots[slot].request.retrieve(query)
+
+    def _batched(self, request_of: Callable[[int], DecodeRequest]) -> BatchRetriever | None:
+        """MemoryWindows' retrieve_many over `retrieve_many`: rows -> their requests' callbacks, in one call; rows
+        whose request reads no memory get None."""
+        if self.retrieve_many is None:
+            return None
+
+        def retrieve(asks: list[tuple[int, list[int]]]) -> list[Retrieved | None | Exception]:
+            got: list[Retrieved | None | Exception] = [None] * len(asks)
+            served = [(j, request_of(row).retrieve, query) for j, (row, query) in enumerate(asks)
+                      if request_of(row).retrieve is not None]
+            if served:
+                for (j, _, _), result in zip(served, self.retrieve_many([(fn, query) for _, fn, query in served])):
+                    got[j] = result
+            return got
+
+        return retrieve
 
     def _step(self) -> None:
         """Sample one token for every slot and launch the next batched forward before reading the tokens back, so

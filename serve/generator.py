@@ -5,13 +5,15 @@ Requests arrive as token ids (the ingress owns text) and leave as a stream of en
 (§3.1-3.2): each 64-token window's decoded text is the retrieval query (retriever deployment: embedder + FAISS),
 the hits' sparse memories come from the replica's own memory tier (on GPUs: decoded memories on the device over
 stored bytes in host RAM) or from the memory-store deployment (serve/memory_store.py), and the memory layers
-attend to them. `bank_version` in a job makes both see any admin write that preceded the request.
+attend to them. The windows that fall due together, across requests, cost one retriever call and one memory
+fetch. `bank_version` in a job makes both see any admin write that preceded the request.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import torch
@@ -53,6 +55,22 @@ class EventInbox:
         return events
 
 
+@dataclass
+class RequestMemory:
+    """One request's retrieve callback: the bank version it must see, and the texts of the references it read
+    (its events list them). The engine hands these back to `Generator._retrieve_many` in batches."""
+
+    generator: "Generator"
+    bank_version: str | None
+    texts: dict[str, str]
+
+    def __call__(self, query_ids: list[int]) -> Retrieved | None:
+        got, = self.generator._retrieve_many([(self, query_ids)])
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+
 @serve.deployment(name="Generator")
 class Generator:
     def __init__(self, checkpoint: str, decoding: dict, retriever: DeploymentHandle | None = None,
@@ -64,7 +82,8 @@ class Generator:
             self.model.fuse_projections()
         self.engine = DecodeEngine(self.model, max_batch=decoding["max_batch_size"], seed=decoding.get("seed"),
                                    retrieval_concurrency=decoding.get("retrieval_concurrency", 0),
-                                   capture_at_start=decoding.get("capture_at_start", False))
+                                   capture_at_start=decoding.get("capture_at_start", False),
+                                   retrieve_many=self._retrieve_many)
         self.retriever, self.memory_store = retriever, memory_store
         self.memories = self._memory_tier(bank, memory or {}, decoding["device"])
         self.timeout_s = decoding["retrieval_timeout_s"]
@@ -83,7 +102,7 @@ class Generator:
             if self.retriever is None or self.memory_store is None:
                 yield [{"type": "error", "status": 400, "message": "this deployment has no memory bank"}]
                 return
-            retrieve = self._retrieve_with(job.get("bank_version"), texts)
+            retrieve = RequestMemory(self, job.get("bank_version"), texts)
         request = DecodeRequest(
             prompt=list(job["prompt"]), max_new_tokens=int(job["max_tokens"]), temperature=float(job["temperature"]),
             top_p=float(job["top_p"]), stop_ids=frozenset([self.tokenizer.eos_id]), retrieve=retrieve,
@@ -108,28 +127,38 @@ class Generator:
         finally:
             request.cancel()
 
-    def _retrieve_with(self, bank_version: str | None, texts: dict[str, str]):
-        """The engine's retrieve callback for one request (runs on the engine thread, so it may block)."""
-
-        def retrieve(query_ids: list[int]) -> Retrieved | None:
-            query = self.tokenizer.decode(query_ids)
-            if not query.strip():
-                return None
-            hits = self.retriever.search.remote(query, self.top_k, bank_version).result(timeout_s=self.timeout_s)
-            if not hits:
-                return None
-            # rows are numbered in the version the retriever searched (at least bank_version)
-            rows, version, ids = [h["row"] for h in hits], hits[0]["bank_version"], [h["id"] for h in hits]
-            if self.memories is not None:
-                memories, n_valid = self.memories.fetch(rows, version, ids)
-            else:
-                memories, n_valid = self.memory_store.fetch.remote(rows, version, ids).result(
-                    timeout_s=self.timeout_s)
-            for h in hits:
-                texts[h["id"]] = h["text"]
-            return Retrieved(memories, n_valid, ids=ids)
-
-        return retrieve
+    def _retrieve_many(self, asks: list[tuple["RequestMemory", list[int]]]) -> list[Retrieved | None | Exception]:
+        """The engine's retrieve_many (runs on its threads, so it may block): every query that falls due together
+        (a prefill's prompt windows, the windows that start in one decode step) in one retriever call (one
+        embedding, one search) and one memory fetch, rather than a round trip each."""
+        queries = [self.tokenizer.decode(query_ids) for _, query_ids in asks]
+        asked = [j for j, query in enumerate(queries) if query.strip()]
+        got: list[Retrieved | None | Exception] = [None] * len(asks)
+        if not asked:
+            return got
+        found = self.retriever.search_batch.remote(
+            [queries[j] for j in asked], self.top_k, [asks[j][0].bank_version for j in asked]
+        ).result(timeout_s=self.timeout_s)
+        hits = [h for found_j in found for h in found_j]
+        if not hits:
+            return got
+        # one version for all: rows are numbered in the version the retriever searched (at least every bank_version)
+        version, unique = hits[0]["bank_version"], list(dict.fromkeys((h["row"], h["id"]) for h in hits))
+        rows, ids = [row for row, _ in unique], [i for _, i in unique]
+        if self.memories is not None:
+            memories, n_valid = self.memories.fetch(rows, version, ids)
+        else:
+            memories, n_valid = self.memory_store.fetch.remote(rows, version, ids).result(timeout_s=self.timeout_s)
+        where = {key: n for n, key in enumerate(unique)}
+        for j, found_j in zip(asked, found):
+            if not found_j:
+                continue
+            take = torch.tensor([where[(h["row"], h["id"])] for h in found_j])
+            for h in found_j:
+                asks[j][0].texts[h["id"]] = h["text"]
+            got[j] = Retrieved(memories[take.to(memories.device)], n_valid[take.to(n_valid.device)],
+                               ids=[h["id"] for h in found_j])
+        return got
 
     def _memory_tier(self, bank: str | None, memory: dict, device: str) -> BankMemories | None:
         """The replica's own MemoryStore, where `memory.generator_tier` (null: on GPUs) asks for one."""

@@ -1,7 +1,7 @@
 """The retriever deployment: query text -> the bank's best references (paper §3.1: cosine similarity, FAISS).
 
 Concurrent queries (the windows of every request in flight) are embedded and searched together with
-`@serve.batch`. The replica reloads the bank and its index when a request carries a newer bank version, so a
+`@serve.batch`; a caller that holds many queries at once sends them in one `search_batch` call. The replica reloads the bank and its index when a request carries a newer bank version, so a
 reference added through the admin API is retrievable by the next request and a deleted one never again. Each hit
 carries the bank version it was found in (its row is numbered in that version). A compaction removes the files of
 the version a replica has open: a read that finds them gone re-opens the bank and searches again. A sharded index
@@ -11,6 +11,7 @@ the version a replica has open: a read that finds them gone re-opens the bank an
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from ray import serve
 
@@ -28,6 +29,7 @@ class RetrieverDeployment:
         self.uri = bank
         self.settings = retrieval
         self.shards: RemoteShards | None = None
+        self.lock = threading.Lock()
         self.embedder = Embedder(retrieval.get("embedder"), device=retrieval.get("device", "cpu"))
         self._open()
         self._search_batch.set_max_batch_size(retrieval["max_batch_size"])
@@ -48,6 +50,12 @@ class RetrieverDeployment:
         """[{"row", "id", "text", "bank_version"}] best first, at most k."""
         return await self._search_batch((query, int(k), BankVersion.parse(bank_version)))
 
+    async def search_batch(self, queries: list[str], k: int, bank_versions: list[str | None]) -> list[list[dict]]:
+        """`search` for many queries that a caller already holds together (a generator's windows that fall due at
+        once): one call, one embedding and one search, with no batching wait."""
+        return await asyncio.to_thread(self.search_many, list(queries), int(k),
+                                       [BankVersion.parse(v) for v in bank_versions])
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _search_batch(self, items: list[tuple[str, int, BankVersion | None]]) -> list[list[dict]]:
         hits = await asyncio.to_thread(self.search_many, [q for q, _, _ in items], max(k for _, k, _ in items),
@@ -55,14 +63,16 @@ class RetrieverDeployment:
         return [found[:k] for found, (_, k, _) in zip(hits, items)]
 
     def search_many(self, queries: list[str], k: int, wanted: list[BankVersion | None]) -> list[list[dict]]:
-        """Hits per query in a bank version no older than any of `wanted`."""
-        if any(self.version.is_behind(w) for w in wanted):
-            self._open()
-        try:
-            return self._search(queries, k)
-        except (BankError, FileNotFoundError):  # shard files replaced by a compaction since this replica opened
-            self._open()
-            return self._search(queries, k)
+        """Hits per query in a bank version no older than any of `wanted`. One at a time (`search` and
+        `search_batch` run it on threads): a re-open must not race a search."""
+        with self.lock:
+            if any(self.version.is_behind(w) for w in wanted):
+                self._open()
+            try:
+                return self._search(queries, k)
+            except (BankError, FileNotFoundError):  # shard files replaced by a compaction since this replica opened
+                self._open()
+                return self._search(queries, k)
 
     def _search(self, queries: list[str], k: int) -> list[list[dict]]:
         retriever, version = self.retriever, str(self.version)

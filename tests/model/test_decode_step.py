@@ -170,3 +170,42 @@ def test_a_window_retrieval_begun_a_step_early_is_taken_not_repeated(make_model)
     n_calls = len(calls)
     serial.prefetch([(1, index, seq, prompt_len)])
     assert len(calls) == n_calls and not serial.ahead
+
+
+def test_windows_that_fall_due_together_are_one_retrieve_many_call(make_model):
+    """With `retrieve_many`, the rows that start a window in one step are one call (begun a step early on the pool,
+    or when due without one); each row takes its own result, and one row's failure is that row's alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = make_model()
+    cfg = model.cfg
+    calls = []
+    memories = torch.randn(3, cfg.refs_per_window, *cfg.memory_shape)
+
+    def retrieve_many(asks):
+        calls.append([row for row, _ in asks])
+        return [RuntimeError("retriever down") if row == 2 else
+                Retrieved(memories[row], torch.tensor([3, 1]), ids=[f"r{row}"]) for row, _ in asks]
+
+    prompt_len = cfg.sink_len + 3
+    index = next(i for i in range(prompt_len + cfg.window, cfg.max_seq_len) if cfg.starts_window(i))
+    seq = torch.randint(5, cfg.vocab_size, (index + cfg.window,)).tolist()
+    rows = [(row, index, seq, prompt_len) for row in range(3)]
+    with ThreadPoolExecutor(2) as pool:
+        windows = MemoryWindows(model, None, 3, pool, retrieve_many)
+        windows.prefetch(rows)
+        done = windows.before_tokens(rows)
+    assert calls == [[0, 1, 2]]
+    assert done[0] == ["r0"] and done[1] == ["r1"] and isinstance(done[2], RuntimeError)
+    assert torch.equal(windows.current[1], memories[1]) and windows.n_valid[0].tolist() == [3, 1]
+
+    serial = MemoryWindows(model, None, 3, None, retrieve_many)
+    serial.prefetch(rows)
+    assert len(calls) == 1  # no pool: nothing begins early
+    assert serial.before_tokens(rows[:2]) == {0: ["r0"], 1: ["r1"]} and calls[-1] == [0, 1]
+
+    def down(asks):
+        raise ConnectionError("retriever unreachable")
+
+    failing = MemoryWindows(model, None, 3, None, down)
+    assert all(isinstance(e, ConnectionError) for e in failing.before_tokens(rows).values())

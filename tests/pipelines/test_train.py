@@ -23,7 +23,7 @@ from model.tokenizer import Tokenizer
 from model.transformer import MemoryBatch, Transformer
 from pipelines.geo_corpus import build_geo_corpus
 from pipelines.prepare import prepare
-from pipelines.retrieval_assign import lcs_length, overlap, select_references
+from pipelines.retrieval_assign import check_cpus_left, lcs_length, overlap, select_references
 from pipelines.train import plan_run, train
 from pipelines.train_loop import (IGNORE, ReferenceTokens, TrainBatch, collate, forward_loss, memory_slots,
                                   skip_cpu_inference_allreduce, wsd_lr_factor)
@@ -326,3 +326,14 @@ def test_no_training_sequence_receives_a_reference_from_its_own_document(continu
     hits = Retriever.open(bank).search(first_windows, 2)
     own = sum(docs[ref] in r["source_ids"] for r, refs in zip(rows, hits) for ref in refs)
     assert own > len(rows) // 4, own
+
+
+def test_a_retrieval_pass_that_would_hold_every_cpu_is_refused_with_the_keys_and_an_example():
+    """Its actors holding every CPU, Ray Data's read and write tasks never run and the pass waits forever (seen with
+    4 x 0.5 on 2 cores): the check names both keys and an example that fits, which itself passes."""
+    assert check_cpus_left(2, 0.5, 2) is None  # the quickstart on 2 cores: one CPU left
+    problem = check_cpus_left(4, 0.5, 2)
+    assert "memory.retrieval_actors" in problem and "memory.retrieval_cpus" in problem and "4 x 0.5" in problem
+    example = dict(kv.split("=") for kv in problem.split("For example: ")[1].split())
+    assert check_cpus_left(int(example["memory.retrieval_actors"]), float(example["memory.retrieval_cpus"]), 2) is None
+    assert check_cpus_left(1, 1, 1) is not None and check_cpus_left(8, 1, 16) is None

@@ -51,8 +51,8 @@ def parts(tiny_checkpoint, tiny_bank, tmp_path_factory):
     bank = str(shutil.copytree(tiny_bank, tmp_path_factory.mktemp("tier") / "bank"))
     cfg = OmegaConf.to_container(load_settings({"checkpoint": tiny_checkpoint, "bank": bank}), resolve=True)
     found = RetrieverDeployment.func_or_class(bank, cfg["retrieval"])
-    retriever = InProcess(found, search=lambda query, k, version: found.search_many(
-        [query], k, [BankVersion.parse(version)])[0])
+    retriever = InProcess(found, search_batch=lambda queries, k, versions: found.search_many(
+        queries, k, [BankVersion.parse(v) for v in versions]))
     store = MemoryStoreDeployment.func_or_class(bank, cfg["memory"])
     made = []
 

@@ -282,3 +282,42 @@ def test_requests_submitted_together_share_one_prefill_and_the_counts_say_so(mod
         assert (stats["prefills"], stats["prefilled"]) == (2, 4)
     finally:
         engine.stop()
+
+
+def test_retrievals_that_fall_due_together_go_to_retrieve_many_as_one_call(model, bank):
+    """With the server's retrieve_many, a prefill's windows (of every request in it) are one call and the rows that
+    start a window in the same step are one call; the tokens and retrieval events are generate's. A request whose
+    own retrieval fails in a batch fails alone; a request without memory is never asked for."""
+    calls = []
+
+    def retrieve_many(asks):
+        calls.append(len(asks))
+        out = []
+        for fn, query in asks:
+            try:
+                out.append(fn(query))
+            except RuntimeError as e:
+                out.append(e)
+        return out
+
+    prompts = [prompt_of(40 + i, 14) for i in range(4)]  # equal lengths: windows start in the same steps
+    retrieves = [make_retrieve(bank), make_retrieve(bank), None, make_retrieve(bank, fail_after=2)]
+    collectors = [Collector() for _ in prompts]
+    engine = DecodeEngine(model, max_batch=4, seed=0, retrieve_many=retrieve_many)
+    try:
+        with engine.wakeup:  # admitted (and prefilled) as one batch
+            for p, fn, c in zip(prompts, retrieves, collectors):
+                engine.submit(DecodeRequest(p, 20, retrieve=fn, emit=c))
+        for c in collectors:
+            assert c.done.wait(60)
+    finally:
+        engine.stop()
+    n_prompt_windows = model.cfg.n_windows(len(prompts[0]))
+    assert calls[0] == 3 * n_prompt_windows  # one call for the three memory requests' prompt windows
+    # then one per window boundary for the rows that cross it together; request 3's first decode retrieval fails
+    assert len(calls) >= 3 and calls[1] == 3 and all(n == 2 for n in calls[2:]), calls
+    assert collectors[3].end["type"] == "error" and "retriever down" in collectors[3].end["message"]
+    for p, fn, c in zip(prompts[:3], retrieves[:3], collectors[:3]):
+        assert c.end == {"type": "finish", "reason": "length"}
+        tokens, events = reference(model, p, 20, make_retrieve(bank) if fn else None)
+        assert c.tokens == tokens and c.retrievals == events
