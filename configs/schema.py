@@ -405,7 +405,8 @@ class DecodingSettings:
     retrieval_timeout_s: float = 30
     """A window's retrieval + memory load slower than this fails its request."""
     retrieval_concurrency: int = 0
-    """Window retrievals in flight at once (a prefill's, a step's); 0 = max_batch_size, 1 = one after another."""
+    """Engine retrieval threads: a decode window's retrieval begins on one a step before it is due (the windows
+    due together are one call); 0 = max_batch_size, 1 = no thread: retrieve when due."""
     torch_threads: int = 0
     """torch intra-op threads per replica; 0 = Ray's default."""
     fuse_projections: bool = True
