@@ -27,8 +27,8 @@ CFG = dict(vocab_size=512, n_layer=4, n_head=8, n_kv_head=2, head_dim=64, mlp_hi
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_bf16_engine_with_cuda_graphs_matches_eager_generate(fused):
-    """fused: the engine decodes with fused projections and captures every graph at start, as the generator
-    deployment serves (the reference `generate` keeps them separate)."""
+    """fused: the engine decodes with fused projections, captures every graph at start and retrieves the windows
+    due together in one call, as the generator deployment serves (the reference `generate` keeps them separate)."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**CFG)).to("cuda", torch.bfloat16).eval()
     bank = torch.randn(10, *model.cfg.memory_shape, device="cuda", dtype=torch.bfloat16)
@@ -40,8 +40,14 @@ def test_bf16_engine_with_cuda_graphs_matches_eager_generate(fused):
     g = torch.Generator().manual_seed(1)
     jobs = [([2, 4, 2] + torch.randint(5, 512, (n,), generator=g).tolist(), new, mem)
             for n, new, mem in ((60, 150, True), (127, 120, True), (10, 90, False), (200, 70, True))]
+    batches = []
+
+    def retrieve_many(asks):  # as the generator serves: the windows due together in one call
+        batches.append(len(asks))
+        return [fn(query) for fn, query in asks]
+
     engine = DecodeEngine(copy.deepcopy(model).fuse_projections() if fused else model, max_batch=4, seed=0,
-                          capture_at_start=fused)
+                          capture_at_start=fused, retrieve_many=retrieve_many if fused else None)
     at_start = set(engine.decode._graphs)
     # batch buckets 1, 2, 4 x length buckets 128 ... 512 and 600 x with and without memory
     assert len(at_start) == (3 * 5 * 2 if fused else 0)
@@ -66,6 +72,7 @@ def test_bf16_engine_with_cuda_graphs_matches_eager_generate(fused):
         assert engine.decode._graphs, "the engine's steps ran from CUDA graphs"
         if fused:
             assert set(engine.decode._graphs) == at_start, "a graph was captured mid-traffic"
+            assert max(batches) > 1, "no two windows were retrieved in one call"
     finally:
         engine.stop()
     agreed = 0
