@@ -102,7 +102,7 @@ class DecodeEngine:
         window in one step) go to it as one call of (request.retrieve, query) pairs instead of one
         request.retrieve each: a server that made those callbacks answers them all in one round trip."""
         self.windows = MemoryWindows(model, self._retrieve_for_slot, max_batch, self.retrievals,
-                                     self._batched(lambda row: self.slots[row].request))
+                                     self._batched(lambda row: getattr(self.slots[row], "request", None)))
         model.setup_caches(max_batch, cfg.max_seq_len, memory_slots=self.windows.reserved)
         self.decode_caches = model.caches()
         model.clear_caches()
@@ -245,16 +245,16 @@ class DecodeEngine:
     def _retrieve_for_slot(self, slot: int, query: list[int]) -> Retrieved | None:
         return self.slots[slot].request.retrieve(query)
 
-    def _batched(self, request_of: Callable[[int], DecodeRequest]) -> BatchRetriever | None:
+    def _batched(self, request_of: Callable[[int], DecodeRequest | None]) -> BatchRetriever | None:
         """MemoryWindows' retrieve_many over `retrieve_many`: rows -> their requests' callbacks, in one call; rows
-        whose request reads no memory get None."""
+        whose request reads no memory (or whose slot was freed meanwhile: its result is dropped) get None."""
         if self.retrieve_many is None:
             return None
 
         def retrieve(asks: list[tuple[int, list[int]]]) -> list[Retrieved | None | Exception]:
             got: list[Retrieved | None | Exception] = [None] * len(asks)
-            served = [(j, request_of(row).retrieve, query) for j, (row, query) in enumerate(asks)
-                      if request_of(row).retrieve is not None]
+            callbacks = [getattr(request_of(row), "retrieve", None) for row, _ in asks]
+            served = [(j, fn, query) for j, (fn, (_, query)) in enumerate(zip(callbacks, asks)) if fn is not None]
             if served:
                 for (j, _, _), result in zip(served, self.retrieve_many([(fn, query) for _, fn, query in served])):
                     got[j] = result
