@@ -396,6 +396,10 @@ class DecodeStep:
         torch.cuda.synchronize()
         return len(self._graphs) - before
 
+    def shapes(self) -> set[tuple[int, int, bool]]:
+        """(batch bucket, length bucket, memory) of every graph captured so far."""
+        return set(self._graphs)
+
     def captured(self, n: int, key_len: int, memory: bool) -> bool:
         """Whether a call with these arguments replays a graph (or runs eager) rather than compiling and capturing
         one: work on other threads (a retrieval begun early) then runs beside a replay, never beside a capture."""

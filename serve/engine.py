@@ -148,7 +148,7 @@ class DecodeEngine:
     def stats(self) -> dict:
         return {**self.counts, "active": sum(s is not None for s in self.slots), "waiting": len(self.waiting),
                 "max_batch": self.max_batch, "alive": self.thread.is_alive(), **self.startup,
-                "graphs": len(self.decode._graphs)}
+                "graphs": len(self.decode.shapes())}
 
     def stop(self) -> None:
         self.running = False

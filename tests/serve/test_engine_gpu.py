@@ -48,7 +48,7 @@ def test_bf16_engine_with_cuda_graphs_matches_eager_generate(fused):
 
     engine = DecodeEngine(copy.deepcopy(model).fuse_projections() if fused else model, max_batch=4, seed=0,
                           capture_at_start=fused, retrieve_many=retrieve_many if fused else None)
-    at_start = set(engine.decode._graphs)
+    at_start = engine.decode.shapes()
     # batch buckets 1, 2, 4 x length buckets 128 ... 512 and 600 x with and without memory
     assert len(at_start) == (3 * 5 * 2 if fused else 0)
     got = [dict(tokens=[], logprobs=[], done=threading.Event()) for _ in jobs]
@@ -69,9 +69,9 @@ def test_bf16_engine_with_cuda_graphs_matches_eager_generate(fused):
                                         emit=emit_for(out)))
         for out in got:
             assert out["done"].wait(120) and out["end"]["type"] == "finish"
-        assert engine.decode._graphs, "the engine's steps ran from CUDA graphs"
+        assert engine.decode.shapes(), "the engine's steps ran from CUDA graphs"
         if fused:
-            assert set(engine.decode._graphs) == at_start, "a graph was captured mid-traffic"
+            assert engine.decode.shapes() == at_start, "a graph was captured mid-traffic"
             assert max(batches) > 1, "no two windows were retrieved in one call"
     finally:
         engine.stop()
