@@ -19,8 +19,9 @@ which happens after the next forward is launched (as in `generate`), so the host
 
 The retrievals that fall due together (a prefill's prompt windows, the rows that start a window in the same step)
 go to the server's `retrieve_many` as one call (serve/generator.py: one retriever round trip and one memory-tier
-fetch for them all), or without one run at once on a thread pool, one request's `retrieve` each. A decode window's query (the window before it) is
-complete a step before its memories are needed, so its retrieval begins then and overlaps that step's forward.
+fetch for them all), or without one run at once on a thread pool, one request's `retrieve` each. A decode
+window's query (the window before it) is complete a step before its memories are needed, so its retrieval begins
+then and overlaps that step's forward.
 
 Pure PyTorch plus threads: the Ray Serve replica (serve/generator.py) feeds it and reads its events.
 Events, delivered by `request.emit` from the engine thread:

@@ -1,7 +1,8 @@
 """The retriever deployment: query text -> the bank's best references (paper §3.1: cosine similarity, FAISS).
 
 Concurrent queries (the windows of every request in flight) are embedded and searched together with
-`@serve.batch`; a caller that holds many queries at once sends them in one `search_batch` call. The replica reloads the bank and its index when a request carries a newer bank version, so a
+`@serve.batch`; a caller that holds many queries at once (a generator's windows due together) sends them in one
+`search_batch` call. The replica reloads the bank and its index when a request carries a newer bank version, so a
 reference added through the admin API is retrievable by the next request and a deleted one never again. Each hit
 carries the bank version it was found in (its row is numbered in that version). A compaction removes the files of
 the version a replica has open: a read that finds them gone re-opens the bank and searches again. A sharded index
