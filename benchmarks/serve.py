@@ -40,15 +40,9 @@ from model.config import ModelConfig
 from model.generate import Retrieved, compile_prefill, generate
 from model.transformer import Transformer
 from serve.engine import DecodeEngine, DecodeRequest
+from serve.timings import percentile
 
 MODES = ("memory", "none", "rag")
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 def summary(values: list[float], digits: int = 4) -> dict:
@@ -117,7 +111,10 @@ async def one_request(client, body: dict) -> dict:
             "decode_tps": (tokens - 1) / (end - first) if first and tokens > 1 and end > first else None}
 
 
-async def load(url: str, prompts: list[str], mode: str, n: int, concurrency: int, max_tokens: int) -> dict:
+async def load(url: str, prompts: list[str], mode: str, n: int, concurrency: int, max_tokens: int,
+               generator=None) -> dict:
+    """Closed-loop load: `concurrency` clients send `n` streaming requests in all, after a warm-up round. With the
+    Generator's handle, its timings of the timed phase alone come back too (where the first token waits)."""
     import httpx
 
     results: list[dict] = []
@@ -135,16 +132,23 @@ async def load(url: str, prompts: list[str], mode: str, n: int, concurrency: int
         await asyncio.gather(*(one_request(client, {
             "model": "memory3", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "memory_mode": mode,
             "stream": True}) for i in range(concurrency)))
+        if generator is not None:
+            await generator.reset_timings.remote()
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+    timings = {}
+    if generator is not None:
+        stats = await generator.stats.remote()
+        timings = {"engine": {k: stats[k] for k in ("queue_s", "prefill_s", "first_token_s", "retrieve_s")}}
     ok = [r for r in results if "error" not in r]
     return {"requests": n, "errors": n - len(ok), "seconds": round(wall, 2),
             "requests_per_s": round(len(ok) / wall, 2),
             "tokens_per_s_total": round(sum(r["tokens"] for r in ok) / wall, 1),
             "ttft_s": summary([r["ttft"] for r in ok]), "latency_s": summary([r["latency"] for r in ok], 3),
             "decode_tokens_per_s_per_request": summary([r["decode_tps"] for r in ok if r["decode_tps"]], 1),
-            "completion_tokens_mean": round(statistics.mean(r["tokens"] for r in ok), 1) if ok else None}
+            "completion_tokens_mean": round(statistics.mean(r["tokens"] for r in ok), 1) if ok else None,
+            **timings}
 
 
 def gpu_settings(max_batch: int) -> dict:
@@ -187,13 +191,14 @@ def run_http(args) -> None:
               "retrieval_concurrency": args.retrieval_concurrency, "stream_interval_s": args.stream_interval,
               "checkpoint": f"random-{args.preset}" if not args.checkpoint else checkpoint}
     http = {}
+    generator = serve.get_deployment_handle("Generator", "memory3-bench")
     try:
         for concurrency in args.concurrency:
             for mode in args.modes:
-                result = asyncio.run(load(url, prompts, mode, args.requests, concurrency, args.max_tokens))
+                result = asyncio.run(load(url, prompts, mode, args.requests, concurrency, args.max_tokens, generator))
                 http[mode, concurrency] = result
                 print(json.dumps({**common, "mode": mode, "concurrency": concurrency, **result}), flush=True)
-        engine = serve.get_deployment_handle("Generator", "memory3-bench").stats.remote().result()
+        engine = generator.stats.remote().result()
         print(json.dumps({**common, "bench": "serve_generator_start", "graphs": engine["graphs"],
                           "graphs_captured_at_start": engine["graphs_captured"],
                           "capture_s": engine["capture_s"], "prefills": engine["prefills"],

@@ -46,6 +46,7 @@ import torch
 from model.generate import (BatchRetriever, DecodeStep, MemoryWindows, Prefill, Retrieved, TokenReadback,
                             compile_prefill, sample, token_logprobs)
 from model.transformer import KVCache, Transformer
+from serve.timings import Timings
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class DecodeRequest:
     """Report the prompt's own token logprobs (OpenAI `echo`), from the prefill forward. With max_new_tokens=0
     the request ends after prefill: scoring a text costs one forward."""
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default=0.0, init=False, repr=False)
+    """When `DecodeEngine.submit` took it (time.perf_counter): its waits in `stats()` are measured from here."""
 
     def cancel(self) -> None:
         """Thread-safe: the engine frees the request's slot before its next step."""
@@ -129,6 +132,10 @@ class DecodeEngine:
         self.counts = {"submitted": 0, "completed": 0, "cancelled": 0, "failed": 0, "steps": 0, "tokens": 0,
                        "prefills": 0, "prefilled": 0}
         """prefills: prompt forwards run; prefilled: requests they took (their ratio: requests per prefill)."""
+        self.timings = {"queue_s": Timings(), "prefill_s": Timings(), "first_token_s": Timings()}
+        """Per request, from `submit`: until its prefill began (queue_s) and until its first token reached the host
+        (first_token_s, the engine's own time to first token); per prefill, the host's time in it, its memories'
+        retrievals included (prefill_s). A served request's TTFT beyond first_token_s is the HTTP path's."""
         self.running = True
         self.thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
         self.thread.start()
@@ -141,6 +148,9 @@ class DecodeEngine:
             if not request.prompt or request.max_new_tokens < 0 or total > self.cfg.max_seq_len:
                 raise ValueError(f"prompt ({len(request.prompt)} tokens) + max_new_tokens "
                                  f"({request.max_new_tokens}) must be in 1..max_seq_len={self.cfg.max_seq_len}")
+        now = time.perf_counter()
+        for request in requests:
+            request.submitted = now
         with self.wakeup:
             self.waiting.extend(requests)
             self.counts["submitted"] += len(requests)
@@ -149,7 +159,13 @@ class DecodeEngine:
     def stats(self) -> dict:
         return {**self.counts, "active": sum(s is not None for s in self.slots), "waiting": len(self.waiting),
                 "max_batch": self.max_batch, "alive": self.thread.is_alive(), **self.startup,
-                "graphs": len(self.decode.shapes())}
+                "graphs": len(self.decode.shapes()),
+                **{name: timings.summary() for name, timings in self.timings.items()}}
+
+    def reset_timings(self) -> None:
+        """Start `stats()`' timings afresh (a load test's timed phase after its warm-up)."""
+        for timings in self.timings.values():
+            timings.clear()
 
     def stop(self) -> None:
         self.running = False
@@ -215,6 +231,9 @@ class DecodeEngine:
         n = len(requests)
         self.counts["prefills"] += 1
         self.counts["prefilled"] += n
+        began = time.perf_counter()
+        for request in requests:
+            self.timings["queue_s"].add(began - request.submitted)
         any_memory = any(r.retrieve for r in requests)
         retrieve = (lambda row, query: requests[row].retrieve(query) if requests[row].retrieve else None) \
             if any_memory else None
@@ -224,6 +243,7 @@ class DecodeEngine:
                                             all_logits=any(r.prompt_logprobs for r in requests))
         self.windows.take_rows(start, windows)
         self.last_logits[start:start + n] = last.float()
+        self.timings["prefill_s"].add(time.perf_counter() - began)
         for i, request in enumerate(requests):
             self.temperature[start + i], self.top_p[start + i] = request.temperature, request.top_p
             generator = None
@@ -284,6 +304,7 @@ class DecodeEngine:
         self.readback.start(chosen, *scores)
         retrieved = self._launch(n)  # overwrites last_logits
         tokens, scores = self.readback.wait()  # the step's one host sync: the tokens, not the forward after them
+        read = time.perf_counter()
         reported = {}  # row -> (logprob, top) for the rows that asked
         if asking:
             logprob, top = self._logprobs(*scores)
@@ -299,6 +320,8 @@ class DecodeEngine:
             token = tokens[i]
             slot.sequence.append(token)
             slot.generated += 1
+            if slot.generated == 1:
+                self.timings["first_token_s"].add(read - slot.request.submitted)
             self.counts["tokens"] += 1
             event = {"type": "token", "token": token}
             if i in reported:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -24,6 +25,7 @@ from bank.checkpoints import load_model
 from model.generate import Retrieved
 from serve.engine import DecodeEngine, DecodeRequest
 from serve.memory_store import BankMemories
+from serve.timings import Timings
 
 
 class EventInbox:
@@ -89,6 +91,8 @@ class Generator:
         self.timeout_s = decoding["retrieval_timeout_s"]
         self.stream_interval_s = decoding.get("stream_interval_s", 0.0)
         self.top_k = self.model.cfg.refs_per_window
+        self.retrieve_s = Timings()
+        """Each group of windows' retrieval: the retriever call and the memory fetch (`stats()`)."""
 
     async def generate(self, job: dict) -> AsyncIterator[list[dict]]:
         """job: prompt (token ids), max_tokens, temperature, top_p, memory (bool), bank_version (str | None), and
@@ -136,11 +140,13 @@ class Generator:
         got: list[Retrieved | None | Exception] = [None] * len(asks)
         if not asked:
             return got
+        began = time.perf_counter()
         found = self.retriever.search_batch.remote(
             [queries[j] for j in asked], self.top_k, [asks[j][0].bank_version for j in asked]
         ).result(timeout_s=self.timeout_s)
         hits = [h for found_j in found for h in found_j]
         if not hits:
+            self.retrieve_s.add(time.perf_counter() - began)
             return got
         # one version for all: rows are numbered in the version the retriever searched (at least every bank_version)
         version, unique = hits[0]["bank_version"], list(dict.fromkeys((h["row"], h["id"]) for h in hits))
@@ -158,6 +164,7 @@ class Generator:
                 asks[j][0].texts[h["id"]] = h["text"]
             got[j] = Retrieved(memories[take.to(memories.device)], n_valid[take.to(n_valid.device)],
                                ids=[h["id"] for h in found_j])
+        self.retrieve_s.add(time.perf_counter() - began)
         return got
 
     def _memory_tier(self, bank: str | None, memory: dict, device: str) -> BankMemories | None:
@@ -171,7 +178,13 @@ class Generator:
 
     def stats(self) -> dict:
         return {**self.engine.stats(), "replica": serve.get_replica_context().replica_id.to_full_id_str(),
+                "retrieve_s": self.retrieve_s.summary(),
                 "memory_tier": self.memories.stats() if self.memories is not None else None}
+
+    def reset_timings(self) -> None:
+        """Start the timings of `stats()` afresh (a load test's timed phase, after its warm-up)."""
+        self.engine.reset_timings()
+        self.retrieve_s.clear()
 
     def ping(self) -> bool:
         return True

@@ -103,8 +103,12 @@ def test_streaming_matches_non_streaming(server):
 
 def test_memory_modes_and_decode_time_retrieval(server):
     long_prompt = " ".join(d["text"] for d in city_documents()[:3])  # > one 64-token window
+    before = server.generator_stats()["retrieve_s"]["n"]
     memory = server.complete(prompt=long_prompt, max_tokens=90, temperature=0, memory_mode="memory")
+    after_memory = server.generator_stats()["retrieve_s"]["n"]
     none = server.complete(prompt=long_prompt, max_tokens=90, temperature=0, memory_mode="none")
+    # the generator times each group of windows' retrieval: the prompt's, then the decoded windows'; none has none
+    assert after_memory - before >= 2 and server.generator_stats()["retrieve_s"]["n"] == after_memory
     rag = server.complete(prompt=PROMPT, max_tokens=4, temperature=0, memory_mode="rag")
     plain = server.complete(prompt=PROMPT, max_tokens=4, temperature=0, memory_mode="none")
     windows = sorted({w for m in memory["memories"] for w in m["windows"]})

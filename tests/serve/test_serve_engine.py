@@ -95,6 +95,12 @@ def test_engine_matches_generate_with_slot_reuse(model, bank):
         assert n_retrievals[2] == 0 and max(n_retrievals) >= 5  # windows of 8 tokens: prompt and decode retrievals
         stats = engine.stats()
         assert stats["completed"] == 6 and stats["active"] == 0 and stats["steps"] < sum(j[1] for j in jobs)
+        # where each request's first token waited: every request timed once, its wait inside its time to it
+        assert stats["queue_s"]["n"] == stats["first_token_s"]["n"] == 6
+        assert stats["prefill_s"]["n"] == stats["prefills"]
+        assert 0 <= stats["queue_s"]["max"] <= stats["first_token_s"]["max"]
+        engine.reset_timings()
+        assert engine.stats()["first_token_s"] == {"n": 0, "p50": None, "p90": None, "max": None}
     finally:
         engine.stop()
 
