@@ -1,15 +1,26 @@
 """A shortened `memory3 quickstart`: the whole pipeline end to end on the bundled corpus (real Ray Data, Ray
-Train + DeepSpeed, FAISS, Ray Serve over HTTP). Explicit memory must beat no memory on cities whose facts exist
-only in the memory bank, by a clear margin."""
+Train + DeepSpeed, FAISS, Ray Serve over HTTP), run as a person runs `make demo`: stopped with Ctrl-C during
+training, then run again. Nothing may be left running, the rerun continues, and explicit memory must then beat no
+memory on cities whose facts exist only in the memory bank, by a clear margin."""
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 
-from configs import load_config
 from model.config import ModelConfig
 
 pytestmark = pytest.mark.slow
+
+SHORT = ["corpus.n_trained=300", "corpus.n_continual=400", "corpus.n_memory_only=80", "corpus.n_reading=1200",
+         "corpus.n_counterfactual=30", "warmup.max_steps=250", "continual.max_steps=250", "eval.limit_per_group=60",
+         "eval.speed_prompts=2", "probes.knowledge_update=10", "probes.counterfactual=5", "serve.questions=2"]
+"""The quickstart shortened to a few minutes on 2 cores, still long enough for memory to be read."""
 
 
 def free_port() -> int:
@@ -18,17 +29,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_short_quickstart_memory_beats_no_memory(tmp_path, ray_local):
-    from memory3.quickstart import added_gain, main
+def test_ctrl_c_in_training_then_a_rerun_finishes_and_memory_beats_no_memory(tmp_path):
+    """Ctrl-C in the middle of training leaves no Ray process behind; the same command run again with fresh=false
+    continues (the finished corpus stage is not redone) with short terminal output, and its report holds."""
+    from memory3.quickstart import added_gain
 
-    overrides = [f"out={tmp_path / 'qs'}", f"serve.port={free_port()}",
-                 "corpus.n_trained=300", "corpus.n_continual=400", "corpus.n_memory_only=80",
-                 "corpus.n_reading=1200", "corpus.n_counterfactual=30",
-                 "warmup.max_steps=250", "continual.max_steps=250", "eval.limit_per_group=60",
-                 "eval.speed_prompts=2", "probes.knowledge_update=10", "probes.counterfactual=5", "serve.questions=2"]
-    assert main(load_config("quickstart", overrides)) == 0
     out = tmp_path / "qs"
+    cmd = [sys.executable, "-m", "memory3.cli", "quickstart", f"out={out}", "ray_address=local",
+           f"serve.port={free_port()}", *SHORT]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log, deadline = out / "quickstart.log", time.time() + 300
+    while not (log.exists() and "Started training worker group" in log.read_text(errors="replace")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "training never started"
+        time.sleep(0.5)
+    started = psutil.Process(proc.pid).children(recursive=True)
+    assert any("raylet" in " ".join(p.cmdline()) for p in started), [p.cmdline()[:2] for p in started]
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: SIGINT to the foreground group
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    _, alive = psutil.wait_procs(started, timeout=60)
+    assert not alive, [(p.pid, p.cmdline()[:3]) for p in alive if p.is_running()]
+
+    rerun = subprocess.run(cmd + ["fresh=false"], capture_output=True, text=True, timeout=1500)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
+    assert set(report["stages"]) == {"start", "corpus", "warmup", "bank_warmup", "continual", "bank", "eval", "serve"}
+    assert report["resumed"] == ["corpus"]
+    lines = rerun.stdout.split("\n")  # tqdm redraws a stage's line with \r: a terminal shows one line per stage
+    assert len(lines) < 60, rerun.stdout
+    assert f"report: {out / 'report.md'}" in rerun.stdout
+
     acc = report["accuracy"]
     # the claim: facts only in memory are answered with memory, not without (log-likelihood is the smoother
     # signal), on "Which country is <city> in?" (continent is partly known from the country by the weights)
@@ -73,43 +104,3 @@ def test_short_quickstart_memory_beats_no_memory(tmp_path, ray_local):
     # the modes are compared on the same retrieved references, question by question
     assert [r["references"] for r in results["memory"]] == [r["references"] for r in results["rag"]]
     assert all(r["references"] for r in results["memory"])
-
-
-
-def test_ctrl_c_stops_every_process_it_started_and_a_rerun_works(tmp_path):
-    """`make demo` as a person runs it: Ctrl-C in the middle of training leaves no Ray process behind, and the
-    same command run again with fresh=false continues (smoke profile): the finished corpus stage is not redone,
-    and the terminal output stays short."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import psutil
-
-    out = tmp_path / "qs"
-    cmd = [sys.executable, "-m", "memory3.cli", "quickstart", "profile=smoke", f"out={out}", "ray_address=local",
-           f"serve.port={free_port()}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    log, deadline = out / "quickstart.log", time.time() + 300
-    while not (log.exists() and "Started training worker group" in log.read_text(errors="replace")):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "training never started"
-        time.sleep(0.5)
-    started = psutil.Process(proc.pid).children(recursive=True)
-    assert any("raylet" in " ".join(p.cmdline()) for p in started), [p.cmdline()[:2] for p in started]
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: SIGINT to the foreground group
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 130, err[-3000:]
-    _, alive = psutil.wait_procs(started, timeout=60)
-    assert not alive, [(p.pid, p.cmdline()[:3]) for p in alive if p.is_running()]
-
-    rerun = subprocess.run(cmd + ["fresh=false"], capture_output=True, text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
-    assert set(report["stages"]) == {"start", "corpus", "warmup", "bank_warmup", "continual", "bank", "eval", "serve"}
-    assert report["resumed"] == ["corpus"]
-    lines = rerun.stdout.split("\n")  # tqdm redraws a stage's line with \r: a terminal shows one line per stage
-    assert len(lines) < 60, rerun.stdout
-    assert f"report: {out / 'report.md'}" in rerun.stdout
