@@ -181,7 +181,8 @@ def run_http(args) -> None:
     settings = OmegaConf.merge(gpu_settings(args.max_batch) if cuda else {}, {
         "checkpoint": checkpoint, "bank": bank,
         "decoding": {"max_batch_size": args.max_batch, "retrieval_concurrency": args.retrieval_concurrency,
-                     "stream_interval_s": args.stream_interval}})
+                     "stream_interval_s": args.stream_interval},
+        "deployments": {"ingress": {"num_replicas": args.ingress_replicas}}})
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(build_app(OmegaConf.to_container(settings)), name="memory3-bench", route_prefix="/")
     url = f"http://127.0.0.1:{args.port}"
@@ -189,6 +190,7 @@ def run_http(args) -> None:
     common = {"bench": "serve_http", "device": device_name(args.device), "commit": commit(),
               "max_tokens": args.max_tokens, "max_batch": args.max_batch,
               "retrieval_concurrency": args.retrieval_concurrency, "stream_interval_s": args.stream_interval,
+              "ingress_replicas": args.ingress_replicas,
               "checkpoint": f"random-{args.preset}" if not args.checkpoint else checkpoint}
     http = {}
     generator = serve.get_deployment_handle("Generator", "memory3-bench")
@@ -423,6 +425,8 @@ def main() -> None:
                     help="direct path: where retrieved memories come from (pinned host RAM, or already on the GPU)")
     ap.add_argument("--stream-interval", type=float, default=0.02,
                     help="HTTP path: the generator's decoding.stream_interval_s (0: each step's tokens at once)")
+    ap.add_argument("--ingress-replicas", type=int, default=1,
+                    help="HTTP path: ingress replicas (parsing, tokenizing and streaming requests in parallel)")
     ap.add_argument("--capture-at-start", action="store_true",
                     help="direct path: compile and capture every decode graph before the first request")
     ap.add_argument("--port", type=int, default=8765)
