@@ -141,31 +141,32 @@ class Generator:
         if not asked:
             return got
         began = time.perf_counter()
-        found = self.retriever.search_batch.remote(
-            [queries[j] for j in asked], self.top_k, [asks[j][0].bank_version for j in asked]
-        ).result(timeout_s=self.timeout_s)
-        hits = [h for found_j in found for h in found_j]
-        if not hits:
-            self.retrieve_s.add(time.perf_counter() - began)
+        try:
+            found = self.retriever.search_batch.remote(
+                [queries[j] for j in asked], self.top_k, [asks[j][0].bank_version for j in asked]
+            ).result(timeout_s=self.timeout_s)
+            hits = [h for found_j in found for h in found_j]
+            if not hits:
+                return got
+            # one version for all: rows are numbered in the version the retriever searched (at least every bank_version)
+            version, unique = hits[0]["bank_version"], list(dict.fromkeys((h["row"], h["id"]) for h in hits))
+            rows, ids = [row for row, _ in unique], [i for _, i in unique]
+            if self.memories is not None:
+                memories, n_valid = self.memories.fetch(rows, version, ids)
+            else:
+                memories, n_valid = self.memory_store.fetch.remote(rows, version, ids).result(timeout_s=self.timeout_s)
+            where = {key: n for n, key in enumerate(unique)}
+            for j, found_j in zip(asked, found):
+                if not found_j:
+                    continue
+                take = torch.tensor([where[(h["row"], h["id"])] for h in found_j])
+                for h in found_j:
+                    asks[j][0].texts[h["id"]] = h["text"]
+                got[j] = Retrieved(memories[take.to(memories.device)], n_valid[take.to(n_valid.device)],
+                                   ids=[h["id"] for h in found_j])
             return got
-        # one version for all: rows are numbered in the version the retriever searched (at least every bank_version)
-        version, unique = hits[0]["bank_version"], list(dict.fromkeys((h["row"], h["id"]) for h in hits))
-        rows, ids = [row for row, _ in unique], [i for _, i in unique]
-        if self.memories is not None:
-            memories, n_valid = self.memories.fetch(rows, version, ids)
-        else:
-            memories, n_valid = self.memory_store.fetch.remote(rows, version, ids).result(timeout_s=self.timeout_s)
-        where = {key: n for n, key in enumerate(unique)}
-        for j, found_j in zip(asked, found):
-            if not found_j:
-                continue
-            take = torch.tensor([where[(h["row"], h["id"])] for h in found_j])
-            for h in found_j:
-                asks[j][0].texts[h["id"]] = h["text"]
-            got[j] = Retrieved(memories[take.to(memories.device)], n_valid[take.to(n_valid.device)],
-                               ids=[h["id"] for h in found_j])
-        self.retrieve_s.add(time.perf_counter() - began)
-        return got
+        finally:
+            self.retrieve_s.add(time.perf_counter() - began)
 
     def _memory_tier(self, bank: str | None, memory: dict, device: str) -> BankMemories | None:
         """The replica's own MemoryStore, where `memory.generator_tier` (null: on GPUs) asks for one."""
