@@ -2,9 +2,10 @@
 and live appends (bank/edits.py). The memory layers write each reference's sparse memory (paper §3.3), the
 quantizer (if any) compresses it (App. B), the embedder indexes its text (§3.1).
 
-On a GPU the host never waits on the encoder: each batch's memories (or, with a quantizer, their codes, computed on
-the GPU: 14 B a vector instead of 160) are copied to one pinned host buffer on a side stream while the next batch
-encodes, and the embedder runs on a stream of its own, so the caller that packs and writes a part
+On a GPU the host never waits on the encoder: with a quantizer each batch is quantized on a stream of its own while
+the next batch encodes (the nearest-centroid search is a third of the device work, BENCHMARKS.md), each batch's
+memories (or their codes: 14 B a vector instead of 160) are copied to one pinned host buffer on a side stream, and
+the embedder runs on a stream of its own, so the caller that packs and writes a part
 (pipelines/encode.py) blocks only on that part's copies, never on the next part's encoding.
 """
 from __future__ import annotations
@@ -63,6 +64,7 @@ class ShardEncoder:
         self.encode_fn = torch.compile(encode_references, dynamic=False) if compile else encode_references
         cuda = model.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(model.device) if cuda else None
+        self.quantize_stream = torch.cuda.Stream(model.device) if cuda and quantizer is not None else None
         on_gpu = cuda and embedder is not None and getattr(embedder.model, "device", torch.device("cpu")).type == "cuda"
         self.embed_stream = torch.cuda.Stream(embedder.model.device) if on_gpu else None
         if cuda:
@@ -99,12 +101,19 @@ class ShardEncoder:
                                              multiple=cfg.reference_len)
             sparse = self.encode_fn(self.model, tokens.to(device), lengths.to(device), self.tokenizer.sink_ids)
             memories, n_valid = sparse.memories[:n], sparse.n_valid[:n]
-            if codes:
+            produced = torch.cuda.current_stream(device) if stream is not None else None
+            if codes and self.quantize_stream is not None:  # overlaps the next batch's encoding
+                self.quantize_stream.wait_stream(produced)
+                memories.record_stream(self.quantize_stream)
+                with torch.cuda.stream(self.quantize_stream):
+                    memories = self.quantizer.encode_tensor(memories)
+                produced = self.quantize_stream  # n_valid was ready before it started
+            elif codes:
                 memories = self.quantizer.encode_tensor(memories)
             if stream is None:
                 parts.append((memories, n_valid))
                 continue
-            stream.wait_stream(torch.cuda.current_stream(device))
+            stream.wait_stream(produced)
             with torch.cuda.stream(stream):  # overlaps the next batch's encoding
                 host[i:i + n].copy_(memories, non_blocking=True)
                 host_valid[i:i + n].copy_(n_valid, non_blocking=True)
@@ -113,7 +122,11 @@ class ShardEncoder:
         if stream is None:
             return PendingMemories(torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts]), codes,
                                    seconds=time.perf_counter() - t0)
-        encoded = torch.cuda.current_stream(device).record_event(torch.cuda.Event(enable_timing=True))
+        last = torch.cuda.current_stream(device)
+        if codes and self.quantize_stream is not None:  # the part's device work ends with its last quantization
+            self.quantize_stream.wait_stream(last)
+            last = self.quantize_stream
+        encoded = last.record_event(torch.cuda.Event(enable_timing=True))
         return PendingMemories(host, host_valid, codes, copied=stream.record_event(), started=started,
                                encoded=encoded)
 

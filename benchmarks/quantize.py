@@ -117,11 +117,13 @@ def random_codec(factory: str, dim: int, device: str, seed: int = 0) -> TorchCod
                       [(rotation, None)]).to(device)
 
 
-def encode_speed(preset: str, factory: str | None, references: int, device: str, repeats: int) -> None:
+def encode_speed(preset: str, factory: str | None, references: int, device: str, repeats: int,
+                 chunk: int | None = None) -> None:
     """Vectors/s of `TorchCodec.encode` (bf16 memories on the device -> codes there) for a preset's codec with
     random codebooks: the torch path (a distance matrix per stage, then argmin) and, on CUDA with Triton, the fused
     nearest-centroid kernel at each tl.dot precision, with the fraction of vectors whose codes equal the torch
-    path's. distance_tflops: the distance GEMMs' useful work (2 N K dsub per sub-space) per second."""
+    path's. distance_tflops: the distance GEMMs' useful work (2 N K dsub per sub-space) per second. `chunk`: vectors
+    per pass of `TorchCodec.encode` (None: its default for the path)."""
     from model.quantizer import _fused_kernel
 
     cfg = ModelConfig.from_name(preset)
@@ -133,10 +135,10 @@ def encode_speed(preset: str, factory: str | None, references: int, device: str,
     kernels = [None] + (["tf32x3", "ieee", "tf32"] if device == "cuda" and _fused_kernel() is not None else [])
     reference = codec.encode(x, kernel=None)
     for kernel in kernels:
-        seconds = timed(lambda: codec.encode(x, kernel=kernel), device, repeats)
-        same = (codec.encode(x, kernel=kernel) == reference).all(-1).float().mean().item()
+        seconds = timed(lambda: codec.encode(x, chunk=chunk, kernel=kernel), device, repeats)
+        same = (codec.encode(x, chunk=chunk, kernel=kernel) == reference).all(-1).float().mean().item()
         emit(result="encode_speed", preset=preset, factory=factory, path=f"kernel_{kernel}" if kernel else "torch",
-             device=device_name(device), vectors=n, vectors_per_second=round(n / seconds),
+             device=device_name(device), chunk=chunk or "default", vectors=n, vectors_per_second=round(n / seconds),
              references_per_second=round(references / seconds, 1), ms_per_call=round(seconds * 1e3, 3),
              distance_tflops=round(flops / seconds / 1e12, 3), codes_equal_torch=round(same, 6))
     if len(kernels) > 1:  # each stage's kernel alone: which stage the encoder's time goes to
@@ -167,13 +169,16 @@ def main() -> None:
                    help="only TorchCodec.encode's speed for --preset's codec with random codebooks (no bank)")
     p.add_argument("--preset", default="2.4b", help="--encode-speed: the model whose memories are encoded")
     p.add_argument("--references", type=int, default=64, help="--encode-speed: references' memories per call")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="--encode-speed: vectors per pass of TorchCodec.encode (default: its own per path)")
     args = p.parse_args()
     import faiss
 
     faiss.omp_set_num_threads(args.faiss_threads)
     torch.set_num_threads(args.torch_threads)
     if args.encode_speed:
-        return encode_speed(args.preset, (args.factories or [None])[0], args.references, args.device, args.repeats)
+        return encode_speed(args.preset, (args.factories or [None])[0], args.references, args.device, args.repeats,
+                            args.chunk)
     bytes_per_reference()
     bank = MemoryBank.open(args.bank)
     d = bank.config.head_dim

@@ -200,12 +200,17 @@ class TorchCodec:
         return x.reshape(*shape, self.dim)
 
     @torch.no_grad()
-    def encode(self, x: Tensor, chunk: int = 1 << 14, kernel: str | None = "tf32x3") -> Tensor:
-        """(..., dim) float -> (..., code_size) uint8 on the codebooks' device, `chunk` vectors at a time (the
-        torch path's distance tables of a chunk: chunk x M x K floats). `kernel`: the fused nearest-centroid
-        kernel's precision on CUDA, None for the torch path (`nearest_centroids`)."""
+    def encode(self, x: Tensor, chunk: int | None = None, kernel: str | None = "tf32x3") -> Tensor:
+        """(..., dim) float -> (..., code_size) uint8 on the codebooks' device, `chunk` vectors at a time. By
+        default 16,384 on the torch path (its distance tables: chunk x M x K floats) and 262,144 with the fused
+        kernel, which keeps no tables (a few hundred bytes a vector): fewer launches of the small per-chunk kernels,
+        and grids of thousands of programs rather than one GPU wave (BENCHMARKS.md). `kernel`: the
+        fused nearest-centroid kernel's precision on CUDA, None for the torch path (`nearest_centroids`)."""
         shape = x.shape[:-1]
         x = x.reshape(-1, self.dim).to(self.device, torch.float32)
+        if chunk is None:
+            fused = kernel is not None and x.is_cuda and _fused_kernel() is not None
+            chunk = 1 << 18 if fused else 1 << 14
         codes = torch.zeros(len(x), self.code_size, dtype=torch.uint8, device=self.device)
         for i in range(0, len(x), chunk):
             codes[i:i + chunk] = self._encode_chunk(x[i:i + chunk], kernel)
