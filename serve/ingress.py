@@ -29,6 +29,7 @@ from ray.util.metrics import Counter, Histogram
 from bank.checkpoints import load_tokenizer, local_checkpoint
 from model.checkpoint import load_config
 from model.prompts import CHAT_STOP, chat_query, rag_prompt, render_chat
+from serve.bank_version import CurrentVersion
 from serve.errors import APIError, install_error_handlers
 from serve.logprobs import TokenLogprobs, chat_logprobs, completion_logprobs
 from serve.schema import (AddMemoriesRequest, AddMemoriesResponse, ChatCompletionRequest, ChatCompletionResponse,
@@ -196,6 +197,7 @@ class Ingress:
         self.tokenizer = load_tokenizer(settings["checkpoint"])
         self.model_cfg = load_config(local_checkpoint(settings["checkpoint"]))
         self.generator, self.retriever, self.memory_store, self.writer = generator, retriever, memory_store, writer
+        self.bank_version = CurrentVersion(lambda: self.writer.current_version.remote())
         self.has_bank = retriever is not None
         self.created = int(time.time())
         app.state.admin_token = os.environ.get("MEMORY3_ADMIN_TOKEN") or settings.get("admin_token") or None
@@ -307,7 +309,7 @@ class Ingress:
         job = Job([], max_tokens, body.temperature, body.top_p, stops + (CHAT_STOP if chat else []), mode, None,
                   body.stream, bool(body.stream_options and body.stream_options.include_usage), chat, body.seed)
         if mode != "none":
-            job.bank_version = await self.writer.current_version.remote()
+            job.bank_version = await self.bank_version.get()
         if mode == "rag":
             text = await self._rag_text(job, text, query, max_tokens)
         job.prompt_ids = self.tokenizer.context_ids(text)

@@ -1,12 +1,14 @@
 """The serving parts that need no cluster: text streaming with stop strings, prompt templates, settings."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from model.prompts import CHAT_STOP, chat_query, rag_prompt, render_chat
 from model.tokenizer import Tokenizer
 from serve.app import deployment_options, load_settings
-from serve.bank_version import BankVersion
+from serve.bank_version import BankVersion, CurrentVersion
 from serve.text_stream import TextStream
 from serve_testing import city_documents
 
@@ -85,6 +87,58 @@ def test_bank_versions_order_live_edits_and_compactions():
     compacted = BankVersion.of({"generation": 1, "references": 19, "tombstones": []})  # fewer rows, yet newer
     assert loaded.is_behind(compacted) and not compacted.is_behind(loaded)
     assert compacted.is_behind(BankVersion(1, 19, 1)) and not compacted.is_behind(BankVersion(0, 30, 5))
+
+
+def test_requests_waiting_together_share_one_version_call_and_never_read_a_version_older_than_themselves():
+    async def scenario():
+        state = {"version": 0}
+        began: list[int] = []
+        release = asyncio.Event()
+
+        async def ask() -> str:
+            read = state["version"]  # a call reads the writer's state when it begins
+            began.append(read)
+            await release.wait()
+            return str(read)
+
+        current = CurrentVersion(ask)
+        first = [asyncio.create_task(current.get()) for _ in range(5)]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert current.calls == 1  # five requests, one call on its way
+        state["version"] = 1  # an admin write lands while that call is on its way
+        later = [asyncio.create_task(current.get()) for _ in range(3)]  # arrived after the write
+        await asyncio.sleep(0)
+        release.set()
+        assert await asyncio.gather(*first) == ["0"] * 5
+        assert await asyncio.gather(*later) == ["1"] * 3  # not the call on its way: read-after-write
+        assert current.calls == 2 and began == [0, 1]  # the later three shared the second call
+
+        # a failing call fails its waiters only; the next request asks again
+        def boom():
+            raise ConnectionError("writer gone")
+
+        async def failing() -> str:
+            await asyncio.sleep(0)
+            boom()
+
+        current.ask = failing
+        waiters = [asyncio.create_task(current.get()) for _ in range(2)]
+        for w in waiters:
+            with pytest.raises(ConnectionError):
+                await w
+        current.ask = ask
+        assert await current.get() == "1" and current.calls == 4
+
+        # a request that leaves (client gone) does not cancel the call the others wait on
+        release.clear()
+        leaving, staying = asyncio.create_task(current.get()), asyncio.create_task(current.get())
+        await asyncio.sleep(0)
+        leaving.cancel()
+        release.set()
+        assert await staying == "1" and current.calls == 5 and leaving.cancelled()
+
+    asyncio.run(scenario())
 
 
 def test_a_bank_from_other_weights_is_refused(tiny_checkpoint, tiny_bank, tmp_path):
