@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.model import commit, device_name
+from configs.schema import DecodingSettings
 from model.config import ModelConfig
 from model.generate import Retrieved, compile_prefill, generate
 from model.transformer import Transformer
@@ -423,7 +424,7 @@ def main() -> None:
                     help="HTTP path: window retrievals in flight at once per generator (0: all slots, 1: serial)")
     ap.add_argument("--memory-tier", choices=("host", "gpu"), default="host",
                     help="direct path: where retrieved memories come from (pinned host RAM, or already on the GPU)")
-    ap.add_argument("--stream-interval", type=float, default=0.02,
+    ap.add_argument("--stream-interval", type=float, default=DecodingSettings.stream_interval_s,
                     help="HTTP path: the generator's decoding.stream_interval_s (0: each step's tokens at once)")
     ap.add_argument("--ingress-replicas", type=int, default=1,
                     help="HTTP path: ingress replicas (parsing, tokenizing and streaming requests in parallel)")

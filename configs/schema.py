@@ -411,9 +411,10 @@ class DecodingSettings:
     """torch intra-op threads per replica; 0 = Ray's default."""
     fuse_projections: bool = True
     """Each layer's q/k/v and gate/up projections as one GEMM each (`Transformer.fuse_projections`)."""
-    stream_interval_s: float = 0.02
+    stream_interval_s: float = 0.05
     """After a request's first token, its tokens leave at most once per this interval (0: as soon as decoded):
-    fewer Ray Serve stream items when a replica decodes hundreds of tokens/s for each of dozens of requests."""
+    fewer Ray Serve stream items when a replica decodes hundreds of tokens/s for each of dozens of requests (each
+    item holds the replica's GIL ~0.2 ms, beside the engine thread; 50 ms: 20 updates a second, BENCHMARKS.md)."""
     capture_at_start: bool = False
     """On CUDA, compile and capture every decode graph (batch x length bucket) before the replica takes traffic, so
     no request waits for a compilation; false: each on first use (opt-in until it has run at 2.4B: docs/serving.md)."""
