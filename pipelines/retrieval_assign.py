@@ -149,20 +149,6 @@ class ReferenceAssigner:
             .append_column("leak_overlap", pa.array([c["overlap"] for c in counts], type=pa.int32()))
 
 
-def check_cpus_left(actors: int, cpus_per_actor: float, cluster_cpus: float) -> str | None:
-    """Why the pass would never finish on a cluster of `cluster_cpus` CPUs, or None. Its actors hold their CPUs
-    for the whole pass, and Ray Data's read, repartition and write tasks need a whole CPU beside them: with every
-    CPU held by an actor they are never scheduled and the pass waits forever."""
-    held = actors * cpus_per_actor
-    if held <= cluster_cpus - 1:
-        return None
-    fit = max(1, int((cluster_cpus - 1) / cpus_per_actor)) if cluster_cpus > 1 and cpus_per_actor > 0 else 1
-    return (f"memory.retrieval_actors x memory.retrieval_cpus = {actors} x {cpus_per_actor:g} = {held:g} CPUs, but "
-            f"this Ray cluster has {cluster_cpus:g}: the retrieval pass needs 1 CPU left for Ray Data's read and "
-            f"write tasks, else it waits forever. For example: memory.retrieval_actors={fit} "
-            f"memory.retrieval_cpus={min(cpus_per_actor, max(cluster_cpus - 1, 0.25)):g}")
-
-
 def assign_references(ds, *, bank_uri: str, tokenizer_json: str, cfg: ModelConfig, n_windows: int,
                       refs_per_window: int, candidates: int, overlap_threshold: float, embedder: str | None,
                       actors: int, cpus_per_actor: float, batch_size: int, gpus_per_actor: float = 0,

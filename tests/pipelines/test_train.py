@@ -23,7 +23,8 @@ from model.tokenizer import Tokenizer
 from model.transformer import MemoryBatch, Transformer
 from pipelines.geo_corpus import build_geo_corpus
 from pipelines.prepare import prepare
-from pipelines.retrieval_assign import check_cpus_left, lcs_length, overlap, select_references
+from pipelines.ray_runtime import check_cpus_left
+from pipelines.retrieval_assign import lcs_length, overlap, select_references
 from pipelines.train import plan_run, train
 from pipelines.train_loop import (IGNORE, ReferenceTokens, TrainBatch, collate, forward_loss, memory_slots,
                                   skip_cpu_inference_allreduce, wsd_lr_factor)
@@ -275,6 +276,10 @@ def test_bad_inputs_fail_before_any_training_step(warmup, data, bank, tmp_path):
     save_checkpoint(other_init, Transformer(ModelConfig.from_name("tiny", **MODEL)), tk)
     with pytest.raises(ValueError, match="tokenizer"):
         train(train_cfg(stage="continual", data=other, out=out, init=other_init, bank=bank))
+    # one worker holding both of the test cluster's CPUs: Ray Data could never read its rows (it used to hang)
+    with pytest.raises(ValueError, match="scaling.num_workers x scaling.cpus_per_worker = 1 x 2"):
+        train(train_cfg(stage="warmup", data=data, out=out, **{"scaling.num_workers": 1,
+                                                               "scaling.cpus_per_worker": 2}))
     assert not out.exists()  # nothing ran
 
 
@@ -328,12 +333,21 @@ def test_no_training_sequence_receives_a_reference_from_its_own_document(continu
     assert own > len(rows) // 4, own
 
 
-def test_a_retrieval_pass_that_would_hold_every_cpu_is_refused_with_the_keys_and_an_example():
-    """Its actors holding every CPU, Ray Data's read and write tasks never run and the pass waits forever (seen with
-    4 x 0.5 on 2 cores): the check names both keys and an example that fits, which itself passes."""
-    assert check_cpus_left(2, 0.5, 2) is None  # the quickstart on 2 cores: one CPU left
-    problem = check_cpus_left(4, 0.5, 2)
+def test_a_run_that_would_hold_every_cpu_is_refused_with_the_keys_and_an_example():
+    """Its actors or workers holding every CPU, Ray Data's read and write tasks never run and the run waits forever
+    (seen with 4 x 0.5 retrieval actors, and with one training worker of 2 CPUs, on 2 cores): the check names both
+    keys and an example that fits, which itself passes."""
+    retrieval = {"keys": ("memory.retrieval_actors", "memory.retrieval_cpus"), "what": "the retrieval pass"}
+    assert check_cpus_left(2, 0.5, 2, **retrieval) is None  # the quickstart on 2 cores: one CPU left
+    problem = check_cpus_left(4, 0.5, 2, **retrieval)
     assert "memory.retrieval_actors" in problem and "memory.retrieval_cpus" in problem and "4 x 0.5" in problem
     example = dict(kv.split("=") for kv in problem.split("For example: ")[1].split())
-    assert check_cpus_left(int(example["memory.retrieval_actors"]), float(example["memory.retrieval_cpus"]), 2) is None
-    assert check_cpus_left(1, 1, 1) is not None and check_cpus_left(8, 1, 16) is None
+    assert check_cpus_left(int(example["memory.retrieval_actors"]), float(example["memory.retrieval_cpus"]), 2,
+                           **retrieval) is None
+    assert check_cpus_left(1, 1, 1, **retrieval) is not None and check_cpus_left(8, 1, 16, **retrieval) is None
+    training = {"keys": ("scaling.num_workers", "scaling.cpus_per_worker"), "what": "training"}
+    problem = check_cpus_left(1, 2, 2, **training)
+    assert problem.startswith("scaling.num_workers x scaling.cpus_per_worker = 1 x 2") and "training" in problem
+    example = dict(kv.split("=") for kv in problem.split("For example: ")[1].split())
+    assert check_cpus_left(int(example["scaling.num_workers"]), float(example["scaling.cpus_per_worker"]), 2,
+                           **training) is None
