@@ -195,9 +195,14 @@ def check_bank(plan: TrainPlan) -> None:
         raise ValueError(f"memory bank {plan.bank} is empty")
 
 
-def refuse_if_starved(cfg: TrainConfig, problem: str | None) -> None:
-    """A local Ray instance's CPUs are all there will be: refuse a run that would wait forever. A cluster may add
-    nodes when asked (autoscaling): go on, and say why it may wait."""
+def refuse_if_starved(cfg: TrainConfig, count: int, cpus_each: float, keys: tuple[str, str], what: str) -> None:
+    """`check_cpus_left` on the Ray cluster joined. A local Ray instance's CPUs are all there will be: refuse a run
+    that would wait forever. A cluster may add nodes when asked (autoscaling): go on, and say why it may wait."""
+    import ray
+
+    from pipelines.ray_runtime import check_cpus_left
+
+    problem = check_cpus_left(count, cpus_each, ray.cluster_resources().get("CPU", 0), keys=keys, what=what)
     if problem and not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
         raise ValueError(problem)
     if problem:
@@ -239,7 +244,6 @@ def precompute_retrieval(plan: TrainPlan, cfg: TrainConfig, env: dict) -> tuple[
 
     from bank.reader import MemoryBank
     from pipelines import retrieval_assign
-    from pipelines.ray_runtime import check_cpus_left
 
     mem = cfg.memory
     windows = n_windows(plan.model.max_seq_len, plan.model)
@@ -255,10 +259,8 @@ def precompute_retrieval(plan: TrainPlan, cfg: TrainConfig, env: dict) -> tuple[
     if storage.exists(done):
         return folder, {**json.loads(storage.read_text(done))["stats"], "reused": True}
     storage.remove(folder)
-    refuse_if_starved(cfg, check_cpus_left(mem.retrieval_actors, mem.retrieval_cpus,
-                                           ray.cluster_resources().get("CPU", 0),
-                                           keys=("memory.retrieval_actors", "memory.retrieval_cpus"),
-                                           what="the retrieval pass"))
+    refuse_if_starved(cfg, mem.retrieval_actors, mem.retrieval_cpus,
+                      ("memory.retrieval_actors", "memory.retrieval_cpus"), "the retrieval pass")
     fs, path = arrow_filesystem(plan.data_uri)
     t0 = time.perf_counter()
     assigned = retrieval_assign.assign_references(
@@ -382,7 +384,7 @@ def main(cfg: TrainConfig) -> int:
 
 def train(cfg: TrainConfig) -> dict:
     """Run a stage end to end; returns the summary also written to <out>/train_summary.json."""
-    from pipelines.ray_runtime import check_cpus_left, ensure_ray
+    from pipelines.ray_runtime import ensure_ray
 
     t0 = time.time()
     cfg = typed("train", cfg)
@@ -390,12 +392,9 @@ def train(cfg: TrainConfig) -> dict:
     for note in plan.notes:
         console.say(f"memory3 train: {note}")
     ensure_ray(cfg.ray_address)
-    import ray
-
-    refuse_if_starved(cfg, check_cpus_left(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker,
-                                           ray.cluster_resources().get("CPU", 0),
-                                           keys=("scaling.num_workers", "scaling.cpus_per_worker"),
-                                           what="training (its workers stream their rows from Ray Data)"))
+    refuse_if_starved(cfg, cfg.scaling.num_workers, cfg.scaling.cpus_per_worker,
+                      ("scaling.num_workers", "scaling.cpus_per_worker"),
+                      "training (its workers stream their rows from Ray Data)")
     env = worker_env(cfg)
     timings = {"validate_and_start": time.time() - t0}
     with console.stage(f"train {plan.stage}") as line:
