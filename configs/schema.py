@@ -315,6 +315,8 @@ class TrainConfig:
     """Run folder under storage_path."""
     shuffle_buffer: int = 256
     """Rows in each worker's local shuffle buffer (0 = none)."""
+    in_memory_max_mb: int = 256
+    """Training data up to this size is read once by the driver and held in the object store; larger streams."""
     max_failures: int = 0
     """Worker-group restarts from the last checkpoint before the run fails."""
     fail_at_step: Optional[int] = None
