@@ -122,8 +122,9 @@ def encode_speed(preset: str, factory: str | None, references: int, device: str,
     """Vectors/s of `TorchCodec.encode` (bf16 memories on the device -> codes there) for a preset's codec with
     random codebooks: the torch path (a distance matrix per stage, then argmin) and, on CUDA with Triton, the fused
     nearest-centroid kernel at each tl.dot precision, with the fraction of vectors whose codes equal the torch
-    path's. distance_tflops: the distance GEMMs' useful work (2 N K dsub per sub-space) per second. `chunk`: vectors
-    per pass of `TorchCodec.encode` (None: its default for the path)."""
+    path's and the reconstruction error (relative, and over the torch path's: what a faster, less exact precision
+    costs). distance_tflops: the distance GEMMs' useful work (2 N K dsub per sub-space) per second. `chunk`:
+    vectors per pass of `TorchCodec.encode` (None: its default for the path)."""
     from model.quantizer import _fused_kernel
 
     cfg = ModelConfig.from_name(preset)
@@ -134,13 +135,17 @@ def encode_speed(preset: str, factory: str | None, references: int, device: str,
     flops = 2 * n * sum(books.numel() for books, *_ in codec.stages)
     kernels = [None] + (["tf32x3", "ieee", "tf32"] if device == "cuda" and _fused_kernel() is not None else [])
     reference = codec.encode(x, kernel=None)
+    reference_error = relative_error(x, codec.decode(reference))
     for kernel in kernels:
         seconds = timed(lambda: codec.encode(x, chunk=chunk, kernel=kernel), device, repeats)
-        same = (codec.encode(x, chunk=chunk, kernel=kernel) == reference).all(-1).float().mean().item()
+        codes = codec.encode(x, chunk=chunk, kernel=kernel)
+        same = (codes == reference).all(-1).float().mean().item()
+        error = relative_error(x, codec.decode(codes))
         emit(result="encode_speed", preset=preset, factory=factory, path=f"kernel_{kernel}" if kernel else "torch",
              device=device_name(device), chunk=chunk or "default", vectors=n, vectors_per_second=round(n / seconds),
              references_per_second=round(references / seconds, 1), ms_per_call=round(seconds * 1e3, 3),
-             distance_tflops=round(flops / seconds / 1e12, 3), codes_equal_torch=round(same, 6))
+             distance_tflops=round(flops / seconds / 1e12, 3), codes_equal_torch=round(same, 6),
+             relative_error=round(error, 6), error_over_torch=round(error / reference_error, 6))
     if len(kernels) > 1:  # each stage's kernel alone: which stage the encoder's time goes to
         fused = _fused_kernel()
         for books, *_ in codec.stages:
