@@ -56,9 +56,11 @@ class ShardEncoder:
     """References → fixed-size records (sparse memory, bf16 or VQ codes) and retrieval embeddings."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, layout: RecordLayout,
-                 quantizer: MemoryQuantizer | None, embedder: Embedder, batch_size: int = 32, compile: bool = False):
+                 quantizer: MemoryQuantizer | None, embedder: Embedder, batch_size: int = 32, compile: bool = False,
+                 quantize_kernel: str = "tf32x3"):
         self.model, self.tokenizer, self.layout = model, tokenizer, layout
         self.quantizer, self.embedder, self.batch_size = quantizer, embedder, batch_size
+        self.quantize_kernel = quantize_kernel  # the fused nearest-centroid kernel's precision on a GPU
         # compiled: norms, rotary and the selection fused; every batch padded to batch_size (one graph)
         self.compile = compile
         self.encode_fn = torch.compile(encode_references, dynamic=False) if compile else encode_references
@@ -106,10 +108,10 @@ class ShardEncoder:
                 self.quantize_stream.wait_stream(produced)
                 memories.record_stream(self.quantize_stream)
                 with torch.cuda.stream(self.quantize_stream):
-                    memories = self.quantizer.encode_tensor(memories)
+                    memories = self.quantizer.encode_tensor(memories, self.quantize_kernel)
                 produced = self.quantize_stream  # n_valid was ready before it started
             elif codes:
-                memories = self.quantizer.encode_tensor(memories)
+                memories = self.quantizer.encode_tensor(memories, self.quantize_kernel)
             if stream is None:
                 parts.append((memories, n_valid))
                 continue

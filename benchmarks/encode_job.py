@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--quantizer", default="null", help="the bank's codec: null = bf16, auto, or a FAISS factory")
     ap.add_argument("--quantizer-sample", type=int, default=512,
                     help="references whose memories train the codebooks (before encoding: not in the rates)")
+    ap.add_argument("--quantizer-kernel", default="tf32x3", help="GPU: the codes' kernel precision (tf32x3, ieee, tf32)")
     ap.add_argument("--no-index", action="store_true", help="skip the FAISS index at the end (build_index=false)")
     ap.add_argument("--bare-references", type=int, default=None, help="for the bare encoder (default 256 / 2048)")
     ap.add_argument("--profile", action="store_true", help="also print the bare encoder's top kernels")
@@ -137,7 +138,7 @@ def main() -> None:
     compile = compile_encoder({"auto": "auto", "true": True, "false": False}[args.compile.lower()], device)
     common = {"bench": "encode_job", "preset": args.preset, "device": device_name(device), "commit": commit(),
               "num_gpus_per_actor": args.num_gpus, "documents": documents, "batch": batch, "compile": compile,
-              "quantizer": args.quantizer}
+              "quantizer": args.quantizer, "quantizer_kernel": args.quantizer_kernel}
     t = time.perf_counter()  # first, on a quiet process (no tokenizer or Ray threads yet)
     bare = bench_encode(cfg, device, torch.bfloat16 if gpu else torch.float32,
                         (args.bare_references or (2048 if gpu else 256)) // batch * batch, batch, common, compile,
@@ -170,7 +171,7 @@ def main() -> None:
                      f"actor_num_cpus={args.actor_cpus or (4 if gpu else 0.5)}",
                      f"shard_documents={args.shard_documents or (2 * batch if gpu else max(1, documents // 32))}",
                      f"batch_size={batch}", f"compile={compile}", f"quantizer={args.quantizer}",
-                     f"quantizer_sample={args.quantizer_sample}",
+                     f"quantizer_sample={args.quantizer_sample}", f"quantizer_kernel={args.quantizer_kernel}",
                      f"build_index={not args.no_index}", f"torch_threads={4 if gpu else 1}"] + \
                     ([f"embedder={embedder}"] if embedder else [])
         s = encode_corpus(load_config("encode", overrides))

@@ -18,6 +18,9 @@ from torch import Tensor
 from model.config import ModelConfig
 
 PAPER_FACTORY = "OPQ20_80,Residual2x14,PQ8x10"
+# tl.dot precisions of the fused nearest-centroid kernel (model/nearest_centroid_kernel.py): tf32x3 matches fp32;
+# one-pass tf32 is 2.4x faster and picks another of two near-tied centroids for ~1 % of vectors at the same error.
+KERNEL_PRECISIONS = ("tf32x3", "ieee", "tf32")
 CPU_MODEL_PARAMS = 100_000_000  # below this many non-embedding parameters a model is a CPU model (the tiny preset)
 
 
@@ -78,17 +81,18 @@ class MemoryQuantizer:
         """(..., head_dim) float -> (..., code_size) uint8 on the host."""
         return self.encode_tensor(torch.as_tensor(memories)).cpu().numpy()
 
-    def encode_tensor(self, memories: Tensor) -> Tensor:
+    def encode_tensor(self, memories: Tensor, kernel: str = "tf32x3") -> Tensor:
         """(..., head_dim) float -> (..., code_size) uint8 on the memories' device: with torch there when the
         factory is one TorchCodec reads (on a GPU: millions of vectors a second, the paper's codec on FAISS a few
-        thousand per host thread), else with FAISS on the host."""
+        thousand per host thread), else with FAISS on the host. `kernel`: the fused kernel's precision on CUDA
+        (KERNEL_PRECISIONS)."""
         if not self.is_trained:
             raise RuntimeError("quantizer is not trained")
         if memories.shape[-1] != self.dim:
             raise ValueError(f"expected vectors of dim {self.dim}, got shape {tuple(memories.shape)}")
         codec = self.torch_codec(memories.device)
         if codec is not None:
-            return codec.encode(memories)
+            return codec.encode(memories, kernel=kernel)
         shape = memories.shape[:-1]
         codes = self.index.sa_encode(_as_vectors(memories, self.dim)).reshape(*shape, self.code_size)
         return torch.from_numpy(codes).to(memories.device)

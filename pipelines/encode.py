@@ -41,7 +41,7 @@ from bank.shard_encoder import ShardEncoder
 from configs import typed
 from configs.schema import EncodeConfig
 from model.checkpoint import load_checkpoint, load_config
-from model.quantizer import MemoryQuantizer, resolve_factory
+from model.quantizer import KERNEL_PRECISIONS, MemoryQuantizer, resolve_factory
 from model.tokenizer import Tokenizer
 from pipelines import console
 from pipelines.encode_parts import chunk_part_row, read_parts_row
@@ -86,7 +86,7 @@ class EncodeShards:
 
     def __init__(self, checkpoint: str, bank_uri: str, embedder: str | None, batch_size: int, device: str,
                  dtype: str, torch_threads: int, embed_batch_size: int, compile="auto",
-                 embeddings_from: str | None = None):
+                 embeddings_from: str | None = None, quantize_kernel: str = "tf32x3"):
         from ray.util import metrics
 
         set_threads(torch_threads)
@@ -95,7 +95,7 @@ class EncodeShards:
         self.bank_uri, self.embeddings_from = bank_uri, embeddings_from
         self.encoder = ShardEncoder(model, tokenizer, bank.layout, bank.quantizer,
                                     Embedder(embedder, device=device, batch_size=embed_batch_size), batch_size,
-                                    compile_encoder(compile, device))
+                                    compile_encoder(compile, device), quantize_kernel)
         if self.encoder.compile:
             self.encoder.warm_up()
         self.references = metrics.Counter("memory3_encode_references_total", description="references encoded")
@@ -330,6 +330,9 @@ def encode_corpus(cfg: EncodeConfig) -> dict:
     cfg = typed("encode", cfg)
     if cfg.shard_documents <= 0 or cfg.actors <= 0 or cfg.batch_size <= 0:
         raise ValueError("shard_documents, actors and batch_size must be positive")
+    if cfg.quantizer_kernel not in KERNEL_PRECISIONS:
+        raise ValueError(f"quantizer_kernel={cfg.quantizer_kernel!r} must be one of {', '.join(KERNEL_PRECISIONS)}, "
+                         "e.g. quantizer_kernel=tf32")
     files = list_corpus_files(cfg.corpus)
     ensure_ray(cfg.ray_address or None)
     env = storage.aws_env() if cfg.forward_aws_env else {}
@@ -356,7 +359,8 @@ def encode_corpus(cfg: EncodeConfig) -> dict:
         fn_constructor_kwargs={"checkpoint": cfg.checkpoint, "bank_uri": cfg.bank, "embedder": cfg.embedder,
                                "batch_size": cfg.batch_size, "device": device, "dtype": cfg.dtype,
                                "torch_threads": cfg.torch_threads, "embed_batch_size": cfg.embed_batch_size,
-                               "compile": cfg.compile, "embeddings_from": cfg.embeddings_from},
+                               "compile": cfg.compile, "embeddings_from": cfg.embeddings_from,
+                               "quantize_kernel": cfg.quantizer_kernel},
         compute=encoder_pool(cfg), **actor_options, **restart_options(cfg))
     results = []
     with console.stage("encode memory bank") as line:

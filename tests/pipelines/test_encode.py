@@ -129,6 +129,13 @@ def test_compile_is_auto_on_cuda_only():
         compile_encoder("yes", "cpu")
 
 
+def test_an_unknown_quantizer_kernel_fails_before_any_work_with_the_choices(tmp_path):
+    cfg = encode_config(str(tmp_path / "none.jsonl"), str(tmp_path / "bank"), tmp_path, quantizer_kernel="tf16")
+    with pytest.raises(ValueError, match=r"quantizer_kernel='tf16' must be one of tf32x3, ieee, tf32, e\.g\. "):
+        encode_corpus(cfg)
+    assert not (tmp_path / "bank").exists()
+
+
 def test_encoded_memories_are_the_models(reference_bank, tiny_checkpoint):
     bank = MemoryBank.open(reference_bank[0])
     rows = list(range(0, len(bank), 7))
