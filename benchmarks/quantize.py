@@ -23,7 +23,7 @@ import torch
 from bank.reader import MemoryBank
 from benchmarks.model import commit, device_name, timed
 from model.config import ModelConfig
-from model.quantizer import MemoryQuantizer, TorchCodec, factory_for, relative_error
+from model.quantizer import KERNEL_PRECISIONS, MemoryQuantizer, TorchCodec, factory_for, relative_error
 
 
 def emit(**row) -> None:
@@ -133,7 +133,7 @@ def encode_speed(preset: str, factory: str | None, references: int, device: str,
     n = references * math.prod(cfg.memory_shape) // cfg.head_dim
     x = torch.randn(n, cfg.head_dim, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
     flops = 2 * n * sum(books.numel() for books, *_ in codec.stages)
-    kernels = [None] + (["tf32x3", "ieee", "tf32"] if device == "cuda" and _fused_kernel() is not None else [])
+    kernels = [None] + (list(KERNEL_PRECISIONS) if device == "cuda" and _fused_kernel() is not None else [])
     reference = codec.encode(x, kernel=None)
     reference_error = relative_error(x, codec.decode(reference))
     for kernel in kernels:

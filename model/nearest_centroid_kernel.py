@@ -28,8 +28,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from model.quantizer import KERNEL_PRECISIONS as PRECISIONS
 MAX_DSUB = 128  # a query tile and pipelined centroid tiles fit in shared memory; wider sub-spaces take the torch path
 
 
@@ -89,9 +87,8 @@ def _nearest_kernel(x_ptr, books_ptr, norms_ptr, ids_ptr, N, stride_x, M, K,
 
 def nearest_centroids_fused(x: Tensor, books: Tensor, precision: str = "tf32x3") -> Tensor:
     """x (N, M * dsub) fp32 CUDA, books (M, K, dsub) fp32 -> (N, M) int64 nearest centroid ids by squared L2, as
-    `model.quantizer.nearest_centroids`; ||c||^2 in fp32 (M, K) computed here, as the torch path does."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: one of {PRECISIONS}")
+    `model.quantizer.nearest_centroids`, which checks `precision` (KERNEL_PRECISIONS); ||c||^2 in fp32 (M, K)
+    computed here, as the torch path does."""
     m, k, dsub = books.shape
     x, books = x.contiguous(), books.contiguous()
     norms = (books * books).sum(-1)

@@ -244,6 +244,8 @@ def nearest_centroids(x: Tensor, books: Tensor, kernel: str | None = "tf32x3") -
     argmin_k ||c_k||^2 - 2 x.c_k (FAISS's PQ assignment). On CUDA with Triton: one fused kernel that never
     writes the N x K distances (`model/nearest_centroid_kernel.py`; `kernel` is its tl.dot precision, None for
     the torch path); else one batched GEMM over the M sub-spaces, then argmin (on the CPU: FAISS's codes)."""
+    if kernel is not None and kernel not in KERNEL_PRECISIONS:
+        raise ValueError(f"kernel precision {kernel!r}: one of {KERNEL_PRECISIONS}, or None for the torch path")
     fused = _fused_kernel() if kernel is not None and x.is_cuda else None
     if fused is not None and fused.supports(x, books):
         return fused.nearest_centroids_fused(x, books, precision=kernel)

@@ -72,6 +72,8 @@ def test_bad_factory_and_untrained_use_fail_clearly():
         MemoryQuantizer("NotAnIndex", 32)
     with pytest.raises(RuntimeError, match="not trained"):
         MemoryQuantizer("PQ4x8", 32).encode(np.zeros((2, 32), dtype=np.float32))
+    with pytest.raises(ValueError, match="kernel precision 'tf16'"):  # on any device, before any dispatch
+        nearest_centroids(torch.zeros(2, 8), torch.zeros(2, 4, 4), kernel="tf16")
 
 
 @pytest.fixture
