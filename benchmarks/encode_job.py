@@ -118,7 +118,8 @@ def main() -> None:
     ap.add_argument("--quantizer", default="null", help="the bank's codec: null = bf16, auto, or a FAISS factory")
     ap.add_argument("--quantizer-sample", type=int, default=512,
                     help="references whose memories train the codebooks (before encoding: not in the rates)")
-    ap.add_argument("--quantizer-kernel", default="tf32x3", help="GPU: the codes' kernel precision (tf32x3, ieee, tf32)")
+    ap.add_argument("--quantizer-kernel", default="tf32x3",
+                    help="GPU: the codes' kernel precision (tf32x3, ieee, tf32)")
     ap.add_argument("--no-index", action="store_true", help="skip the FAISS index at the end (build_index=false)")
     ap.add_argument("--bare-references", type=int, default=None, help="for the bare encoder (default 256 / 2048)")
     ap.add_argument("--profile", action="store_true", help="also print the bare encoder's top kernels")

@@ -14,9 +14,9 @@ bf16 (2^-8) would pick another centroid whenever the best two of 16,384 differ b
 ||x|| ||c||, and every coarse flip changes the PQ codes after it: on an H100 one-pass tf32 gave other codes for
 1.2 % of vectors at the same reconstruction error, 2.4x faster (the encode job's `quantizer_kernel=tf32`). "ieee"
 (fp32 FMA, no tensor cores) is accepted for comparison (`benchmarks/quantize.py --encode-speed` reports each
-precision's speed, error and fraction of codes equal to the torch path's). With tf32x3 the ids equal the torch fp32 path's except where the two
-centroids' exact distances differ by less than 1e-5 (||x||^2 + ||c||^2), the scale both fp32 computations
-round at (tested on the GPU).
+precision's speed, error and fraction of codes equal to the torch path's). With tf32x3 the ids equal the torch
+fp32 path's except where the two centroids' exact distances differ by less than 1e-5 (||x||^2 + ||c||^2), the
+scale both fp32 computations round at (tested on the GPU).
 
 `dsub` is padded (by masked loads, zeros in x and the books) to a multiple of 16 and split into at most two
 power-of-two slices for `tl.dot`: 40 -> 32 + 16, 80 -> 64 + 16, 10 -> 16. Triton is imported by the caller only
@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
 MAX_DSUB = 128  # a query tile and pipelined centroid tiles fit in shared memory; wider sub-spaces take the torch path
 
 
