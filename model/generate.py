@@ -157,16 +157,27 @@ class MemoryWindows:
         lo, hi = self.cfg.window_span(self.cfg.window_of(index) - 1)
         return list(sequence[lo:hi]) if hi > prompt_len else None
 
-    def prompt_memory(self, prompts: list[list[int]], total_len: int) -> tuple[MemoryBatch | None, list]:
-        """Memories for prefill: each prompt window retrieves with its own tokens and is visible to itself only."""
+    def prompt_asks(self, prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
+        """(row, query) of every prompt window, row by row: each window retrieves with its own tokens, the sink
+        excepted (§3.2)."""
+        return [(b, p[max(lo, self.cfg.sink_len):hi]) for b, p in enumerate(prompts)
+                for lo, hi in map(self.cfg.window_span, range(self.cfg.n_windows(len(p))))]
+
+    def prompt_memory(self, prompts: list[list[int]], total_len: int,
+                      fetched: list[list | None] | None = None) -> tuple[MemoryBatch | None, list]:
+        """Memories for prefill: each prompt window retrieves with its own tokens and is visible to itself only.
+        fetched[row], where given, holds that row's windows' results already retrieved (`begin`'s, resolved); the
+        other rows retrieve now."""
         if not self.reads:
             return None, []
         B, W = len(prompts), self.cfg.n_windows(total_len)
         mems = torch.zeros(B, W, *self.current.shape[1:], dtype=self.current.dtype, device=self.current.device)
         n_valid = torch.zeros(B, W, self.slots, dtype=torch.long, device=self.current.device)
         asks = [(b, w) for b, p in enumerate(prompts) for w in range(self.cfg.n_windows(len(p)))]
-        spans = [self.cfg.window_span(w) for _, w in asks]
-        got = self.fetch_many([(b, prompts[b][max(lo, self.cfg.sink_len):hi]) for (b, _), (lo, hi) in zip(asks, spans)])
+        fetched = fetched or [None] * B
+        due = [ask for ask in self.prompt_asks(prompts) if fetched[ask[0]] is None]
+        now = iter(self.fetch_many(due))
+        got = [fetched[b][w] if fetched[b] is not None else next(now) for b, w in asks]
         for result in got:
             if isinstance(result, Exception):
                 raise result
@@ -218,15 +229,19 @@ class MemoryWindows:
             return
         due = [(row, index, query) for row, index, sequence, prompt_len in rows
                if (query := self.window_query(index, sequence, prompt_len)) is not None]
-        if not due:
-            return
-        if self.retrieve_many is not None:  # the rows that start a window together: one call
-            batch = self.pool.submit(self._fetch, [(row, query) for row, _, query in due], True)
-            for j, (row, index, _) in enumerate(due):
-                self.ahead[row] = (index, _item(batch, j))
-            return
-        for row, index, query in due:
-            self.ahead[row] = (index, _item(self.pool.submit(self._fetch, [(row, query)], True), 0))
+        for (row, index, _), future in zip(due, self.begin([(row, query) for row, _, query in due])):
+            self.ahead[row] = (index, future)
+
+    def begin(self, asks: list[tuple[int, list[int]]]) -> list[Future]:
+        """Begin the retrievals of `asks` (row, query) on the pool: one call through `retrieve_many` (the asks that
+        fall due together), else one task each, all at once. A future per ask of what `fetch_many` returns for
+        it (its placed memories, or the exception its retrieval raised)."""
+        if not asks:
+            return []
+        if self.retrieve_many is not None:
+            batch = self.pool.submit(self._fetch, asks, True)
+            return [_item(batch, j) for j in range(len(asks))]
+        return [_item(self.pool.submit(self._fetch, [ask], True), 0) for ask in asks]
 
     def _drop(self, row: int) -> None:
         early = self.ahead.pop(row, None)
@@ -307,14 +322,16 @@ class Prefill:
         self.bucket = self.LENGTH_BUCKET if self.compiled else 1
 
     def __call__(self, prompts: list[list[int]], caches: list[KVCache], windows: MemoryWindows,
-                 all_logits: bool = False) -> tuple[Tensor, Tensor | None, list]:
-        """prompts (full model sequences) into `caches` (one row each); windows retrieves their memories.
+                 all_logits: bool = False, fetched: list[list | None] | None = None
+                 ) -> tuple[Tensor, Tensor | None, list]:
+        """prompts (full model sequences) into `caches` (one row each); windows retrieves their memories, apart
+        from the rows whose `fetched` results are given (`MemoryWindows.prompt_memory`).
         Returns the last tokens' logits (n, V), every position's logits (n, P, V) if `all_logits` (else None), and
         the retrieval events (row, window, ids)."""
         dev = self.model.device
         lengths = [len(p) for p in prompts]
         P = min(-(-max(lengths) // self.bucket) * self.bucket, caches[0].max_len)
-        memory, events = windows.prompt_memory(prompts, P)
+        memory, events = windows.prompt_memory(prompts, P, fetched)
         idx = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=dev)  # (n, P), right-padded
         last = torch.tensor(lengths, device=dev) - 1
         args = (idx, last) + (() if memory is None else (memory.keys, memory.values, memory.mask))

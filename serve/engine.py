@@ -17,11 +17,13 @@ once per window), attention reads the batch's length bucket only, and on CUDA th
 batch-size bucket; greedy batches take the argmax on the device, and the step's one host sync is reading the tokens,
 which happens after the next forward is launched (as in `generate`), so the host's work per token overlaps it.
 
-The retrievals that fall due together (a prefill's prompt windows, the rows that start a window in the same step)
-go to the server's `retrieve_many` as one call (serve/generator.py: one retriever round trip and one memory-tier
-fetch for them all), or without one run at once on a thread pool, one request's `retrieve` each. A decode
-window's query (the window before it) is complete a step before its memories are needed, so its retrieval begins
-then and overlaps that step's forward.
+The retrievals that fall due together (the prompt windows of the requests that arrived since the last step, the
+rows that start a window in the same step) go to the server's `retrieve_many` as one call (serve/generator.py:
+one retriever round trip and one memory-tier fetch for them all), or without one run at once on a thread pool,
+one request's `retrieve` each. Neither kind holds up the batch's decoding: a waiting request's prompt windows are
+retrieved on the pool while the batch decodes, and it is prefilled once they are back (requests submitted
+together are admitted together); a decode window's query (the window before it) is complete a step before its
+memories are needed, so its retrieval begins then and overlaps that step's forward.
 
 Pure PyTorch plus threads: the Ray Serve replica (serve/generator.py) feeds it and reads its events.
 Events, delivered by `request.emit` from the engine thread:
@@ -37,7 +39,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -76,10 +78,27 @@ class DecodeRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default=0.0, init=False, repr=False)
     """When `DecodeEngine.submit` took it (time.perf_counter): its waits in `stats()` are measured from here."""
+    prompt_retrieval: PromptRetrieval | None = field(default=None, init=False, repr=False)
+    """Its prompt windows' retrievals, begun while it waits (None: not begun, or retrieved at its prefill)."""
 
     def cancel(self) -> None:
         """Thread-safe: the engine frees the request's slot before its next step."""
         self.cancelled.set()
+
+
+@dataclass
+class PromptRetrieval:
+    """One waiting request's prompt-window retrievals (a future per window of its placed memories or exception)
+    and those of every request whose retrievals began with it: those are admitted together, once all are back."""
+
+    windows: list[Future]
+    group: list[Future]
+
+    def done(self) -> bool:
+        return all(future.done() for future in self.group)
+
+    def results(self) -> list:
+        return [future.result() for future in self.windows]
 
 
 @dataclass
@@ -99,8 +118,11 @@ class DecodeEngine:
         self.device = model.device
         concurrency = retrieval_concurrency or max_batch
         self.retrievals = ThreadPoolExecutor(concurrency, thread_name_prefix="retrieval") if concurrency > 1 else None
-        """A prefill's window retrievals, and a step's, run at once (each request's retrieve may block), and the
-        next window's retrievals begin there a step early."""
+        """Waiting requests' prompt-window retrievals and a step's run here at once (each request's retrieve may
+        block) while the batch decodes; the next window's retrievals begin here a step early. None (concurrency
+        1): each retrieval runs on the engine thread when due."""
+        self.prompt_retrievals: list[Future] = []
+        """Prompt-window retrievals in flight: a step that captures a CUDA graph waits for them first."""
         self.retrieve_many = retrieve_many
         """When given, the retrievals that fall due together (a prefill's prompt windows, the rows that start a
         window in one step) go to it as one call of (request.retrieve, query) pairs instead of one
@@ -133,9 +155,11 @@ class DecodeEngine:
                        "prefills": 0, "prefilled": 0}
         """prefills: prompt forwards run; prefilled: requests they took (their ratio: requests per prefill)."""
         self.timings = {"queue_s": Timings(), "prefill_s": Timings(), "first_token_s": Timings()}
-        """Per request, from `submit`: until its prefill began (queue_s) and until its first token reached the host
-        (first_token_s, the engine's own time to first token); per prefill, the host's time in it, its memories'
-        retrievals included (prefill_s). A served request's TTFT beyond first_token_s is the HTTP path's."""
+        """Per request, from `submit`: until its prefill began (queue_s: a free slot and its prompt windows'
+        memories waited for) and until its first token reached the host (first_token_s, the engine's own time to
+        first token); per prefill, the host's time in it (prefill_s: the prompt windows' retrievals included only
+        where they were not begun while the request waited). A served request's TTFT beyond first_token_s is the
+        HTTP path's."""
         self.running = True
         self.thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
         self.thread.start()
@@ -182,8 +206,8 @@ class DecodeEngine:
             try:
                 self._admit()
                 if not any(self.slots):
-                    with self.wakeup:
-                        if not self.waiting and self.running:
+                    with self.wakeup:  # nothing to decode: sleep until a request arrives or its memories do
+                        if not any(self._actionable(r) for r in self.waiting) and self.running:
                             self.wakeup.wait(self.idle_wait_s)
                     continue
                 self._step()
@@ -194,36 +218,85 @@ class DecodeEngine:
                         self._finish(i, error=f"decode failed: {e}")
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots: each contiguous run of free slots is prefilled in one forward."""
+        """Move ready waiting requests (their prompt windows' memories back, or retrieved at prefill) into free
+        slots, in arrival order: each contiguous run of free slots is prefilled in one forward. A request whose
+        prompt retrieval failed fails alone, before any forward."""
+        self._begin_prompt_retrievals()
         while None in self.slots:
             start = self.slots.index(None)
             stop = next((i for i in range(start, self.max_batch) if self.slots[i] is not None), self.max_batch)
             with self.wakeup:
-                batch = [self.waiting.popleft() for _ in range(min(stop - start, len(self.waiting)))]
-            live = [r for r in batch if not r.cancelled.is_set()]
-            self.counts["cancelled"] += len(batch) - len(live)
+                batch = [r for r in self.waiting if self._ready(r)][:stop - start]
+                for request in batch:
+                    self.waiting.remove(request)
             if not batch:
                 return
+            live = []
+            for request in batch:
+                if request.cancelled.is_set():
+                    self.counts["cancelled"] += 1
+                elif request.prompt_retrieval is not None and (failed := next(
+                        (r for r in request.prompt_retrieval.results() if isinstance(r, Exception)), None)):
+                    self._fail_prefill(request, failed)
+                else:
+                    live.append(request)
             if not live:
                 continue
             try:
                 self._prefill(live, start)
             except Exception as e:
                 if len(live) == 1:
-                    log.warning("prefill failed: %s", e)
-                    self.counts["failed"] += 1
-                    live[0].emit({"type": "error", "message": f"prefill failed: {e}"})
+                    self._fail_prefill(live[0], e)
                 else:  # find the culprit: one by one, so only its request fails
                     self._prefill_each(live, start)
+
+    def _ready(self, request: DecodeRequest) -> bool:
+        """Under `wakeup`: whether `request` can be prefilled now."""
+        return request.retrieve is None or self.retrievals is None or (
+            request.prompt_retrieval is not None and request.prompt_retrieval.done())
+
+    def _actionable(self, request: DecodeRequest) -> bool:
+        """Under `wakeup`: whether the engine has something to do for a waiting request (admit it, or begin its
+        retrievals) rather than wait for its memories."""
+        return request.prompt_retrieval is None or request.prompt_retrieval.done()
+
+    def _begin_prompt_retrievals(self) -> None:
+        """The prompt windows of the requests that arrived since the last step, retrieved on the pool as one group
+        (one `retrieve_many` call): the batch goes on decoding meanwhile, instead of stalling for them in the
+        prefill."""
+        if self.retrievals is None:
+            return
+        with self.wakeup:
+            new = [r for r in self.waiting if r.retrieve is not None and r.prompt_retrieval is None]
+        if not new:
+            return
+        windows = MemoryWindows(self.model, lambda row, query: new[row].retrieve(query), 1, self.retrievals,
+                                self._batched(lambda row: new[row]))  # one row: it only retrieves and places
+        asks = windows.prompt_asks([r.prompt for r in new])
+        group = windows.begin(asks)
+        self.prompt_retrievals = [f for f in self.prompt_retrievals if not f.done()] + group
+        rows = [row for row, _ in asks]
+        for row, request in enumerate(new):
+            request.prompt_retrieval = PromptRetrieval(group[rows.index(row):rows.index(row) + rows.count(row)],
+                                                       group)
+        for future in group:
+            future.add_done_callback(self._wake)
+
+    def _wake(self, _: Future) -> None:
+        with self.wakeup:
+            self.wakeup.notify()
+
+    def _fail_prefill(self, request: DecodeRequest, error: Exception) -> None:
+        log.warning("prefill failed: %s", error)
+        self.counts["failed"] += 1
+        request.emit({"type": "error", "message": f"prefill failed: {error}"})
 
     def _prefill_each(self, requests: list[DecodeRequest], start: int) -> None:
         for i, request in enumerate(requests):
             try:
                 self._prefill([request], start + i)
             except Exception as e:
-                log.warning("prefill failed: %s", e)
-                self.counts["failed"] += 1
-                request.emit({"type": "error", "message": f"prefill failed: {e}"})
+                self._fail_prefill(request, e)
 
     def _prefill(self, requests: list[DecodeRequest], start: int) -> None:
         """Prompts of `requests` into slots start.. in one batched forward, writing the KV cache rows in place;
@@ -239,8 +312,9 @@ class DecodeEngine:
             if any_memory else None
         windows = MemoryWindows(self.model, retrieve, n, self.retrievals,
                                 self._batched(lambda row: requests[row]) if any_memory else None)
+        fetched = [r.prompt_retrieval and r.prompt_retrieval.results() for r in requests]
         last, logits, events = self.prefill([r.prompt for r in requests], self._cache_views(start, n), windows,
-                                            all_logits=any(r.prompt_logprobs for r in requests))
+                                            all_logits=any(r.prompt_logprobs for r in requests), fetched=fetched)
         self.windows.take_rows(start, windows)
         self.last_logits[start:start + n] = last.float()
         self.timings["prefill_s"].add(time.perf_counter() - began)
@@ -364,6 +438,7 @@ class DecodeEngine:
         memory = any(s is not None and s.request.retrieve is not None for s in self.slots[:n])
         if not self.decode.captured(n, max(pos) + 1, memory):
             self.windows.settle()  # nothing else on the device while a step compiles and captures its graph
+            wait(self.prompt_retrievals)
         self.last_logits[:n] = self.decode(n, max(pos) + 1, memory).float()  # (n, V)
         return retrieved
 

@@ -32,10 +32,12 @@ class EventInbox:
     """One request's engine events, from the engine thread to the replica's event loop. The engine thread appends
     and wakes the loop only for the first event since the loop last took them: a batch-32 step then costs the loop
     one wake-up per request that is waiting, not one per event, and events that pile up meanwhile leave as one
-    stream item (each costs a Ray Serve replica a fraction of a millisecond of its GIL)."""
+    stream item (each costs a Ray Serve replica a fraction of a millisecond of its GIL). The request's end also
+    sets `ended`, so a loop that lets tokens gather (`gather`) sends it at once."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.ready, self.lock = loop, asyncio.Event(), threading.Lock()
+        self.ended = asyncio.Event()
         self.events: deque[dict] = deque()
         self.idle = True  # the loop has taken every event: the next one must wake it
 
@@ -46,6 +48,8 @@ class EventInbox:
             wake, self.idle = self.idle, False
         if wake:
             self.loop.call_soon_threadsafe(self.ready.set)
+        if event["type"] in ("finish", "error"):
+            self.loop.call_soon_threadsafe(self.ended.set)
 
     async def take(self) -> list[dict]:
         """Event loop: every event so far (at least one)."""
@@ -55,6 +59,14 @@ class EventInbox:
             events, self.idle = list(self.events), True
             self.events.clear()
         return events
+
+    async def gather(self, seconds: float) -> None:
+        """Event loop: let events gather for `seconds`, or less if the request ends meanwhile (its last tokens and
+        its end leave at once: a client waits for the end, and in a closed loop sends its next request then)."""
+        try:
+            await asyncio.wait_for(self.ended.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
 
 
 @dataclass
@@ -127,7 +139,7 @@ class Generator:
                 if any(e["type"] in ("finish", "error") for e in events):
                     return
                 if self.stream_interval_s and any(e["type"] == "token" for e in events):
-                    await asyncio.sleep(self.stream_interval_s)  # the first token left at once; later ones gather
+                    await inbox.gather(self.stream_interval_s)  # the first token left at once; later ones gather
         finally:
             request.cancel()
 

@@ -161,22 +161,25 @@ def test_auto_codec_per_model_shape():
 @cuda
 @pytest.mark.parametrize("factory, dim", [("OPQ8_32,Residual2x5,PQ4x6", 32), ("IVF16,PQ8x6", 32),
                                           ("Residual2x10,PQ8x10", 80)])  # the paper's sub-space shapes, K smaller
-def test_gpu_torch_codec_encodes_as_faiss(factory, dim, one_faiss_thread):
+@pytest.mark.parametrize("kernel, agree, error_ratio", [("tf32x3", 0.999, 1.001), ("tf32", 0.95, 1.005)])
+def test_gpu_torch_codec_encodes_as_faiss(factory, dim, kernel, agree, error_ratio, one_faiss_thread):
     """The codes a GPU encoder ships (the fused nearest-centroid kernel): FAISS's, and the torch GEMM path's, up to
-    near-ties the GPU may break the other way; a reconstruction error no worse than FAISS's."""
+    near-ties the GPU may break the other way; a reconstruction error no worse than FAISS's. One-pass tf32 rounds
+    the distances more coarsely, so it breaks more near-ties another way: its codes may differ more, its error
+    may not."""
     assert _fused_kernel() is not None, "CUDA torch ships Triton: the encoder would fall back to the torch GEMMs"
     rng = np.random.default_rng(4)
     x = (rng.standard_normal((20000, dim)) * rng.uniform(0.1, 3.0, dim)).astype(np.float32)
     q = MemoryQuantizer(factory, dim)
     q.train(x[:4000])
-    codes = q.encode_tensor(torch.from_numpy(x).cuda())
+    codes = q.encode_tensor(torch.from_numpy(x).cuda(), kernel)
     assert codes.device.type == "cuda" and codes.dtype == torch.uint8
     expected = q.index.sa_encode(x)
-    assert (codes.cpu().numpy() == expected).all(1).mean() > 0.999
+    assert (codes.cpu().numpy() == expected).all(1).mean() > agree
     torch_path = q.torch_codec("cuda").encode(torch.from_numpy(x).cuda(), kernel=None)
-    assert (codes == torch_path).all(1).float().mean() > 0.999
+    assert (codes == torch_path).all(1).float().mean() > agree
     restored = q.decode(codes, "cuda").cpu()
-    assert relative_error(torch.from_numpy(x), restored) <= 1.001 * relative_error(
+    assert relative_error(torch.from_numpy(x), restored) <= error_ratio * relative_error(
         torch.from_numpy(x), torch.from_numpy(q.index.sa_decode(expected)))
 
 

@@ -117,3 +117,29 @@ def test_the_event_inbox_hands_over_every_event_in_order_and_gathers_them():
     got, takes = asyncio.run(main())
     assert [e["token"] for e in got[:-1]] == list(range(3000)) and got[-1] == {"type": "finish"}
     assert takes < len(got) / 10, f"{takes} takes for {len(got)} events"
+
+
+def test_tokens_gather_for_the_stream_interval_but_the_end_leaves_at_once():
+    """`gather` lets later tokens wait up to the interval; a request's end cuts it short (its client, and in a
+    closed loop its next request, waits for the end)."""
+    import threading
+    import time
+
+    from serve.generator import EventInbox
+
+    async def main() -> tuple[float, float, list[dict]]:
+        inbox = EventInbox(asyncio.get_running_loop())
+        inbox.put({"type": "token", "token": 1})
+        await inbox.take()
+        began = time.perf_counter()
+        await inbox.gather(0.05)  # no end: the whole interval
+        interval = time.perf_counter() - began
+        threading.Timer(0.05, lambda: (inbox.put({"type": "token", "token": 2}), inbox.put({"type": "finish"}))).start()
+        began = time.perf_counter()
+        await inbox.gather(30.0)
+        return interval, time.perf_counter() - began, await inbox.take()
+
+    interval, cut_short, rest = asyncio.run(main())
+    assert interval >= 0.05
+    assert cut_short < 10.0, "the end waited for the whole interval"
+    assert rest == [{"type": "token", "token": 2}, {"type": "finish"}]

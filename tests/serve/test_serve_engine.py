@@ -153,6 +153,32 @@ def test_a_failing_prompt_retrieval_fails_only_its_request(model, bank):
         engine.stop()
 
 
+def test_a_waiting_requests_prompt_retrieval_does_not_hold_up_the_batch(model, bank):
+    """A request's prompt windows are retrieved while it waits, not in its prefill: the batch decodes to the end
+    while that retrieval is held, and the request is then prefilled with what came back (generate's tokens)."""
+    release = threading.Event()
+    plain = make_retrieve(bank)
+
+    def held(query):
+        assert release.wait(30), "never released"
+        return plain(query)
+
+    engine = DecodeEngine(model, max_batch=2, seed=0)
+    try:
+        running, waiting = Collector(), Collector()
+        engine.submit(DecodeRequest(prompt_of(90, 9), 60, emit=running))
+        prompt = prompt_of(91, 12)
+        engine.submit(DecodeRequest(prompt, 12, retrieve=held, emit=waiting))
+        assert running.done.wait(20) and running.end == {"type": "finish", "reason": "length"}
+        assert len(running.tokens) == 60 and not waiting.tokens and not waiting.done.is_set()
+        release.set()
+        assert waiting.done.wait(60)
+        assert waiting.tokens == reference(model, prompt, 12, make_retrieve(bank))[0]
+    finally:
+        release.set()
+        engine.stop()
+
+
 @pytest.mark.parametrize("concurrency", [0, 1])
 def test_retrievals_that_fall_due_together_run_at_once(model, bank, concurrency):
     """A prefill's windows and the rows that start a window in the same step are retrieved concurrently (a served
