@@ -309,17 +309,50 @@ class Prefill:
     after every real token: no real token attends to it, and decoding masks its cache positions until it
     overwrites them. Opt-in (`MEMORY3_COMPILE_PREFILL=1`, read by `compile_prefill`): it is right on an H200
     (tests/model/test_gpu.py), but its speed is not yet measured and its compilations outlasted a 240 s benchmark
-    there (BENCHMARKS.md), so the engine and `generate` run the prefill eager and unpadded by default."""
+    there (BENCHMARKS.md), so the engine and `generate` run the prefill eager and unpadded by default.
+
+    With `graphs` (the serving engine's default on CUDA) a short prompt batch (up to GRAPH_MAX_LEN tokens, no
+    per-position logits asked) runs a CUDA graph per (batch bucket, GRAPH_LENGTH_BUCKET multiple, memory or not),
+    captured from the eager forward on first use: one launch instead of thousands, so a prefill costs the batch it
+    interrupts its GPU time, not the host's Python for every kernel (slowed further by a serving process's other
+    threads). The graph writes a scratch cache of fixed rows, whose first positions are then copied into the
+    destination rows (the prefill's rows move from request to request; a graph's addresses cannot). Off CUDA the
+    same padded, scratch-cache path runs eagerly (what the CPU tests check against the plain prefill)."""
 
     LENGTH_BUCKET = 16
     DYNAMIC = ((0, 1), (0,), (0, 3), (0, 3), (0, 1, 2))
     """The dims of (idx, last, keys, values, mask) that vary: batch, prompt length, memory tokens."""
+    GRAPH_LENGTH_BUCKET = 64
+    GRAPH_MAX_LEN = 256
+    """Longer prompts run eager: their GEMMs outweigh the launches, and the scratch cache stays small (2.4B, 32
+    rows: 1.9 GB)."""
 
-    def __init__(self, model: Transformer, compiled: bool = False):
+    def __init__(self, model: Transformer, compiled: bool = False, graphs: bool = False, max_batch: int = 1):
         self.model = model
         self.compiled = compiled
         self._forward = _compiled(model, "_compiled_prefill", _prefill_forward) if self.compiled else _prefill_forward
         self.bucket = self.LENGTH_BUCKET if self.compiled else 1
+        self.graphs = graphs and not compiled
+        self.replay = self.graphs and model.device.type == "cuda"
+        model.weights_captured |= self.replay
+        self.rows = next(b for b in DecodeStep.BATCH_BUCKETS if b >= max_batch)
+        self._scratch: list[KVCache] | None = None
+        self._static: dict[tuple[int, int, bool], dict] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.replay else None
+        self._side = torch.cuda.Stream(device=model.device) if self.replay else None
+
+    def _shape(self, n: int, length: int, all_logits: bool, max_len: int) -> tuple[int, int] | None:
+        """(batch bucket, padded length) of the static path for n prompts of up to `length` tokens, or None."""
+        P = min(-(-length // self.GRAPH_LENGTH_BUCKET) * self.GRAPH_LENGTH_BUCKET, max_len)
+        if not self.graphs or all_logits or n > self.rows or P > self.GRAPH_MAX_LEN:
+            return None
+        return next(b for b in DecodeStep.BATCH_BUCKETS if b >= n), P
+
+    def captures(self, prompts: list[list[int]], memory: bool, all_logits: bool, max_len: int) -> bool:
+        """Whether this prefill captures a new CUDA graph: the caller keeps other threads' work off the device
+        meanwhile (as for `DecodeStep.captured`)."""
+        shape = self._shape(len(prompts), max(map(len, prompts)), all_logits, max_len)
+        return self.replay and shape is not None and (*shape, memory) not in self._static
 
     def __call__(self, prompts: list[list[int]], caches: list[KVCache], windows: MemoryWindows,
                  all_logits: bool = False, fetched: list[list | None] | None = None
@@ -330,11 +363,14 @@ class Prefill:
         the retrieval events (row, window, ids)."""
         dev = self.model.device
         lengths = [len(p) for p in prompts]
-        P = min(-(-max(lengths) // self.bucket) * self.bucket, caches[0].max_len)
+        static = self._shape(len(prompts), max(lengths), all_logits, caches[0].max_len)
+        P = static[1] if static else min(-(-max(lengths) // self.bucket) * self.bucket, caches[0].max_len)
         memory, events = windows.prompt_memory(prompts, P, fetched)
         idx = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=dev)  # (n, P), right-padded
         last = torch.tensor(lengths, device=dev) - 1
         args = (idx, last) + (() if memory is None else (memory.keys, memory.values, memory.mask))
+        if static:
+            return self._run_static(static[0], args, caches), None, events
         self.model.use_caches(caches)
         if self.compiled:  # batch, prompt length and memory tokens vary without a recompilation
             for t, dims in zip(args, self.DYNAMIC):
@@ -349,6 +385,46 @@ class Prefill:
             hidden, logits = self._forward(self.model, *args)
         full = self.model.lm_head(self.model.norm(hidden)) if all_logits else None
         return logits, full, events
+
+    def _run_static(self, rows: int, args: tuple[Tensor, ...], caches: list[KVCache]) -> Tensor:
+        """The forward over static buffers of `rows` rows (args copied into their first n) into the scratch cache,
+        replayed from its graph on CUDA; then the scratch's first positions into `caches`. Last logits (n, V)."""
+        n, P = args[0].shape
+        key = (rows, P, len(args) > 2)
+        if self._scratch is None:
+            c = self.model.cfg
+            self._scratch = [KVCache(self.rows, c.n_kv_head, self.GRAPH_MAX_LEN, c.head_dim, caches[0].k.dtype,
+                                     self.model.device) for _ in range(c.n_layer)]
+        new = key not in self._static
+        if new:
+            self._static[key] = {"args": [torch.zeros((rows, *a.shape[1:]), dtype=a.dtype, device=a.device)
+                                          for a in args], "caches": [cache.rows(0, rows) for cache in self._scratch]}
+        static = self._static[key]
+        for buffer, a in zip(static["args"], args):
+            buffer[:n].copy_(a)
+        if new and self.replay:
+            self._capture(static)
+        if self.replay:
+            static["graph"].replay()
+            logits = static["logits"]
+        else:
+            self.model.use_caches(static["caches"])
+            logits = _prefill_forward(self.model, *static["args"])[1]
+        for scratch, cache in zip(static["caches"], caches):
+            cache.k[:, :, cache.reserved:cache.reserved + P] = scratch.k[:n, :, :P]
+            cache.v[:, :, cache.reserved:cache.reserved + P] = scratch.v[:n, :, :P]
+        return logits[:n].clone()
+
+    def _capture(self, static: dict) -> None:
+        self.model.use_caches(static["caches"])
+        self._side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side):  # warm-up off the capture (library handles, kernel choices)
+            _prefill_forward(self.model, *static["args"])
+        torch.cuda.current_stream().wait_stream(self._side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            static["logits"] = _prefill_forward(self.model, *static["args"])[1]
+        static["graph"] = graph
 
 
 def compile_prefill(device: torch.device) -> bool:

@@ -140,8 +140,10 @@ class DecodeEngine:
         self.startup = {"graphs_captured": captured, "capture_s": round(time.perf_counter() - started, 1)}
         """With capture_at_start, every decode graph is compiled and captured before the first request, so no
         request waits for one (DecodeStep.capture_all)."""
-        self.prefill = Prefill(model, compiled=cuda_graphs and compile_prefill(self.device))
-        """The prompt forward (eager; compiled on CUDA with MEMORY3_COMPILE_PREFILL=1)."""
+        self.prefill = Prefill(model, compiled=cuda_graphs and compile_prefill(self.device),
+                               graphs=cuda_graphs and self.device.type == "cuda", max_batch=max_batch)
+        """The prompt forward: on CUDA replayed from a graph per shape bucket for short prompts, else eager (compiled
+        with MEMORY3_COMPILE_PREFILL=1)."""
         self.last_logits = torch.zeros(max_batch, cfg.vocab_size, device=self.device)
         self.readback = TokenReadback(max_batch, self.device)
         self.temperature = torch.zeros(max_batch, device=self.device)
@@ -282,6 +284,11 @@ class DecodeEngine:
         for future in group:
             future.add_done_callback(self._wake)
 
+    def _settle(self) -> None:
+        """Nothing else on the device while a graph is compiled and captured: every retrieval in flight ends first."""
+        self.windows.settle()
+        wait(self.prompt_retrievals)
+
     def _wake(self, _: Future) -> None:
         with self.wakeup:
             self.wakeup.notify()
@@ -313,8 +320,11 @@ class DecodeEngine:
         windows = MemoryWindows(self.model, retrieve, n, self.retrievals,
                                 self._batched(lambda row: requests[row]) if any_memory else None)
         fetched = [r.prompt_retrieval and r.prompt_retrieval.results() for r in requests]
-        last, logits, events = self.prefill([r.prompt for r in requests], self._cache_views(start, n), windows,
-                                            all_logits=any(r.prompt_logprobs for r in requests), fetched=fetched)
+        prompts, all_logits = [r.prompt for r in requests], any(r.prompt_logprobs for r in requests)
+        if self.prefill.captures(prompts, any_memory, all_logits, self.cfg.max_seq_len):
+            self._settle()
+        last, logits, events = self.prefill(prompts, self._cache_views(start, n), windows, all_logits=all_logits,
+                                            fetched=fetched)
         self.windows.take_rows(start, windows)
         self.last_logits[start:start + n] = last.float()
         self.timings["prefill_s"].add(time.perf_counter() - began)
@@ -437,8 +447,7 @@ class DecodeEngine:
         self.windows.write_caches(self.decode_caches)
         memory = any(s is not None and s.request.retrieve is not None for s in self.slots[:n])
         if not self.decode.captured(n, max(pos) + 1, memory):
-            self.windows.settle()  # nothing else on the device while a step compiles and captures its graph
-            wait(self.prompt_retrievals)
+            self._settle()
         self.last_logits[:n] = self.decode(n, max(pos) + 1, memory).float()  # (n, V)
         return retrieved
 
