@@ -322,7 +322,7 @@ class Prefill:
     LENGTH_BUCKET = 16
     DYNAMIC = ((0, 1), (0,), (0, 3), (0, 3), (0, 1, 2))
     """The dims of (idx, last, keys, values, mask) that vary: batch, prompt length, memory tokens."""
-    GRAPH_LENGTH_BUCKET = 64
+    GRAPH_LENGTH_BUCKET = 32
     GRAPH_MAX_LEN = 256
     """Longer prompts run eager: their GEMMs outweigh the launches, and the scratch cache stays small (2.4B, 32
     rows: 0.9 GB)."""
