@@ -163,10 +163,11 @@ def main() -> None:
         models = {0: model, 1: fused}  # a copy only when both are timed (2.4B: 5.6 GB more)
         serving = models[args.fuse[-1]]
         for label, retrieve in (("none", None), ("memory", lambda row, q: Retrieved(one, one_valid))):
-            for n in args.prefill_batch:
-                print(json.dumps({**common, "bench": "prefill", "memory": label, "batch": n,
+            for n, graphs in [(n, graphs) for n in args.prefill_batch for graphs in (False, True)[:1 + (dev == "cuda")]]:
+                print(json.dumps({**common, "bench": "prefill", "memory": label, "batch": n, "graphs": graphs,
                                   "prompt_tokens": len(prompt), "fused_projections": bool(args.fuse[-1]),
-                                  **prefill_timing(serving, [prompt] * n, retrieve, dev, args.profile)}), flush=True)
+                                  **prefill_timing(serving, [prompt] * n, retrieve, dev, args.profile, graphs)}),
+                      flush=True)
         variants = [(label, retrieve, compiled, fuse) for fuse in args.fuse
                     for compiled in [False] * (args.eager or not args.compile) + [True] * args.compile
                     for label, retrieve in (("none", None), ("memory", lambda row, q: Retrieved(one, one_valid)))]
@@ -198,14 +199,16 @@ def main() -> None:
                 print(json.dumps({**common, "bench": "gemv", **row}), flush=True)
 
 
-def prefill_timing(model: Transformer, prompts: list[list[int]], retrieve, device: str, profile: bool) -> dict:
-    """The engine's eager prefill (its prompt windows' retrievals and memory layout included) into fresh caches:
-    what a batch of requests waits before its first token, apart from sampling."""
+def prefill_timing(model: Transformer, prompts: list[list[int]], retrieve, device: str, profile: bool,
+                   graphs: bool = False) -> dict:
+    """The engine's prefill (its prompt windows' retrievals and memory layout included) into fresh caches: what a
+    batch of requests waits before its first token, apart from sampling. Eager, or with `graphs` as the engine
+    runs it on CUDA (a graph per batch and length bucket; the first call captures it)."""
     windows = MemoryWindows(model, retrieve, len(prompts))
     model.setup_caches(len(prompts), len(prompts[0]) + 128, memory_slots=windows.reserved if retrieve else 0)
     caches = model.caches()
     try:
-        prefill = Prefill(model)
+        prefill = Prefill(model, graphs=graphs, max_batch=len(prompts))
         run = lambda: prefill(prompts, caches, windows)  # noqa: E731
         row = {"ms": round(timed(run, device, repeats=5) * 1e3, 2), "retrievals": len(run()[2])}
         if profile:
