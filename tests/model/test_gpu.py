@@ -77,9 +77,12 @@ def test_bf16_decoding_with_memory_matches_full_forward(make_model, compiled):
     assert (gen - ref).abs().max() < 0.05 * ref.abs().max()
 
 
-def test_bf16_compiled_prefill_matches_eager(make_model):
-    """The engine's prompt forward on CUDA (`Prefill(compiled=True)`: padded to a length bucket, torch.compile'd,
-    batch and length dynamic) against the eager unpadded forward, with memory, over two batch shapes."""
+@pytest.mark.parametrize("variant", ["compiled", "graphs"])
+def test_bf16_fast_prefill_matches_eager(make_model, variant):
+    """The engine's prompt forward on CUDA against the eager unpadded forward: compiled (`Prefill(compiled=True)`:
+    padded to a length bucket, torch.compile'd, batch and length dynamic; with memory) or graphed
+    (`Prefill(graphs=True)`: a CUDA graph per batch and length bucket, through a scratch cache; with and without
+    memory), over shapes that compile or capture and shapes that reuse them with other contents."""
     from model.generate import MemoryWindows, Prefill
 
     model = make_model(window=64, reference_len=32, mem_tokens=8, max_seq_len=600, head_dim=64)
@@ -88,40 +91,14 @@ def test_bf16_compiled_prefill_matches_eager(make_model):
     memories = torch.randn(3, cfg.refs_per_window, *cfg.memory_shape, device="cuda", dtype=torch.bfloat16)
     n_valid = torch.tensor([[8, 2], [5, 0], [1, 8]], device="cuda")
     g = torch.Generator().manual_seed(0)
-    compiled = Prefill(model, compiled=True)
-    for lengths in ([130, 70, 9], [200, 66]):
-        prompts = [SINK + torch.randint(5, cfg.vocab_size, (n - 2,), generator=g).tolist() for n in lengths]
-        out = []
-        for prefill in (Prefill(model), compiled):
-            windows = MemoryWindows(model, lambda row, q: Retrieved(memories[row], n_valid[row]), len(prompts))
-            model.setup_caches(len(prompts), cfg.max_seq_len, memory_slots=windows.reserved)
-            last, _, _ = prefill(prompts, model.caches(), windows)
-            out.append((last.float(), [c.k[:, :, :windows.reserved + min(lengths)].float() for c in model.caches()]))
-            model.clear_caches()
-        (eager, eager_k), (fast, fast_k) = out
-        assert (fast - eager).abs().max() < 5e-2 * eager.abs().max()
-        assert all((a - b).abs().max() < 5e-2 * b.abs().max() for a, b in zip(fast_k, eager_k))
-    assert compiled.compiled
-
-
-def test_bf16_graphed_prefill_matches_eager(make_model):
-    """The engine's prompt forward on CUDA (`Prefill(graphs=True)`: a CUDA graph per batch and length bucket,
-    through a scratch cache) against the eager unpadded forward, with and without memory, over shapes that capture
-    new graphs and shapes that replay them with other contents."""
-    from model.generate import MemoryWindows, Prefill
-
-    model = make_model(window=64, reference_len=32, mem_tokens=8, max_seq_len=600, head_dim=64)
-    model = model.to("cuda", torch.bfloat16)
-    cfg = model.cfg
-    memories = torch.randn(3, cfg.refs_per_window, *cfg.memory_shape, device="cuda", dtype=torch.bfloat16)
-    n_valid = torch.tensor([[8, 2], [5, 0], [1, 8]], device="cuda")
-    g = torch.Generator().manual_seed(0)
-    graphed = Prefill(model, graphs=True, max_batch=4)
-    for memory in (True, False):
-        for lengths in ([130, 70, 9], [200, 66], [131, 12, 100], [40]):
+    compiled = variant == "compiled"
+    fast = Prefill(model, compiled=True) if compiled else Prefill(model, graphs=True, max_batch=4)
+    shapes = [[130, 70, 9], [200, 66]] + ([] if compiled else [[131, 12, 100], [40]])
+    for memory in (True,) if compiled else (True, False):
+        for lengths in shapes:
             prompts = [SINK + torch.randint(5, cfg.vocab_size, (n - 2,), generator=g).tolist() for n in lengths]
             out = []
-            for prefill in (Prefill(model), graphed):
+            for prefill in (Prefill(model), fast):
                 windows = MemoryWindows(model, (lambda row, q: Retrieved(memories[row], n_valid[row])) if memory
                                         else None, len(prompts))
                 model.setup_caches(len(prompts), cfg.max_seq_len, memory_slots=windows.reserved)
@@ -129,7 +106,10 @@ def test_bf16_graphed_prefill_matches_eager(make_model):
                 out.append((last.float(), [c.k[i, :, c.reserved:c.reserved + n].float() for c in model.caches()
                                            for i, n in enumerate(lengths)]))
                 model.clear_caches()
-            (eager, eager_k), (fast, fast_k) = out
-            assert (fast - eager).abs().max() < 5e-2 * eager.abs().max()
-            assert all((a - b).abs().max() < 5e-2 * b.abs().max() for a, b in zip(fast_k, eager_k))
-    assert graphed.replay and len(graphed._static) == 6  # (4, 160), (2, 224), (1, 64); with and without memory
+            (eager, eager_k), (got, got_k) = out
+            assert (got - eager).abs().max() < 5e-2 * eager.abs().max()
+            assert all((a - b).abs().max() < 5e-2 * b.abs().max() for a, b in zip(got_k, eager_k))
+    if compiled:
+        assert fast.compiled
+    else:  # (4, 160), (2, 224), (1, 64); with and without memory
+        assert fast.replay and len(fast._static) == 6
