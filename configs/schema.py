@@ -409,8 +409,9 @@ class DecodingSettings:
     retrieval_timeout_s: float = 30
     """A window's retrieval + memory load slower than this fails its request."""
     retrieval_concurrency: int = 0
-    """Engine retrieval threads: a decode window's retrieval begins on one a step before it is due (the windows
-    due together are one call); 0 = max_batch_size, 1 = no thread: retrieve when due."""
+    """Engine retrieval threads: a waiting request's prompt windows are retrieved on them while the batch decodes,
+    and a decode window's retrieval begins on one a step before it is due (the windows due together are one
+    call); 0 = max_batch_size, 1 = no thread: retrieve when due, on the engine thread."""
     torch_threads: int = 0
     """torch intra-op threads per replica; 0 = Ray's default."""
     fuse_projections: bool = True
@@ -419,6 +420,9 @@ class DecodingSettings:
     """After a request's first token, its tokens leave at most once per this interval (0: as soon as decoded):
     fewer Ray Serve stream items when a replica decodes hundreds of tokens/s for each of dozens of requests (each
     item holds the replica's GIL ~0.2 ms, beside the engine thread; 50 ms: 20 updates a second, BENCHMARKS.md)."""
+    prefill_graphs: bool = True
+    """On CUDA, prompts of up to 256 tokens are prefilled from a CUDA graph per batch and 32-token length bucket
+    (captured on first use): a prefill interrupts the batch for its GPU time only; false: eager."""
     capture_at_start: bool = False
     """On CUDA, compile and capture every decode graph (batch x length bucket) before the replica takes traffic, so
     no request waits for a compilation; false: each on first use (opt-in until it has run at 2.4B: docs/serving.md)."""

@@ -112,7 +112,7 @@ class _Slot:
 class DecodeEngine:
     def __init__(self, model: Transformer, max_batch: int = 8, seed: int | None = None, idle_wait_s: float = 0.5,
                  cuda_graphs: bool = True, retrieval_concurrency: int = 0, capture_at_start: bool = False,
-                 retrieve_many: RequestsRetriever | None = None):
+                 retrieve_many: RequestsRetriever | None = None, prefill_graphs: bool = True):
         cfg = model.cfg
         self.model, self.cfg, self.max_batch, self.idle_wait_s = model, cfg, max_batch, idle_wait_s
         self.device = model.device
@@ -141,9 +141,10 @@ class DecodeEngine:
         """With capture_at_start, every decode graph is compiled and captured before the first request, so no
         request waits for one (DecodeStep.capture_all)."""
         self.prefill = Prefill(model, compiled=cuda_graphs and compile_prefill(self.device),
-                               graphs=cuda_graphs and self.device.type == "cuda", max_batch=max_batch)
-        """The prompt forward: on CUDA replayed from a graph per shape bucket for short prompts, else eager (compiled
-        with MEMORY3_COMPILE_PREFILL=1)."""
+                               graphs=cuda_graphs and prefill_graphs and self.device.type == "cuda",
+                               max_batch=max_batch)
+        """The prompt forward: on CUDA replayed from a graph per shape bucket for short prompts (unless
+        prefill_graphs=False), else eager (compiled with MEMORY3_COMPILE_PREFILL=1)."""
         self.last_logits = torch.zeros(max_batch, cfg.vocab_size, device=self.device)
         self.readback = TokenReadback(max_batch, self.device)
         self.temperature = torch.zeros(max_batch, device=self.device)

@@ -97,6 +97,7 @@ class Generator:
         self.engine = DecodeEngine(self.model, max_batch=decoding["max_batch_size"], seed=decoding.get("seed"),
                                    retrieval_concurrency=decoding.get("retrieval_concurrency", 0),
                                    capture_at_start=decoding.get("capture_at_start", False),
+                                   prefill_graphs=decoding.get("prefill_graphs", True),
                                    retrieve_many=self._retrieve_many)
         self.retriever, self.memory_store = retriever, memory_store
         self.memories = self._memory_tier(bank, memory or {}, decoding["device"])
