@@ -114,8 +114,10 @@ async def one_request(client, body: dict) -> dict:
 
 async def load(url: str, prompts: list[str], mode: str, n: int, concurrency: int, max_tokens: int,
                generator=None) -> dict:
-    """Closed-loop load: `concurrency` clients send `n` streaming requests in all, after a warm-up round. With the
-    Generator's handle, its timings of the timed phase alone come back too (where the first token waits)."""
+    """Closed-loop load: `concurrency` clients send `n` streaming requests in all, after warm-up rounds. With the
+    Generator's handle, its timings of the timed phase alone come back too (where the first token waits), and how
+    many decode graphs that phase had to capture (each a compilation of a minute or more at 2.4B, which every
+    request in flight waits for: a timed phase that captured any measured the warm-up, not the engine)."""
     import httpx
 
     results: list[dict] = []
@@ -129,19 +131,24 @@ async def load(url: str, prompts: list[str], mode: str, n: int, concurrency: int
                 "temperature": 0, "memory_mode": mode, "stream": True, "stream_options": {"include_usage": True}}))
 
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        # warm-up: a full round at this concurrency (the engine captures its CUDA graphs per batch size)
-        await asyncio.gather(*(one_request(client, {
-            "model": "memory3", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "memory_mode": mode,
-            "stream": True}) for i in range(concurrency)))
+        # warm-up: a round at each batch bucket up to this concurrency (the engine compiles and captures a decode
+        # graph per batch bucket on first use; requests that arrive apart can start decoding in a small one)
+        for size in sorted({min(2 ** k, concurrency) for k in range(concurrency.bit_length() + 1)}):
+            await asyncio.gather(*(one_request(client, {
+                "model": "memory3", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
+                "memory_mode": mode, "stream": True}) for i in range(size)))
+        graphs = None
         if generator is not None:
             await generator.reset_timings.remote()
+            graphs = (await generator.stats.remote())["graphs"]
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     timings = {}
     if generator is not None:
         stats = await generator.stats.remote()
-        timings = {"engine": {k: stats[k] for k in ("queue_s", "prefill_s", "first_token_s", "retrieve_s")}}
+        timings = {"engine": {k: stats[k] for k in ("queue_s", "prefill_s", "first_token_s", "retrieve_s")},
+                   "graphs_captured_while_timed": stats["graphs"] - graphs}
     ok = [r for r in results if "error" not in r]
     return {"requests": n, "errors": n - len(ok), "seconds": round(wall, 2),
             "requests_per_s": round(len(ok) / wall, 2),
