@@ -7,8 +7,8 @@ Pure PyTorch: retrieval is a callback, so serving (FAISS + MemoryStore) and test
 `DecodeStep` is the one-token step that this loop and the serving engine (serve/engine.py) both run: static token,
 position and memory buffers, memories written into reserved cache slots once per window, attention bounded by a
 length bucket, and on CUDA one CUDA graph per (batch bucket, length bucket, memory or not). `Prefill` is the prompt
-forward they both run: on CUDA `torch.compile`d, prompt lengths padded to a bucket so a few compilations serve
-every batch and length.
+forward they both run: in the engine on CUDA replayed from a CUDA graph per (batch bucket, length bucket, memory or
+not) for short prompts; opt-in, `torch.compile`d with prompt lengths padded to a bucket.
 """
 from __future__ import annotations
 

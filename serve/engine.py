@@ -124,9 +124,10 @@ class DecodeEngine:
         self.prompt_retrievals: list[Future] = []
         """Prompt-window retrievals in flight: a step that captures a CUDA graph waits for them first."""
         self.retrieve_many = retrieve_many
-        """When given, the retrievals that fall due together (a prefill's prompt windows, the rows that start a
-        window in one step) go to it as one call of (request.retrieve, query) pairs instead of one
-        request.retrieve each: a server that made those callbacks answers them all in one round trip."""
+        """When given, the retrievals that fall due together (the prompt windows of the requests that arrived
+        together, the rows that start a window in one step) go to it as one call of (request.retrieve, query)
+        pairs instead of one request.retrieve each: a server that made those callbacks answers them all in one
+        round trip."""
         self.windows = MemoryWindows(model, self._retrieve_for_slot, max_batch, self.retrievals,
                                      self._batched(lambda row: getattr(self.slots[row], "request", None)))
         model.setup_caches(max_batch, cfg.max_seq_len, memory_slots=self.windows.reserved)
@@ -275,13 +276,13 @@ class DecodeEngine:
             return
         windows = MemoryWindows(self.model, lambda row, query: new[row].retrieve(query), 1, self.retrievals,
                                 self._batched(lambda row: new[row]))  # one row: it only retrieves and places
-        asks = windows.prompt_asks([r.prompt for r in new])
-        group = windows.begin(asks)
+        group = windows.begin(windows.prompt_asks([r.prompt for r in new]))
         self.prompt_retrievals = [f for f in self.prompt_retrievals if not f.done()] + group
-        rows = [row for row, _ in asks]
-        for row, request in enumerate(new):
-            request.prompt_retrieval = PromptRetrieval(group[rows.index(row):rows.index(row) + rows.count(row)],
-                                                       group)
+        first = 0
+        for request in new:  # each request's windows, in the asks' order
+            n_windows = self.cfg.n_windows(len(request.prompt))
+            request.prompt_retrieval = PromptRetrieval(group[first:first + n_windows], group)
+            first += n_windows
         for future in group:
             future.add_done_callback(self._wake)
 
