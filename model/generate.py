@@ -451,7 +451,8 @@ class DecodeStep:
     LENGTH_BUCKET = 128
     BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-    def __init__(self, model: Transformer, caches: list[KVCache], valid: Tensor, graphs: bool = False):
+    def __init__(self, model: Transformer, caches: list[KVCache], valid: Tensor, graphs: bool = False,
+                 compiled: bool | None = None):
         self.model, self.caches, self.valid = model, caches, valid
         self.batch, self.max_len = caches[0].k.shape[0], caches[0].max_len
         self.tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=model.device)  # (B, 1) fed next
@@ -463,21 +464,26 @@ class DecodeStep:
         self._side = torch.cuda.Stream(device=model.device) if self.graphs else None
         """Every capture's warm-up runs on this one stream: the caching allocator keeps freed blocks per stream, so
         warm-ups on a new stream each could not reuse each other's memory."""
-        fuse = self.graphs and os.environ.get("MEMORY3_FUSE_DECODE", "1") == "1"
-        self._decode = _compiled(model, "_fused_decode", model.decode) if fuse else model.decode
-        """With graphs, the captured step is `torch.compile`d first: norms, rotary and cache writes fuse into a
-        few kernels per layer, so a replay launches hundreds of kernels instead of thousands."""
+        if compiled is None:
+            compiled = self.graphs and os.environ.get("MEMORY3_FUSE_DECODE", "1") == "1"
+        self.compiled = compiled
+        """With graphs (by default), the captured step is `torch.compile`d first: norms, rotary and cache writes
+        fuse into a few kernels per layer, so a replay launches hundreds of kernels instead of thousands."""
+        self._decode = _compiled(model, "_fused_decode", model.decode) if compiled else model.decode
 
     def _bucket(self, n: int, key_len: int) -> tuple[int, int]:
-        rows = next((b for b in self.BATCH_BUCKETS if n <= b <= self.batch), self.batch)
+        # compiled, a single row runs in the 2-row bucket: torch specializes a size of 1, so a 1-row bucket
+        # would be a compilation of its own (a minute or more at 2.4B) for a step that costs about the same
+        smallest = 2 if self.compiled else 1
+        rows = next((b for b in self.BATCH_BUCKETS if max(n, smallest) <= b <= self.batch), self.batch)
         return rows, min(-(-key_len // self.LENGTH_BUCKET) * self.LENGTH_BUCKET, self.max_len)
 
     def capture_all(self, memory: tuple[bool, ...] = (False, True)) -> int:
         """Compile and capture every (batch bucket, length bucket, memory) graph now; returns how many were new.
         A server calls this before taking traffic: a shape first met mid-traffic compiles and captures on the
-        spot, and every request in flight waits for it (a minute or more for a 2.4B model). Largest batches
-        first, so later shapes reuse the dynamic-shape compilations of the first. Call only while no row is
-        live: each capture decodes every row of its bucket."""
+        spot, and every request in flight waits for it (a minute or more for a 2.4B model). Two compilations
+        (with memory and without, `_step`), then one capture per shape. Call only while no row is live: each
+        capture decodes every row of its bucket."""
         if not self.graphs:
             return 0
         before = len(self._graphs)
@@ -488,6 +494,18 @@ class DecodeStep:
                     self(rows, min(key_len, self.max_len), mem)
         torch.cuda.synchronize()
         return len(self._graphs) - before
+
+    def _step(self, *args) -> Tensor:
+        """The step; compiled, it is generic in the batch and the length from its first shape on: one compilation
+        per memory-or-not serves every bucket. Torch's automatic dynamic shapes compiled the first shape static
+        and again as each dimension first changed: 5 compilations in a server's warm-up instead of 2, each one
+        stalling every request in flight. Parameters stay static (torch's default)."""
+        if not self.compiled:
+            return self._decode(*args)
+        import torch._dynamo
+
+        with torch._dynamo.config.patch(assume_static_by_default=False):
+            return self._decode(*args)
 
     def shapes(self) -> set[tuple[int, int, bool]]:
         """(batch bucket, length bucket, memory) of every graph captured so far."""
@@ -508,16 +526,16 @@ class DecodeStep:
         # and every batch bucket compiled again)
         self.model.use_caches(self.caches)
         if not self.graphs:
-            return self._decode(*args)[:n]
+            return self._step(*args)[:n]
         key = (rows, key_len, memory)
         if key not in self._graphs:
             self._side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._side):  # warm-up off the capture (compilation, library handles, kernels)
-                self._decode(*args)
+                self._step(*args)
             torch.cuda.current_stream().wait_stream(self._side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                out = self._decode(*args)
+                out = self._step(*args)
             self._graphs[key] = (graph, out)
         graph, out = self._graphs[key]
         graph.replay()
@@ -551,9 +569,8 @@ class TokenReadback:
 
 
 def _compiled(model: Transformer, name: str, fn):
-    """`fn` compiled once per model (kept on it as `name`). Automatic dynamic shapes: a first shape compiles a
-    static graph, a second one a graph generic in the dims that changed, so new buckets do not pay a compilation
-    each."""
+    """`fn` compiled once per model (kept on it as `name`). Callers say which dimensions vary (`Prefill` marks
+    them, `DecodeStep._step` compiles generic), so new buckets do not pay a compilation each."""
     compiled = model.__dict__.get(name)
     model.weights_captured = True
     if compiled is None:
