@@ -20,7 +20,7 @@ from bank.chunking import Reference
 from bank.embedder import Embedder
 from bank.format import RecordLayout
 from model.encoder import encode_references, pad_references
-from model.quantizer import MemoryQuantizer
+from model.quantizer import DEFAULT_KERNEL, MemoryQuantizer
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 
@@ -57,7 +57,7 @@ class ShardEncoder:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, layout: RecordLayout,
                  quantizer: MemoryQuantizer | None, embedder: Embedder, batch_size: int = 32, compile: bool = False,
-                 quantize_kernel: str = "tf32x3"):
+                 quantize_kernel: str = DEFAULT_KERNEL):
         self.model, self.tokenizer, self.layout = model, tokenizer, layout
         self.quantizer, self.embedder, self.batch_size = quantizer, embedder, batch_size
         self.quantize_kernel = quantize_kernel  # the fused nearest-centroid kernel's precision on a GPU

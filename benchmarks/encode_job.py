@@ -36,6 +36,7 @@ from benchmarks.encode import bench_encode
 from benchmarks.model import commit, device_name
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
+from model.quantizer import DEFAULT_KERNEL
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 
@@ -118,7 +119,7 @@ def main() -> None:
     ap.add_argument("--quantizer", default="null", help="the bank's codec: null = bf16, auto, or a FAISS factory")
     ap.add_argument("--quantizer-sample", type=int, default=512,
                     help="references whose memories train the codebooks (before encoding: not in the rates)")
-    ap.add_argument("--quantizer-kernel", default="tf32x3",
+    ap.add_argument("--quantizer-kernel", default=DEFAULT_KERNEL,
                     help="GPU: the codes' kernel precision (tf32x3, ieee, tf32)")
     ap.add_argument("--no-index", action="store_true", help="skip the FAISS index at the end (build_index=false)")
     ap.add_argument("--bare-references", type=int, default=None, help="for the bare encoder (default 256 / 2048)")

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 from model.config import ModelConfig
+from model.quantizer import DEFAULT_KERNEL
 
 
 # --- bank and retrieval ----------------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ class EncodeConfig:
     existing bank's own codec; null: bf16; else a FAISS factory string (paper App. B)."""
     quantizer_sample: int = 512
     """References (first in corpus order) whose memories train the quantizer."""
-    quantizer_kernel: str = "tf32x3"
+    quantizer_kernel: str = DEFAULT_KERNEL
     """GPU: the nearest-centroid kernel's precision (tf32x3 | ieee | tf32); tf32 is 2.4x faster at the same error."""
     quantizer_threads: int = 0
     """FAISS threads that train the codebooks (0: every core of the node; the training runs alone, before any

@@ -21,6 +21,7 @@ PAPER_FACTORY = "OPQ20_80,Residual2x14,PQ8x10"
 # tl.dot precisions of the fused nearest-centroid kernel (model/nearest_centroid_kernel.py): tf32x3 matches fp32;
 # one-pass tf32 is 2.4x faster and picks another of two near-tied centroids for ~1 % of vectors at the same error.
 KERNEL_PRECISIONS = ("tf32x3", "ieee", "tf32")
+DEFAULT_KERNEL = "tf32x3"
 CPU_MODEL_PARAMS = 100_000_000  # below this many non-embedding parameters a model is a CPU model (the tiny preset)
 
 
@@ -81,7 +82,7 @@ class MemoryQuantizer:
         """(..., head_dim) float -> (..., code_size) uint8 on the host."""
         return self.encode_tensor(torch.as_tensor(memories)).cpu().numpy()
 
-    def encode_tensor(self, memories: Tensor, kernel: str = "tf32x3") -> Tensor:
+    def encode_tensor(self, memories: Tensor, kernel: str = DEFAULT_KERNEL) -> Tensor:
         """(..., head_dim) float -> (..., code_size) uint8 on the memories' device: with torch there when the
         factory is one TorchCodec reads (on a GPU: millions of vectors a second, the paper's codec on FAISS a few
         thousand per host thread), else with FAISS on the host. `kernel`: the fused kernel's precision on CUDA
@@ -204,7 +205,7 @@ class TorchCodec:
         return x.reshape(*shape, self.dim)
 
     @torch.no_grad()
-    def encode(self, x: Tensor, chunk: int | None = None, kernel: str | None = "tf32x3") -> Tensor:
+    def encode(self, x: Tensor, chunk: int | None = None, kernel: str | None = DEFAULT_KERNEL) -> Tensor:
         """(..., dim) float -> (..., code_size) uint8 on the codebooks' device, `chunk` vectors at a time. By
         default 16,384 on the torch path (its distance tables: chunk x M x K floats) and 262,144 with the fused
         kernel, which keeps no tables (a few hundred bytes a vector): fewer launches of the small per-chunk kernels,
@@ -239,7 +240,7 @@ def centroids(books: Tensor, ids: Tensor) -> Tensor:
     return books[torch.arange(m, device=books.device), ids].reshape(-1, m * dsub)
 
 
-def nearest_centroids(x: Tensor, books: Tensor, kernel: str | None = "tf32x3") -> Tensor:
+def nearest_centroids(x: Tensor, books: Tensor, kernel: str | None = DEFAULT_KERNEL) -> Tensor:
     """x (N, M * dsub), books (M, K, dsub) -> the nearest centroid per sub-space (N, M) int64, by squared L2:
     argmin_k ||c_k||^2 - 2 x.c_k (FAISS's PQ assignment). On CUDA with Triton: one fused kernel that never
     writes the N x K distances (`model/nearest_centroid_kernel.py`; `kernel` is its tl.dot precision, None for

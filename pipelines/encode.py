@@ -41,7 +41,7 @@ from bank.shard_encoder import ShardEncoder
 from configs import typed
 from configs.schema import EncodeConfig
 from model.checkpoint import load_checkpoint, load_config
-from model.quantizer import KERNEL_PRECISIONS, MemoryQuantizer, resolve_factory
+from model.quantizer import DEFAULT_KERNEL, KERNEL_PRECISIONS, MemoryQuantizer, resolve_factory
 from model.tokenizer import Tokenizer
 from pipelines import console
 from pipelines.encode_parts import chunk_part_row, read_parts_row
@@ -86,7 +86,7 @@ class EncodeShards:
 
     def __init__(self, checkpoint: str, bank_uri: str, embedder: str | None, batch_size: int, device: str,
                  dtype: str, torch_threads: int, embed_batch_size: int, compile="auto",
-                 embeddings_from: str | None = None, quantize_kernel: str = "tf32x3"):
+                 embeddings_from: str | None = None, quantize_kernel: str = DEFAULT_KERNEL):
         from ray.util import metrics
 
         set_threads(torch_threads)
