@@ -147,7 +147,8 @@ async def load(url: str, prompts: list[str], mode: str, n: int, concurrency: int
     timings = {}
     if generator is not None:
         stats = await generator.stats.remote()
-        timings = {"engine": {k: stats[k] for k in ("queue_s", "prefill_s", "first_token_s", "retrieve_s")},
+        timings = {"engine": {k: stats[k] for k in ("queue_s", "prefill_s", "first_token_s", "retrieve_s", "step_s",
+                                                  "gc_pause_s")},
                    "graphs_captured_while_timed": stats["graphs"] - graphs}
     ok = [r for r in results if "error" not in r]
     return {"requests": n, "errors": n - len(ok), "seconds": round(wall, 2),

@@ -35,6 +35,7 @@ Events, delivered by `request.emit` from the engine thread:
 """
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -48,7 +49,7 @@ import torch
 from model.generate import (BatchRetriever, DecodeStep, MemoryWindows, Prefill, Retrieved, TokenReadback,
                             compile_prefill, sample, token_logprobs)
 from model.transformer import KVCache, Transformer
-from serve.timings import Timings
+from serve.timings import CollectorPauses, Timings
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ class DecodeEngine:
         """The one-token step (CUDA graphs on CUDA unless cuda_graphs=False; eager elsewhere)."""
         started = time.perf_counter()
         captured = self.decode.capture_all() if capture_at_start else 0
+        if captured:
+            self._freeze_heap()
         self.startup = {"graphs_captured": captured, "capture_s": round(time.perf_counter() - started, 1)}
         if self.device.type == "cuda":  # what the captures held at their peak (a replica must fit it)
             self.startup["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 1e9, 2)
@@ -160,12 +163,14 @@ class DecodeEngine:
         self.counts = {"submitted": 0, "completed": 0, "cancelled": 0, "failed": 0, "steps": 0, "tokens": 0,
                        "prefills": 0, "prefilled": 0}
         """prefills: prompt forwards run; prefilled: requests they took (their ratio: requests per prefill)."""
-        self.timings = {"queue_s": Timings(), "prefill_s": Timings(), "first_token_s": Timings()}
+        self.timings = {"queue_s": Timings(), "prefill_s": Timings(), "first_token_s": Timings(),
+                        "step_s": Timings(), "gc_pause_s": CollectorPauses()}
         """Per request, from `submit`: until its prefill began (queue_s: a free slot and its prompt windows'
         memories waited for) and until its first token reached the host (first_token_s, the engine's own time to
         first token); per prefill, the host's time in it (prefill_s: the prompt windows' retrievals included only
         where they were not begun while the request waited). A served request's TTFT beyond first_token_s is the
-        HTTP path's."""
+        HTTP path's. Per decode step, its wall time (step_s: its max shows any stall); and the process's full
+        garbage-collector passes (gc_pause_s), which stop every thread."""
         self.running = True
         self.thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
         self.thread.start()
@@ -202,6 +207,7 @@ class DecodeEngine:
         with self.wakeup:
             self.wakeup.notify()
         self.thread.join(timeout=10)
+        self.timings["gc_pause_s"].close()
         if self.retrievals is not None:
             self.retrievals.shutdown(wait=False, cancel_futures=True)
 
@@ -216,7 +222,9 @@ class DecodeEngine:
                         if not any(self._actionable(r) for r in self.waiting) and self.running:
                             self.wakeup.wait(self.idle_wait_s)
                     continue
+                began = time.perf_counter()
                 self._step()
+                self.timings["step_s"].add(time.perf_counter() - began)
             except Exception as e:  # never let one bad step kill the replica: fail what was running, go on
                 log.exception("decode step failed")
                 for i, slot in enumerate(self.slots):
@@ -293,6 +301,14 @@ class DecodeEngine:
         self.windows.settle()
         wait(self.prompt_retrievals)
 
+    @staticmethod
+    def _freeze_heap() -> None:
+        """After a compilation and capture (already a stall): what they left (graphs, guards, symbolic shapes:
+        many objects, kept for good) moves out of the collector's reach, so its full passes stop walking them
+        while requests decode (as vLLM freezes its heap after start-up)."""
+        gc.collect()
+        gc.freeze()
+
     def _wake(self, _: Future) -> None:
         with self.wakeup:
             self.wakeup.notify()
@@ -325,10 +341,13 @@ class DecodeEngine:
                                 self._batched(lambda row: requests[row]) if any_memory else None)
         fetched = [r.prompt_retrieval and r.prompt_retrieval.results() for r in requests]
         prompts, all_logits = [r.prompt for r in requests], any(r.prompt_logprobs for r in requests)
-        if self.prefill.captures(prompts, any_memory, all_logits, self.cfg.max_seq_len):
+        captures = self.prefill.captures(prompts, any_memory, all_logits, self.cfg.max_seq_len)
+        if captures:
             self._settle()
         last, logits, events = self.prefill(prompts, self._cache_views(start, n), windows, all_logits=all_logits,
                                             fetched=fetched)
+        if captures:
+            self._freeze_heap()
         self.windows.take_rows(start, windows)
         self.last_logits[start:start + n] = last.float()
         self.timings["prefill_s"].add(time.perf_counter() - began)
@@ -450,9 +469,12 @@ class DecodeEngine:
         self.decode.pos[:n, 0].copy_(torch.tensor(pos), non_blocking=True)
         self.windows.write_caches(self.decode_caches)
         memory = any(s is not None and s.request.retrieve is not None for s in self.slots[:n])
-        if not self.decode.captured(n, max(pos) + 1, memory):
+        captures = not self.decode.captured(n, max(pos) + 1, memory)
+        if captures:
             self._settle()
         self.last_logits[:n] = self.decode(n, max(pos) + 1, memory).float()  # (n, V)
+        if captures:
+            self._freeze_heap()
         return retrieved
 
     @staticmethod

@@ -2,7 +2,9 @@
 the replicas' `stats()`: where a served request's first token spends its time, read without a profiler."""
 from __future__ import annotations
 
+import gc
 import threading
+import time
 from collections import deque
 
 
@@ -35,3 +37,26 @@ class Timings:
             values = list(self.values)
         quantiles = {name: percentile(values, q) for name, q in (("p50", 0.5), ("p90", 0.9), ("max", 1.0))}
         return {"n": len(values), **{k: None if v is None else round(v, digits) for k, v in quantiles.items()}}
+
+
+class CollectorPauses(Timings):
+    """The garbage collector's full passes (its oldest generation) in this process: each one holds the GIL, so
+    every thread of a replica (the engine's steps, the event loop's streams) stands still while it runs."""
+
+    def __init__(self):
+        super().__init__()
+        self._began: float | None = None
+        gc.callbacks.append(self._observe)
+
+    def _observe(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._began = time.perf_counter()
+        elif self._began is not None:  # no lock: the pass may have begun inside one of this object's methods
+            self.values.append(time.perf_counter() - self._began)
+            self._began = None
+
+    def close(self) -> None:
+        if self._observe in gc.callbacks:
+            gc.callbacks.remove(self._observe)

@@ -316,6 +316,26 @@ def test_requests_submitted_together_share_one_prefill_and_the_counts_say_so(mod
         engine.stop()
 
 
+def test_the_stats_show_each_step_and_the_collectors_full_passes_while_the_engine_runs(model):
+    """A served request that stalls with the engine's own timings clean needs a cause: each decode step's wall time
+    and the process's full collector passes (which stop every thread) are in `stats()`, and only while it runs."""
+    import gc
+
+    engine = DecodeEngine(model, max_batch=2, seed=0)
+    try:
+        request = DecodeRequest(prompt_of(90, 6), 5, emit=Collector())
+        engine.submit(request)
+        assert request.emit.done.wait(60)
+        gc.collect()
+        stats = engine.stats()
+    finally:
+        engine.stop()
+    assert stats["step_s"]["n"] >= 4 and stats["step_s"]["max"] > 0
+    assert stats["gc_pause_s"]["n"] >= 1
+    gc.collect()
+    assert engine.stats()["gc_pause_s"]["n"] == stats["gc_pause_s"]["n"], "still observing after stop"
+
+
 def test_retrievals_that_fall_due_together_go_to_retrieve_many_as_one_call(model, bank):
     """With the server's retrieve_many, a prefill's windows (of every request in it) are one call and the rows that
     start a window in the same step are one call; the tokens and retrieval events are generate's. A request whose
