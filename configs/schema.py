@@ -439,8 +439,9 @@ class RetrievalSettings:
     """sentence-transformers name or folder; null = the one the bank was indexed with."""
     device: str = "cpu"
     """Where the embedder runs."""
-    max_batch_size: int = 32
-    """Queries embedded and searched together (@serve.batch)."""
+    max_batch_size: int = 128
+    """Queries embedded and searched together (@serve.batch): a generator's whole wave of prompt windows (32
+    requests x 3 windows) in one search."""
     batch_wait_s: float = 0.002
     """How long a query waits for others to batch with."""
     shard_actors: bool = True

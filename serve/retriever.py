@@ -31,6 +31,7 @@ class RetrieverDeployment:
         self.settings = retrieval
         self.shards: RemoteShards | None = None
         self.lock = threading.Lock()
+        self.searches = self.queries = 0  # how well queries batch: queries per search
         self.embedder = Embedder(retrieval.get("embedder"), device=retrieval.get("device", "cpu"))
         self._open()
         self._search_batch.set_max_batch_size(retrieval["max_batch_size"])
@@ -53,9 +54,12 @@ class RetrieverDeployment:
 
     async def search_batch(self, queries: list[str], k: int, bank_versions: list[str | None]) -> list[list[dict]]:
         """`search` for many queries that a caller already holds together (a generator's windows that fall due at
-        once): one call, one embedding and one search, with no batching wait."""
-        return await asyncio.to_thread(self.search_many, list(queries), int(k),
-                                       [BankVersion.parse(v) for v in bank_versions])
+        once), in one call. They join the same batches as single queries: calls that arrive while a search runs
+        (the groups of requests that reached a generator apart, other generators' windows) are searched together
+        next, instead of queueing one search each behind the replica's lock."""
+        versions = [BankVersion.parse(v) for v in bank_versions]
+        return list(await asyncio.gather(*(self._search_batch((query, int(k), version))
+                                           for query, version in zip(queries, versions))))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _search_batch(self, items: list[tuple[str, int, BankVersion | None]]) -> list[list[dict]]:
@@ -67,6 +71,7 @@ class RetrieverDeployment:
         """Hits per query in a bank version no older than any of `wanted`. One at a time (`search` and
         `search_batch` run it on threads): a re-open must not race a search."""
         with self.lock:
+            self.searches, self.queries = self.searches + 1, self.queries + len(queries)
             if any(self.version.is_behind(w) for w in wanted):
                 self._open()
             try:
@@ -86,4 +91,5 @@ class RetrieverDeployment:
     def info(self) -> dict:
         return {"bank_version": str(self.version), "references": len(self.retriever.bank),
                 "indexed": int(self.retriever.index.ntotal),
-                "index_shard_actors": len(self.shards.actors) if self.shards is not None else 0}
+                "index_shard_actors": len(self.shards.actors) if self.shards is not None else 0,
+                "searches": self.searches, "queries": self.queries}

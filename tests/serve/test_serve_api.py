@@ -101,6 +101,25 @@ def test_streaming_matches_non_streaming(server):
     assert memory_ids(stream[-1]) == memory_ids(chat) and "city-3#0" in memory_ids(chat)
 
 
+def test_search_batch_calls_that_arrive_together_are_searched_together(server):
+    """A generator sends each group of prompt windows as one `search_batch` call, and groups reach the retriever
+    apart (requests that arrived apart, other generators' windows): the calls that come while a search runs join
+    the next search instead of queueing one search each behind the replica's lock; each caller gets its own
+    queries' hits, in order."""
+    retriever = serve.get_deployment_handle("Retriever", APP)
+    before = retriever.info.remote().result()
+    groups = [[f"Which country is {city} in?", f"{city} is a city"] for city in
+              ("Osaka", "Lyon", "Perth", "Kraków", "Quito", "Osaka", "Lyon", "Perth")] * 2
+    calls = [retriever.search_batch.remote(g, 3, [None] * len(g)) for g in groups]
+    got = [call.result() for call in calls]
+    after = retriever.info.remote().result()
+    assert after["queries"] - before["queries"] == sum(map(len, groups))
+    assert after["searches"] - before["searches"] <= len(groups) // 2, "the calls were searched one by one"
+    for group, hits in zip(groups, got):
+        alone = [retriever.search.remote(query, 3).result() for query in group]
+        assert [[h["id"] for h in found] for found in hits] == [[h["id"] for h in found] for found in alone]
+
+
 def test_memory_modes_and_decode_time_retrieval(server):
     long_prompt = " ".join(d["text"] for d in city_documents()[:3])  # > one 64-token window
     before = server.generator_stats()["retrieve_s"]["n"]
