@@ -142,10 +142,10 @@ class DecodeEngine:
         if captured:
             self._freeze_heap()
         self.startup = {"graphs_captured": captured, "capture_s": round(time.perf_counter() - started, 1)}
-        if self.device.type == "cuda":  # what the captures held at their peak (a replica must fit it)
-            self.startup["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 1e9, 2)
         """With capture_at_start, every decode graph is compiled and captured before the first request, so no
         request waits for one (DecodeStep.capture_all)."""
+        if self.device.type == "cuda":  # what the captures held at their peak (a replica must fit it)
+            self.startup["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 1e9, 2)
         self.prefill = Prefill(model, compiled=cuda_graphs and compile_prefill(self.device),
                                graphs=cuda_graphs and prefill_graphs and self.device.type == "cuda",
                                max_batch=max_batch)
