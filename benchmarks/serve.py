@@ -116,8 +116,9 @@ async def load(url: str, prompts: list[str], mode: str, n: int, concurrency: int
                generator=None) -> dict:
     """Closed-loop load: `concurrency` clients send `n` streaming requests in all, after warm-up rounds. With the
     Generator's handle, its timings of the timed phase alone come back too (where the first token waits), and how
-    many decode graphs that phase had to capture (each a compilation of a minute or more at 2.4B, which every
-    request in flight waits for: a timed phase that captured any measured the warm-up, not the engine)."""
+    many decode graphs that phase had to capture (every request in flight waits for a capture, and for a
+    compilation of a minute or more at 2.4B if it is the first of its kind: a timed phase that captured any
+    measured the warm-up, not the engine)."""
     import httpx
 
     results: list[dict] = []
@@ -131,8 +132,9 @@ async def load(url: str, prompts: list[str], mode: str, n: int, concurrency: int
                 "temperature": 0, "memory_mode": mode, "stream": True, "stream_options": {"include_usage": True}}))
 
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        # warm-up: a round at each batch bucket up to this concurrency (the engine compiles and captures a decode
-        # graph per batch bucket on first use; requests that arrive apart can start decoding in a small one)
+        # warm-up: a round at each batch bucket up to this concurrency (the engine captures a decode graph per
+        # batch bucket on first use, compiling first with the first request; requests that arrive apart can start
+        # decoding in a small bucket)
         for size in sorted({min(2 ** k, concurrency) for k in range(concurrency.bit_length() + 1)}):
             await asyncio.gather(*(one_request(client, {
                 "model": "memory3", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
