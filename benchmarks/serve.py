@@ -124,21 +124,20 @@ async def load(url: str, prompts: list[str], mode: str, n: int, concurrency: int
     results: list[dict] = []
     todo = list(range(n))
 
+    def body(i: int) -> dict:  # warm-up and timed requests alike, so the warm-up takes the timed path
+        return {"model": "memory3", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
+                "temperature": 0, "memory_mode": mode, "stream": True, "stream_options": {"include_usage": True}}
+
     async def worker(client):
         while todo:
-            i = todo.pop()
-            results.append(await one_request(client, {
-                "model": "memory3", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
-                "temperature": 0, "memory_mode": mode, "stream": True, "stream_options": {"include_usage": True}}))
+            results.append(await one_request(client, body(todo.pop())))
 
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         # warm-up: a round at each batch bucket up to this concurrency (the engine captures a decode graph per
         # batch bucket on first use, compiling first with the first request; requests that arrive apart can start
         # decoding in a small bucket)
         for size in sorted({min(2 ** k, concurrency) for k in range(concurrency.bit_length() + 1)}):
-            await asyncio.gather(*(one_request(client, {
-                "model": "memory3", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
-                "memory_mode": mode, "stream": True}) for i in range(size)))
+            await asyncio.gather(*(one_request(client, body(i)) for i in range(size)))
         graphs = None
         if generator is not None:
             await generator.reset_timings.remote()
