@@ -31,6 +31,7 @@ m3() { python -m memory3.cli "$@"; }
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/phases.txt"; }
 started=$(date +%s)
 left() { echo $(( ${BUDGET:-560} - ($(date +%s) - started) )); }  # seconds left of a device call's budget
+until_tests() { local s=$(( $(left) - $1 )); echo $(( s > 1 ? s : 1 )); }  # a timeout that leaves $1 s for tests
 gpu_tests() {  # pytest -m gpu on the given files within what is left of the budget, if it is worth starting
   local s=$(( $(left) - 10 ))
   [ "$s" -gt 30 ] || { log "no time left for pytest -m gpu $*"; return; }
@@ -104,7 +105,7 @@ serve)
   ;;
 http)
   log "the app over HTTP at concurrency 32 against the engine alone (2.4B, random weights, 128/128)"
-  timeout $(( $(left) - ${TEST_S:-100} )) python -m benchmarks.serve --preset 2.4b --device cuda --http \
+  timeout "$(until_tests "${TEST_S:-100}")" python -m benchmarks.serve --preset 2.4b --device cuda --http \
     --concurrency 32 --max-batch 32 --prompt-tokens 128 --max-tokens 128 --requests "${REQUESTS:-128}" \
     --modes ${MODES:-memory none} > "$OUT/serve_http.jsonl" 2> "$OUT/serve_http.err"
   tar -czf "$OUT/serve_logs.tgz" -C /tmp/ray/session_latest/logs serve 2>/dev/null
@@ -112,7 +113,7 @@ http)
   ;;
 codec)
   log "the encode job writing a quantized 2.4B bank (kernel ${QUANTIZER_KERNEL:-tf32}) beside the bare encoder"
-  timeout $(( $(left) - ${TEST_S:-120} )) python -m benchmarks.encode_job --preset 2.4b --num-gpus 1 --actors 1 \
+  timeout "$(until_tests "${TEST_S:-120}")" python -m benchmarks.encode_job --preset 2.4b --num-gpus 1 --actors 1 \
     --batch 256 --documents 4096 --embedder random --no-index --quantizer auto --quantizer-sample 32 \
     --quantizer-kernel "${QUANTIZER_KERNEL:-tf32}" --workdir "$W/encode_job" > "$OUT/encode_job.jsonl" \
     2> "$OUT/encode_job.err"
